@@ -1,0 +1,36 @@
+// Python bindings. mx.array objects cross the boundary as they are: this module shares nanobind's type
+// registry with mlx (NB_DOMAIN mlx in CMakeLists.txt), so `import mlx.core` must come first.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
+
+#include "fuse_primitive.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+namespace mx = mlx::core;
+
+NB_MODULE(_core, m) {
+  m.doc() = "reqnoise native core: fused dequantize -> add LoRA delta -> requantize for MLX affine weights";
+
+  m.def(
+      "fuse_quantized",
+      [](const mx::array& wq, const mx::array& scales, const mx::array& biases, std::optional<mx::array> a,
+         std::optional<mx::array> b, std::optional<mx::array> mag, int bits, int group_size, int out_bits,
+         int out_group_size, bool keep_grid, float scale, int num_threads) {
+        reqnoise::FuseSpec spec;
+        spec.bits = bits;
+        spec.group_size = group_size;
+        spec.out_bits = out_bits;
+        spec.out_group_size = out_group_size;
+        spec.keep_grid = keep_grid;
+        spec.scale = scale;
+        spec.num_threads = num_threads;
+        return reqnoise::fuse_quantized(wq, scales, biases, a, b, mag, spec);
+      },
+      "wq"_a, "scales"_a, "biases"_a, "a"_a.none(), "b"_a.none(), "mag"_a.none(), nb::kw_only(), "bits"_a,
+      "group_size"_a, "out_bits"_a, "out_group_size"_a, "keep_grid"_a, "scale"_a, "num_threads"_a = 0,
+      "Lazy fused op on 3-D stacks; arguments must already be validated (see reqnoise.kernel). Returns a "
+      "list of mx.array: [wq, scales, biases] (fresh) or [wq] (keep-grid).");
+}

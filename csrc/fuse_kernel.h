@@ -1,0 +1,28 @@
+// The fused dequantize -> add low-rank delta -> requantize kernel over rows of an MLX affine weight.
+#pragma once
+
+#include <cstdint>
+
+namespace reqnoise {
+
+struct FuseSpec {
+  int bits = 4;            // input code width
+  int group_size = 64;     // input group size
+  int out_bits = 4;        // output code width (== bits for keep-grid)
+  int out_group_size = 64; // output group size (== group_size for keep-grid)
+  bool keep_grid = false;  // re-encode against the stored scale/bias instead of requantizing
+  float scale = 1.0f;      // delta = scale * B @ A
+  int rank = 0;            // 0: zero delta (no factors passed)
+  bool dora = false;       // magnitude vector passed: row-normalise W + delta to it
+  int num_threads = 0;     // 0: hardware concurrency
+};
+
+// Shapes (row-major, contiguous): wq [E, out, in*bits/32], scales/biases [E, out, in/group_size],
+// A [E, rank, in], B [E, out, rank], mag [E, out] (all float32), outputs likewise at the output width.
+// T is the scales' dtype: float, mlx::core::float16_t or mlx::core::bfloat16_t.
+template <typename T>
+void fuse_rows(const FuseSpec& spec, int64_t n_experts, int64_t out_dim, int64_t in_dim, const uint32_t* wq,
+               const T* scales, const T* biases, const float* A, const float* B, const float* mag,
+               uint32_t* wq_out, T* scales_out, T* biases_out);
+
+}  // namespace reqnoise

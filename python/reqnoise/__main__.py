@@ -1,0 +1,5 @@
+import sys
+
+from reqnoise.cli import main
+
+sys.exit(main())
