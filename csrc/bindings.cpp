@@ -14,6 +14,8 @@ namespace mx = mlx::core;
 NB_MODULE(_core, m) {
   m.doc() = "reqnoise native core: fused dequantize -> add LoRA delta -> requantize for MLX affine weights";
 
+  m.def("kernel_isa", &reqnoise::kernel_isa, "Instruction-set copy of the row kernel in use.");
+
   m.def(
       "fuse_quantized",
       [](const mx::array& wq, const mx::array& scales, const mx::array& biases, std::optional<mx::array> a,

@@ -1,53 +1,35 @@
 #include "fuse_kernel.h"
 
-#include <algorithm>
-#include <cmath>
-#include <exception>
-#include <mutex>
-#include <stdexcept>
-#include <thread>
-#include <vector>
+#include <cstring>
 
 #include "affine_codec.h"
 
-namespace reqnoise {
+// Compiled once per instruction-set level (see CMakeLists.txt); REQNOISE_ISA names the copy.
+namespace reqnoise::REQNOISE_ISA {
 namespace {
 
-// Per-thread scratch: one row of each intermediate, never a dense copy of the weight.
-struct RowScratch {
-  std::vector<float> q, w, delta;
-  std::vector<uint32_t> codes;
-  explicit RowScratch(int64_t n) : q(n), w(n), delta(n), codes(n) {}
-};
-
-template <int BITS>
-void unpack(const uint32_t* row, int64_t n, float* q) {
-  unpack_row<BITS>(reinterpret_cast<const uint8_t*>(row), n, q);
+inline void unpack_any(int bits, const uint32_t* row, int64_t n, float* q, uint8_t* pad) {
+  std::memcpy(pad, row, n * bits / 8);
+  switch (bits) {
+    case 2: return unpack_row<2>(pad, n, q);
+    case 3: return unpack_row<3>(pad, n, q);
+    case 4: return unpack_row<4>(pad, n, q);
+    case 5: return unpack_row<5>(pad, n, q);
+    case 6: return unpack_row<6>(pad, n, q);
+    default: return unpack_row<8>(pad, n, q);  // widths are validated before dispatch
+  }
 }
 
-inline void unpack_any(int bits, const uint32_t* row, int64_t n, float* q) {
+inline void pack_any(int bits, const uint32_t* codes, int64_t n, uint32_t* row, uint8_t* pad) {
   switch (bits) {
-    case 2: return unpack<2>(row, n, q);
-    case 3: return unpack<3>(row, n, q);
-    case 4: return unpack<4>(row, n, q);
-    case 5: return unpack<5>(row, n, q);
-    case 6: return unpack<6>(row, n, q);
-    case 8: return unpack<8>(row, n, q);
+    case 2: pack_row<2>(codes, n, pad); break;
+    case 3: pack_row<3>(codes, n, pad); break;
+    case 4: pack_row<4>(codes, n, pad); break;
+    case 5: pack_row<5>(codes, n, pad); break;
+    case 6: pack_row<6>(codes, n, pad); break;
+    default: pack_row<8>(codes, n, pad); break;
   }
-  throw std::invalid_argument("unsupported bits");
-}
-
-inline void pack_any(int bits, const uint32_t* codes, int64_t n, uint32_t* row) {
-  auto* dst = reinterpret_cast<uint8_t*>(row);
-  switch (bits) {
-    case 2: return pack_row<2>(codes, n, dst);
-    case 3: return pack_row<3>(codes, n, dst);
-    case 4: return pack_row<4>(codes, n, dst);
-    case 5: return pack_row<5>(codes, n, dst);
-    case 6: return pack_row<6>(codes, n, dst);
-    case 8: return pack_row<8>(codes, n, dst);
-  }
-  throw std::invalid_argument("unsupported bits");
+  std::memcpy(row, pad, n * bits / 8);
 }
 
 // delta[j] = sum_k (scale * b[k]) * A[k, j], summed in k order in float32 (as a rank-r matmul of the
@@ -65,20 +47,20 @@ inline void delta_row(const FuseSpec& spec, const float* a, const float* b, int6
 template <typename T>
 void fuse_one_row(const FuseSpec& spec, int64_t in_dim, const uint32_t* wq, const T* scales, const T* biases,
                   const float* a, const float* b, const float* mag, uint32_t* wq_out, T* scales_out,
-                  T* biases_out, RowScratch& s) {
+                  T* biases_out, const RowScratch& s) {
   const int g_in = spec.group_size;
   const int64_t n_groups = in_dim / g_in;
-  float* q = s.q.data();
-  float* w = s.w.data();
-  float* delta = s.delta.data();
+  float* q = s.q;
+  float* w = s.w;
+  float* delta = s.delta;
   const bool has_delta = spec.rank > 0;
 
-  unpack_any(spec.bits, wq, in_dim, q);
+  unpack_any(spec.bits, wq, in_dim, q, s.packed);
   if (has_delta) delta_row(spec, a, b, in_dim, delta);
 
   for (int64_t gi = 0; gi < n_groups; ++gi) {
-    const float sc = static_cast<float>(scales[gi]);
-    const float bi = static_cast<float>(biases[gi]);
+    const float sc = load_value(scales + gi);
+    const float bi = load_value(biases + gi);
     const float* qg = q + gi * g_in;
     float* wg = w + gi * g_in;
     if (spec.keep_grid) {
@@ -102,89 +84,54 @@ void fuse_one_row(const FuseSpec& spec, int64_t in_dim, const uint32_t* wq, cons
   if (spec.dora) {
     double ss = 0.0;
     for (int64_t j = 0; j < in_dim; ++j) ss += double(w[j]) * double(w[j]);
-    const float row_scale = static_cast<float>(double(*mag) / std::sqrt(ss));
+    const float row_scale = static_cast<float>(double(*mag) / __builtin_sqrt(ss));
     for (int64_t j = 0; j < in_dim; ++j) w[j] = row_scale * w[j];
   }
 
-  uint32_t* codes = s.codes.data();
+  uint32_t* codes = s.codes;
   if (spec.keep_grid) {
     for (int64_t gi = 0; gi < n_groups; ++gi) {
-      encode_group(w + gi * g_in, g_in, spec.bits, static_cast<float>(scales[gi]),
-                   static_cast<float>(biases[gi]), q + gi * g_in, codes + gi * g_in);
+      encode_group(w + gi * g_in, g_in, spec.bits, load_value(scales + gi),
+                   load_value(biases + gi), q + gi * g_in, codes + gi * g_in);
     }
   } else {
     const int g_out = spec.out_group_size;
     for (int64_t gi = 0; gi < in_dim / g_out; ++gi) {
       float so, bo;
       quantize_group(w + gi * g_out, g_out, spec.out_bits, codes + gi * g_out, so, bo);
-      scales_out[gi] = T(so);
-      biases_out[gi] = T(bo);
+      store_value(scales_out + gi, so);
+      store_value(biases_out + gi, bo);
     }
   }
-  pack_any(spec.out_bits, codes, in_dim, wq_out);
+  pack_any(spec.out_bits, codes, in_dim, wq_out, s.packed);
 }
 
 }  // namespace
 
 template <typename T>
-void fuse_rows(const FuseSpec& spec, int64_t n_experts, int64_t out_dim, int64_t in_dim, const uint32_t* wq,
-               const T* scales, const T* biases, const float* A, const float* B, const float* mag,
-               uint32_t* wq_out, T* scales_out, T* biases_out) {
-  const int64_t n_rows = n_experts * out_dim;
+void fuse_row_range(const FuseSpec& spec, int64_t out_dim, int64_t in_dim, int64_t row_begin, int64_t row_end,
+                    const uint32_t* wq, const T* scales, const T* biases, const float* A, const float* B,
+                    const float* mag, uint32_t* wq_out, T* scales_out, T* biases_out, const RowScratch& s) {
   const int64_t words_in = in_dim * spec.bits / 32;
   const int64_t words_out = in_dim * spec.out_bits / 32;
   const int64_t groups_in = in_dim / spec.group_size;
   const int64_t groups_out = in_dim / spec.out_group_size;
   const int r = spec.rank;
-
-  auto work = [&](int64_t row_begin, int64_t row_end) {
-    RowScratch s(in_dim);
-    for (int64_t row = row_begin; row < row_end; ++row) {
-      const int64_t e = row / out_dim;
-      fuse_one_row<T>(spec, in_dim, wq + row * words_in, scales + row * groups_in, biases + row * groups_in,
-                      r ? A + e * r * in_dim : nullptr, r ? B + row * r : nullptr, mag ? mag + row : nullptr,
-                      wq_out + row * words_out, spec.keep_grid ? nullptr : scales_out + row * groups_out,
-                      spec.keep_grid ? nullptr : biases_out + row * groups_out, s);
-    }
-  };
-
-  int n_threads = spec.num_threads > 0 ? spec.num_threads : int(std::thread::hardware_concurrency());
-  // Below a few hundred thousand values the thread start-up costs more than it saves.
-  const int64_t min_rows = std::max<int64_t>(1, 262144 / std::max<int64_t>(in_dim, 1));
-  n_threads = int(std::clamp<int64_t>(std::min<int64_t>(n_threads, n_rows / min_rows), 1, 256));
-  if (n_threads == 1) {
-    work(0, n_rows);
-    return;
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const int64_t e = row / out_dim;
+    fuse_one_row<T>(spec, in_dim, wq + row * words_in, scales + row * groups_in, biases + row * groups_in,
+                    r ? A + e * r * in_dim : nullptr, r ? B + row * r : nullptr, mag ? mag + row : nullptr,
+                    wq_out + row * words_out, spec.keep_grid ? nullptr : scales_out + row * groups_out,
+                    spec.keep_grid ? nullptr : biases_out + row * groups_out, s);
   }
-  std::vector<std::thread> pool;
-  std::exception_ptr error;
-  std::mutex error_mutex;
-  // Contiguous row blocks: each output byte is written by exactly one thread, so the result cannot depend
-  // on the thread count.
-  for (int t = 0; t < n_threads; ++t) {
-    const int64_t begin = n_rows * t / n_threads, end = n_rows * (t + 1) / n_threads;
-    pool.emplace_back([&, begin, end] {
-      try {
-        work(begin, end);
-      } catch (...) {
-        std::lock_guard<std::mutex> lock(error_mutex);
-        if (!error) error = std::current_exception();
-      }
-    });
-  }
-  for (auto& th : pool) th.join();
-  if (error) std::rethrow_exception(error);
 }
 
-template void fuse_rows<float>(const FuseSpec&, int64_t, int64_t, int64_t, const uint32_t*, const float*,
-                               const float*, const float*, const float*, const float*, uint32_t*, float*, float*);
-template void fuse_rows<mlx::core::float16_t>(const FuseSpec&, int64_t, int64_t, int64_t, const uint32_t*,
-                                              const mlx::core::float16_t*, const mlx::core::float16_t*,
-                                              const float*, const float*, const float*, uint32_t*,
-                                              mlx::core::float16_t*, mlx::core::float16_t*);
-template void fuse_rows<mlx::core::bfloat16_t>(const FuseSpec&, int64_t, int64_t, int64_t, const uint32_t*,
-                                               const mlx::core::bfloat16_t*, const mlx::core::bfloat16_t*,
-                                               const float*, const float*, const float*, uint32_t*,
-                                               mlx::core::bfloat16_t*, mlx::core::bfloat16_t*);
+#define REQNOISE_INSTANTIATE(T)                                                                              \
+  template void fuse_row_range<T>(const FuseSpec&, int64_t, int64_t, int64_t, int64_t, const uint32_t*,     \
+                                  const T*, const T*, const float*, const float*, const float*, uint32_t*, T*, \
+                                  T*, const RowScratch&);
+REQNOISE_INSTANTIATE(float)
+REQNOISE_INSTANTIATE(mlx::core::float16_t)
+REQNOISE_INSTANTIATE(mlx::core::bfloat16_t)
 
-}  // namespace reqnoise
+}  // namespace reqnoise::REQNOISE_ISA

@@ -17,9 +17,37 @@ struct FuseSpec {
   int num_threads = 0;     // 0: hardware concurrency
 };
 
+// One thread's scratch: a row of each intermediate (in_dim values), never a dense copy of the weight.
+struct RowScratch {
+  float* q;          // codes of the row as floats
+  float* w;          // dequantized (+ delta) row
+  float* delta;      // the row of scale * B @ A
+  uint32_t* codes;   // new codes
+  uint8_t* packed;   // one packed row plus an 8-byte pad for whole-word bit access
+};
+
+// The row loop is compiled once per instruction-set level, each copy in its own namespace so that the
+// linker can never mix them; fuse_rows (kernel_dispatch.cpp) picks one at run time. The copies compute
+// identical bytes: no contraction into FMA, IEEE conversions in both.
+#define REQNOISE_DECLARE_ISA(ns)                                                                             \
+  namespace ns {                                                                                            \
+  template <typename T>                                                                                     \
+  void fuse_row_range(const FuseSpec& spec, int64_t out_dim, int64_t in_dim, int64_t row_begin,             \
+                      int64_t row_end, const uint32_t* wq, const T* scales, const T* biases, const float* A, \
+                      const float* B, const float* mag, uint32_t* wq_out, T* scales_out, T* biases_out,     \
+                      const RowScratch& s);                                                                 \
+  }
+REQNOISE_DECLARE_ISA(baseline)
+REQNOISE_DECLARE_ISA(v3)
+#undef REQNOISE_DECLARE_ISA
+
+// Which copy fuse_rows runs: "x86-64-v3" or "baseline".
+const char* kernel_isa();
+
 // Shapes (row-major, contiguous): wq [E, out, in*bits/32], scales/biases [E, out, in/group_size],
 // A [E, rank, in], B [E, out, rank], mag [E, out] (all float32), outputs likewise at the output width.
-// T is the scales' dtype: float, mlx::core::float16_t or mlx::core::bfloat16_t.
+// T is the scales' dtype: float, mlx::core::float16_t or mlx::core::bfloat16_t. Rows are split over
+// threads in contiguous blocks, so the bytes written never depend on the thread count.
 template <typename T>
 void fuse_rows(const FuseSpec& spec, int64_t n_experts, int64_t out_dim, int64_t in_dim, const uint32_t* wq,
                const T* scales, const T* biases, const float* A, const float* B, const float* mag,

@@ -100,7 +100,8 @@ def fuse_quantized(wq, scales, biases, *, group_size, bits, lora_a=None, lora_b=
     stacked = wq.ndim == 3
 
     def as3(x):
-        return None if x is None else (x if stacked else x[None])
+        # reshape, not x[None] / out[0]: both views, but indexing makes MLX copy the output once more
+        return None if x is None else (x if stacked else x.reshape((1,) + tuple(x.shape)))
 
     wq3, s3, b3, a3, bb3, m3 = map(as3, (wq, scales, biases, lora_a, lora_b, dora_magnitude))
     n_experts, out_dim = wq3.shape[0], wq3.shape[1]
@@ -131,8 +132,8 @@ def fuse_quantized(wq, scales, biases, *, group_size, bits, lora_a=None, lora_b=
             mx.eval(outs)
             del part
     if keep:
-        new_wq = outs[0] if stacked else outs[0][0]
+        new_wq = outs[0] if stacked else outs[0].reshape(wq.shape)
         return new_wq, scales, biases
     if not stacked:
-        outs = [o[0] for o in outs]
+        outs = [o.reshape(o.shape[1:]) for o in outs]
     return tuple(outs)

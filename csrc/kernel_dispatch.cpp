@@ -1,0 +1,97 @@
+// Threads, scratch and the choice of instruction-set copy for the row kernel (compiled for the baseline).
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+#include "fuse_kernel.h"
+#include "mlx/types/half_types.h"
+
+namespace reqnoise {
+namespace {
+
+bool use_v3() {
+#if defined(REQNOISE_HAVE_V3)
+  // REQNOISE_KERNEL_ISA=baseline forces the portable copy (the tests compare the two).
+  const char* force = std::getenv("REQNOISE_KERNEL_ISA");
+  if (force && std::strcmp(force, "baseline") == 0) return false;
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+         __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
+#else
+  return false;
+#endif
+}
+
+const bool kUseV3 = use_v3();
+
+}  // namespace
+
+const char* kernel_isa() { return kUseV3 ? "x86-64-v3" : "baseline"; }
+
+template <typename T>
+void fuse_rows(const FuseSpec& spec, int64_t n_experts, int64_t out_dim, int64_t in_dim, const uint32_t* wq,
+               const T* scales, const T* biases, const float* A, const float* B, const float* mag,
+               uint32_t* wq_out, T* scales_out, T* biases_out) {
+  for (int b : {spec.bits, spec.out_bits}) {
+    if (b != 2 && b != 3 && b != 4 && b != 5 && b != 6 && b != 8) throw std::invalid_argument("unsupported bits");
+  }
+  if (in_dim % 32 || in_dim % spec.group_size || in_dim % spec.out_group_size) {
+    throw std::invalid_argument("input width must divide by the group sizes");
+  }
+  const int64_t n_rows = n_experts * out_dim;
+  auto work = [&](int64_t begin, int64_t end) {
+    std::vector<float> f(3 * in_dim);
+    std::vector<uint32_t> codes(in_dim);
+    std::vector<uint8_t> packed(in_dim + 8);
+    RowScratch s{f.data(), f.data() + in_dim, f.data() + 2 * in_dim, codes.data(), packed.data()};
+#if defined(REQNOISE_HAVE_V3)
+    if (kUseV3) {
+      return v3::fuse_row_range<T>(spec, out_dim, in_dim, begin, end, wq, scales, biases, A, B, mag, wq_out,
+                                   scales_out, biases_out, s);
+    }
+#endif
+    baseline::fuse_row_range<T>(spec, out_dim, in_dim, begin, end, wq, scales, biases, A, B, mag, wq_out,
+                                scales_out, biases_out, s);
+  };
+
+  int n_threads = spec.num_threads > 0 ? spec.num_threads : int(std::thread::hardware_concurrency());
+  // Below a few hundred thousand values a thread's start-up costs more than it saves.
+  const int64_t min_rows = std::max<int64_t>(1, 262144 / std::max<int64_t>(in_dim, 1));
+  n_threads = int(std::clamp<int64_t>(std::min<int64_t>(n_threads, n_rows / min_rows), 1, 256));
+  if (n_threads == 1) {
+    work(0, n_rows);
+    return;
+  }
+  std::vector<std::thread> pool;
+  std::exception_ptr error;
+  std::mutex error_mutex;
+  // Contiguous row blocks: each output byte is written by exactly one thread.
+  for (int t = 0; t < n_threads; ++t) {
+    const int64_t begin = n_rows * t / n_threads, end = n_rows * (t + 1) / n_threads;
+    pool.emplace_back([&, begin, end] {
+      try {
+        work(begin, end);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(error_mutex);
+        if (!error) error = std::current_exception();
+      }
+    });
+  }
+  for (auto& th : pool) th.join();
+  if (error) std::rethrow_exception(error);
+}
+
+#define REQNOISE_INSTANTIATE(T)                                                                               \
+  template void fuse_rows<T>(const FuseSpec&, int64_t, int64_t, int64_t, const uint32_t*, const T*, const T*, \
+                             const float*, const float*, const float*, uint32_t*, T*, T*);
+REQNOISE_INSTANTIATE(float)
+REQNOISE_INSTANTIATE(mlx::core::float16_t)
+REQNOISE_INSTANTIATE(mlx::core::bfloat16_t)
+
+}  // namespace reqnoise

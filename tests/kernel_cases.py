@@ -1,0 +1,55 @@
+"""Deterministic weight generators for the kernel tests (ggml-style: named, reproducible data)."""
+
+import mlx.core as mx
+import numpy as np
+
+BITS = (2, 3, 4, 5, 6, 8)
+GROUPS = (32, 64, 128)
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+# Fraction of codes allowed to differ from the MLX op chain when the float32 delta is not exactly
+# representable (summation order inside the matmul may differ from the kernel's by an ulp).
+FRESH_RANDOM_CODE_TOL = 1e-5
+
+
+def weights(rng: np.random.Generator, shape, kind: str = "normal") -> np.ndarray:
+    """float32 weights of a named distribution."""
+    if kind == "normal":
+        return (rng.standard_normal(shape) * 0.02).astype(np.float32)
+    if kind == "student":
+        return (rng.standard_t(3, shape) * 0.01).astype(np.float32)
+    raise ValueError(kind)
+
+
+def quantized(rng, shape, bits, group, dtype, kind="normal"):
+    w = mx.array(weights(rng, shape, kind)).astype(dtype)
+    return mx.quantize(w, group_size=group, bits=bits)
+
+
+def dyadic_factors(rng, lead, out_dim, in_dim, rank):
+    """LoRA factors that are small multiples of 2^-6: every product and partial sum of scale*B@A is exact in
+    float32, so summation order cannot matter."""
+    a = rng.integers(-8, 9, size=lead + (rank, in_dim)).astype(np.float32) / 64
+    b = rng.integers(-8, 9, size=lead + (out_dim, rank)).astype(np.float32) / 64
+    return mx.array(a), mx.array(b)
+
+
+def random_factors(rng, lead, out_dim, in_dim, rank, size=0.01):
+    a = (rng.standard_normal(lead + (rank, in_dim)) * size).astype(np.float32)
+    b = (rng.standard_normal(lead + (out_dim, rank)) * size).astype(np.float32)
+    return mx.array(a), mx.array(b)
+
+
+def mlx_chain(wq, scales, biases, group, bits, a=None, b=None, scale=1.0, out_bits=None, out_group=None):
+    """What mlx-lm's fuse runs: MLX's own ops, the independent oracle for requant='fresh'."""
+    w = mx.dequantize(wq, scales, biases, group_size=group, bits=bits)
+    if a is not None:
+        w = w + (scale * b.astype(mx.float32) @ a.astype(mx.float32)).astype(w.dtype)
+    return mx.quantize(w, group_size=out_group or group, bits=out_bits or bits)
+
+
+def as_np(x):
+    """mx or numpy array -> numpy (16-bit floats widened exactly to float32)."""
+    if isinstance(x, mx.array) and x.dtype != mx.uint32:
+        return np.array(x.astype(mx.float32))
+    return np.asarray(x)
