@@ -11,6 +11,7 @@ from reqnoise.errors import ReqnoiseError
 
 # Modules under reqnoise.cli that define register(subparsers).
 COMMAND_MODULES = [
+    "stats",
 ]
 
 
