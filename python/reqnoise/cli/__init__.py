@@ -11,7 +11,9 @@ from reqnoise.errors import ReqnoiseError
 
 # Modules under reqnoise.cli that define register(subparsers).
 COMMAND_MODULES = [
+    "fuse",
     "stats",
+    "toy",
 ]
 
 
