@@ -258,6 +258,7 @@ def fuse_model(model, adapter_path, save_path, *, requant="fresh", out_bits=None
             new_names.update({k: shard.name for k in tensors})
             report.rewritten_shards.append(shard.name)
             del tensors
+            mx.clear_cache()  # MLX keeps freed buffers for reuse; give them back so the peak is one shard
         bar.close()
         cfg = _updated_config(md.config, targets, md, requant, out_bits)
         if cfg == md.config:
