@@ -136,12 +136,22 @@ def main():
     ap.add_argument("--adapted-layers", type=int, default=4)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     root = Path(args.workdir or tempfile.mkdtemp(prefix="reqnoise-bench-"))
-    try:
-        t0 = time.perf_counter()
+    if args.build_only:
         model, size, n_shards, largest = build_model(root, args.layers, args.experts)
-        adapter = build_adapter(root, args.layers, args.experts, args.adapted_layers)
+        build_adapter(root, args.layers, args.experts, args.adapted_layers)
+        (root / "built.json").write_text(json.dumps([size, n_shards, largest]))
+        return
+    try:
+        # Build in a child: a forked child's peak RSS would otherwise include this process's pages.
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, __file__, "--build-only", "--workdir", str(root), "--layers",
+                        str(args.layers), "--experts", str(args.experts), "--adapted-layers",
+                        str(args.adapted_layers)], check=True)
+        size, n_shards, largest = json.loads((root / "built.json").read_text())
+        model, adapter = root / "model", root / "adapter"
         build_s = time.perf_counter() - t0
         t_rn, rss_rn = timed([sys.executable, "-m", "reqnoise", "fuse", "--quiet", "--model", str(model),
                               "--adapter-path", str(adapter), "--save-path", str(root / "out-reqnoise")])
