@@ -11,10 +11,12 @@ from reqnoise.errors import ReqnoiseError
 
 # Modules under reqnoise.cli that define register(subparsers).
 COMMAND_MODULES = [
+    "evaluate",
     "fuse",
     "noise",
     "stats",
     "toy",
+    "train",
 ]
 
 
