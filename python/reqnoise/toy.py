@@ -72,6 +72,10 @@ def _weight_std(name: str, config: dict) -> float:
     if name.endswith("mlp.gate.weight"):
         # Router logits of order 1 (inputs are RMS-normalised), so routing is decided, not a coin toss.
         return config["hidden_size"] ** -0.5
+    if name == "lm_head.weight":
+        # Output logits of order 1: with 0.02 a 128-wide model caps them near +-2.6 and fine-tuning that leaves
+        # lm_head alone (every adapter) cannot get below ~5 nats/token; real checkpoints have wide logits.
+        return config["hidden_size"] ** -0.5
     if name.endswith(("o_proj.weight", "down_proj.weight")):
         # GPT-2 style: residual-branch outputs shrink with depth so activations stay O(1).
         return WEIGHT_STD / (2 * config["num_hidden_layers"]) ** 0.5

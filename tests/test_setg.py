@@ -1,0 +1,143 @@
+"""Set G: selection of the items all models get wrong, the stratified reproducible split, the written files."""
+
+import json
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from reqnoise.cli import main as cli_main
+from reqnoise.errors import ReqnoiseError
+from reqnoise.items import Item, build_prompt, load_items
+from reqnoise.records import write_records
+from reqnoise.setg import build_setg, stratified_split, wrong_everywhere
+from reqnoise.train import load_chat_data
+
+SUBJECT_SIZES = {"chemistry": 23, "law": 11, "history": 6, "math": 1}
+
+
+def make_items():
+    items, n = [], 0
+    for subject, size in SUBJECT_SIZES.items():
+        for _ in range(size):
+            items.append(Item(f"i{n:03d}", f"Question {n}?", ("alpha", "beta", "gamma", "delta"), "ABCD"[n % 4], subject,
+                              "Because of reasons." if n % 3 == 0 else None))
+            n += 1
+    items.append(Item("nosub", "Question without subject?", ("yes", "no"), "A"))
+    return items
+
+
+def records_for(items, right_ids, unparsed_ids=()):
+    """Records where exactly ``right_ids`` are answered correctly; ``unparsed_ids`` claim correct but are unparsed."""
+    out = []
+    for it in items:
+        parsed = it.id not in unparsed_ids
+        correct = it.id in right_ids or it.id in unparsed_ids
+        out.append({"id": it.id, "subject": it.subject, "correct": correct, "parsed": parsed,
+                    "prediction": it.answer if correct else None, "answer": it.answer})
+    return out
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    items = make_items()
+    ids = [it.id for it in items]
+    a_right = set(ids[::3])
+    b_right = set(ids[1::5])
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(it.to_dict()) + "\n" for it in items))
+    write_records(tmp_path / "a.jsonl", records_for(items, a_right, unparsed_ids={ids[2]}))
+    write_records(tmp_path / "b.jsonl", records_for(items, b_right))
+    expected = [i for i in ids if i not in a_right | b_right]  # ids[2] counts as wrong: unparsed
+    return tmp_path, items, expected
+
+
+def test_set_g_is_the_items_wrong_in_every_records_file(inputs):
+    tmp, items, expected = inputs
+    summary = build_setg(tmp / "items.jsonl", [tmp / "a.jsonl", tmp / "b.jsonl"], tmp / "out", train_frac=0.7, seed=3)
+    train, test = load_items(tmp / "out" / "train.jsonl"), load_items(tmp / "out" / "test.jsonl")
+    assert sorted(it.id for it in train + test) == sorted(expected)
+    assert not {it.id for it in train} & {it.id for it in test}
+    assert items[2].id in expected  # the unparsed-but-"correct" record counted as wrong
+    by_id = {it.id: it for it in items}
+    assert all(by_id[it.id] == it for it in train + test)  # item fields survive the round trip
+    assert (summary["set_g"], summary["train"], summary["test"]) == (len(expected), len(train), len(test))
+    # per subject: train = floor(0.7 n + 0.5) of that subject's Set-G items
+    for subject, c in summary["subjects"].items():
+        n = sum(1 for i in expected if (by_id[i].subject or "(none)") == subject)
+        assert c == {"set_g": n, "train": math.floor(0.7 * n + 0.5), "test": n - math.floor(0.7 * n + 0.5)}
+        assert c["train"] == sum((it.subject or "(none)") == subject for it in train)
+    assert json.loads((tmp / "out" / "summary.json").read_text()) == json.loads(json.dumps(summary))
+
+
+def test_split_is_reproducible_and_depends_on_the_seed(inputs):
+    tmp, _, _ = inputs
+    records = [tmp / "a.jsonl", tmp / "b.jsonl"]
+    files = []
+    for name, seed in (("s1", 1), ("s1-again", 1), ("s2", 2)):
+        build_setg(tmp / "items.jsonl", records, tmp / name, seed=seed)
+        files.append({p.relative_to(tmp / name).as_posix(): p.read_bytes()
+                      for p in sorted((tmp / name).rglob("*")) if p.is_file()})
+    assert files[0] == files[1]
+    assert files[0]["train.jsonl"] != files[2]["train.jsonl"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.dictionaries(st.sampled_from(["a", "b", "c", "d", "e"]), st.integers(1, 30), min_size=1),
+       frac=st.floats(0.05, 0.95), seed=st.integers(0, 2**32 - 1))
+def test_every_subject_is_split_at_the_fraction(sizes, frac, seed):
+    items = [Item(f"{s}{i}", "q?", ("x", "y"), "A", s) for s, n in sizes.items() for i in range(n)]
+    train, test = stratified_split(items, frac, seed)
+    assert sorted(it.id for it in train + test) == sorted(it.id for it in items)
+    for s, n in sizes.items():
+        assert sum(it.subject == s for it in train) == math.floor(frac * n + 0.5)
+    # a subject's split does not depend on the other subjects
+    first = next(iter(sizes))
+    alone, _ = stratified_split([it for it in items if it.subject == first], frac, seed)
+    assert [it.id for it in alone] == [it.id for it in train if it.subject == first]
+    # and both halves keep the input order
+    order = {it.id: i for i, it in enumerate(items)}
+    assert [order[it.id] for it in train] == sorted(order[it.id] for it in train)
+
+
+def test_chat_training_data(inputs):
+    tmp, _, _ = inputs
+    build_setg(tmp / "items.jsonl", [tmp / "a.jsonl", tmp / "b.jsonl"], tmp / "out", system="Be brief.")
+    train = load_items(tmp / "out" / "train.jsonl")
+    chats = load_chat_data(tmp / "out" / "chat")["train"]  # what reqnoise.train reads
+    assert len(chats) == len(train)
+    for it, chat in zip(train, chats):
+        system, user, assistant = chat["messages"]
+        assert system == {"role": "system", "content": "Be brief."}
+        assert user == {"role": "user", "content": build_prompt(it)}
+        assert assistant["content"] == "\\boxed{%s}" % it.answer + (f"\n{it.justification}" if it.justification else "")
+
+
+def test_inconsistent_inputs_are_refused(inputs):
+    tmp, items, _ = inputs
+    a = records_for(items, set())
+    with pytest.raises(ReqnoiseError, match="cover different items"):
+        build_setg(items, {"a": a, "b": a[:-1]}, tmp / "x")
+    with pytest.raises(ReqnoiseError, match="not in the items file"):
+        build_setg(items[:-1], {"a": a}, tmp / "x")
+    wrong_answer = [dict(r, answer="B") if r["id"] == "i000" else r for r in a]
+    with pytest.raises(ReqnoiseError, match="another items file"):
+        build_setg(items, {"a": wrong_answer}, tmp / "x")
+    with pytest.raises(ReqnoiseError, match="Set G is empty"):
+        build_setg(items, {"a": records_for(items, {it.id for it in items})}, tmp / "x")
+    with pytest.raises(ReqnoiseError, match="train_frac"):
+        build_setg(items, {"a": a}, tmp / "x", train_frac=1.0)
+    assert not (tmp / "x").exists()
+    assert wrong_everywhere(items, {"a": a}) == items
+
+
+def test_cli_setg(inputs, capsys):
+    tmp, _, expected = inputs
+    args = ["setg", "--records", str(tmp / "a.jsonl"), str(tmp / "b.jsonl"), "--items", str(tmp / "items.jsonl"),
+            "--train-frac", "0.6", "--seed", "5", "--out", str(tmp / "g")]
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    assert f"Set G: {len(expected)} of {len(make_items())} items wrong in all 2 records" in out
+    assert cli_main(args) == 1  # refuses to overwrite
+    assert "already exists" in capsys.readouterr().err
+    assert cli_main(args + ["--overwrite"]) == 0
