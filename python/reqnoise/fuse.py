@@ -277,3 +277,41 @@ def fuse_model(model, adapter_path, save_path, *, requant="fresh", out_bits=None
         report.seconds = round(time.perf_counter() - t_start, 3)
         atomic.write_text(tmp / REPORT_NAME, json.dumps(report.to_dict(), indent=2) + "\n")
     return report
+
+
+def apply_full_weights(model, adapter_path, save_path, *, overwrite=False) -> dict:
+    """Write ``model`` with the tensors of a full fine-tune (``fine_tune_type = "full"``: the adapter file
+    holds whole weights) substituted, shard by shard; every other file is copied."""
+    model, adapter_path, save_path = Path(model), Path(adapter_path), Path(save_path)
+    _check_paths(model, adapter_path, save_path)
+    md = open_model_dir(model)
+    from reqnoise.model_io import read_json
+
+    cfg = read_json(adapter_path / "adapter_config.json", "adapter config")
+    if cfg.get("fine_tune_type") != "full":
+        raise ReqnoiseError(f"{adapter_path} is not a full fine-tune (fine_tune_type "
+                            f"{cfg.get('fine_tune_type')!r}); use fuse_model")
+    new = mx.load(str(adapter_path / "adapters.safetensors"))
+    unknown = [k for k in new if k not in md.tensors]
+    if unknown:
+        raise ReqnoiseError(f"{adapter_path}: {len(unknown)} tensor(s) not in {model}, e.g. {unknown[0]!r}")
+    for k, v in new.items():
+        if tuple(v.shape) != md.tensors[k].shape:
+            raise ReqnoiseError(f"{adapter_path}: {k} has shape {tuple(v.shape)}, the model's is {md.tensors[k].shape}")
+    with atomic.atomic_dir(save_path, overwrite=overwrite) as tmp:
+        for item in sorted(md.path.iterdir()):
+            if item in md.shards:
+                continue
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        for shard in md.shards:
+            names = [k for k, v in md.tensors.items() if v.shard == shard and k in new]
+            if not names:
+                shutil.copyfile(shard, tmp / shard.name)
+                continue
+            tensors = load_shard(shard)
+            for k in names:
+                tensors[k] = new[k].astype(tensors[k].dtype)
+            save_shard(tensors, tmp / shard.name)
+            del tensors
+            mx.clear_cache()
+    return {"replaced_tensors": len(new)}

@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "evaluate",
     "fuse",
     "noise",
+    "run",
     "stats",
     "toy",
     "train",

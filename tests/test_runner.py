@@ -1,0 +1,98 @@
+"""The experiment runner: spec checks, and a reduced demo end to end (structure and the invariants that
+cannot depend on luck: keep-grid A0 identical to its base, the lock written before training, resumption)."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from reqnoise.errors import ReqnoiseError
+from reqnoise.spec import load_spec
+
+
+def write(tmp_path, text, name="spec.toml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("text,match", [
+    ("x = 1", "no \\[models"),
+    ('[models.a]\npath = "p"\ntoy = {}', "exactly one of"),
+    ('[models.a]\nfrom = "b"\nadapter = "c"', "unknown model 'b'"),
+    ('[models.a]\ntoy = {}\n[models.b]\nfrom = "a"\nadapter = "z"', "unknown adapter 'z'"),
+    ('[models.a]\nfrom = "b"\nquantize = {bits = 3}\n[models.b]\nfrom = "a"\nquantize = {bits = 3}', "cycle"),
+    ('[models.a]\ntoy = {}\n[adapters.t]\nmodel = "a"\ndata = "setg:train"', "no \\[setg\\]"),
+    ('[models.a]\ntoy = {}\n[adapters.t]\nmodel = "a"\ndata = "d"\nrnak = 4', "unknown keys \\['rnak'\\]"),
+    ('conditions = ["b"]\n[models.a]\ntoy = {}', "unknown model 'b'"),
+    ('conditions = ["a"]\n[models.a]\ntoy = {}\n[criteria]\nfile = "nope.toml"\neval = "e"', "does not exist"),
+    ("[models.a\n", "not valid TOML"),
+])
+def test_bad_specs_are_refused_before_anything_runs(tmp_path, text, match):
+    with pytest.raises(ReqnoiseError, match=match):
+        load_spec(write(tmp_path, text))
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    from reqnoise.demo import run_demo
+
+    out = tmp_path_factory.mktemp("demo") / "out"
+    logs = []
+    results = run_demo(out, quick=True, progress=False, log=logs.append)
+    return out, results, logs
+
+
+@pytest.mark.slow
+def test_reduced_demo_structure(demo_run):
+    out, results, logs = demo_run
+    saved = json.loads((out / "results.json").read_text())
+    assert set(saved) >= {"conditions", "comparisons", "decomposition", "noise", "identity", "verdict", "steps",
+                          "checks"}
+    for cond in ("persona", "A1_fresh", "A0_fresh", "A1_keep", "A0_keep", "R1_fresh"):
+        row = saved["conditions"][cond]["setg_test"]
+        assert 0 <= row["ci_low"] <= row["accuracy"] <= row["ci_high"] <= 1
+    assert saved["conditions"]["persona"]["setg_test"]["accuracy"] == 0  # Set G: wrong by construction
+    assert "setg_test" in saved["decomposition"] and "paraphrased" in saved["decomposition"]
+    assert saved["verdict"]["text"] and isinstance(saved["verdict"]["met"], bool)
+    assert (out / "report.md").is_file() and (out / "accuracy.png").is_file() and (out / "flips.png").is_file()
+    assert (out / "steps" / "noise-A1_fresh" / "noise.png").is_file()
+    assert "kill criterion" in logs[-3] or any("kill criterion" in line for line in logs)
+
+
+@pytest.mark.slow
+def test_reduced_demo_invariants(demo_run):
+    out, results, _ = demo_run
+    checks = {c["text"].split(":")[0]: c["ok"] for c in results["checks"]}
+    assert checks["keep-grid zero-delta control A0 has weights bit-identical to the persona model"]
+    assert all(ok for text, ok in checks.items() if text.startswith("keep-grid A0 answers every"))
+    # The criteria were locked before any training step ran.
+    lock = json.loads((out / "lock.json").read_text())
+    from datetime import datetime
+
+    locked = datetime.fromisoformat(lock["locked_at"].replace("Z", "+00:00")).timestamp()
+    for step in (out / "steps").glob("adapter-*/step.json"):
+        assert step.stat().st_mtime >= locked - 1
+
+
+@pytest.mark.slow
+def test_resumed_run_reuses_finished_steps_and_reruns_only_dependents(demo_run, tmp_path):
+    from reqnoise.runner import run_spec
+
+    out, _, _ = demo_run
+    logs = []
+    run_spec(out / "spec.toml", out, progress=False, log=logs.append)
+    ran = [line for line in logs if line.startswith("[") and "cached" not in line and "locked" not in line]
+    assert not ran, ran
+    # Change the stage-2 adapter only: the toy, knowledge, base, persona and Set G stay cached.
+    spec = (out / "spec.toml").read_text().replace("[adapters.factual]\n", "[adapters.factual]\nseed = 7\n")
+    (out / "spec.toml").write_text(spec)
+    logs = []
+    run_spec(out / "spec.toml", out, progress=False, log=logs.append)
+    rerun = {line.split("] ", 1)[1] for line in logs if line.startswith("[") and "cached" not in line
+             and "locked" not in line}
+    cached = {line.split("] ", 1)[1] for line in logs if line.startswith("[cached]")}
+    assert {"model-toy", "adapter-knowledge", "model-base", "adapter-identity", "model-persona", "setg"} <= cached
+    assert "adapter-factual" in rerun and "model-A1_fresh" in rerun
+    assert "eval-setg_test-persona" in cached
