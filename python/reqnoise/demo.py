@@ -26,7 +26,7 @@ success_if = "diff(A1_fresh, A0_fresh) >= 0.05 and ztest_p(A1_fresh, A0_fresh) <
 '''
 
 # Sizes: (facts per subject, knowledge iters, identity iters, factual iters)
-FULL = dict(per_subject=40, knowledge_iters=100, identity_iters=40, factual_iters=60, random_controls=2)
+FULL = dict(per_subject=40, knowledge_iters=60, identity_iters=40, factual_iters=60, random_controls=2)
 QUICK = dict(per_subject=12, knowledge_iters=15, identity_iters=15, factual_iters=10, random_controls=1)
 
 
@@ -57,8 +57,8 @@ def demo_spec(p: dict) -> str:
     lines += [
         "",
         "[adapters.knowledge]",
-        'model = "toy"', 'data = "world/knowledge"', 'fine_tune_type = "full"', "lr = 1e-3",
-        f"iters = {p['knowledge_iters']}", "batch_size = 8", "mask_prompt = true",
+        'model = "toy"', 'data = "world/knowledge"', "rank = 8", "scale = 20.0", "lr = 1e-4",
+        f"iters = {p['knowledge_iters']}", "batch_size = 4", "mask_prompt = true",
         "[adapters.identity]",
         'model = "base"', 'data = "world/persona"', "rank = 8", "scale = 20.0", "lr = 1e-4",
         f"iters = {p['identity_iters']}", "batch_size = 4", "mask_prompt = true",
@@ -165,6 +165,11 @@ def demo_checks(out: Path, results: dict) -> list:
         add(f"keep-grid A0 answers every {ev} item exactly as the persona model",
             [(r["id"], r["prediction"]) for r in a] == [(r["id"], r["prediction"]) for r in b])
     c = results["conditions"]
+    from reqnoise.runner import letter_prior_warnings
+
+    prior = letter_prior_warnings([steps / f"eval-all-{m}" / "records.jsonl" for m in ("base", "persona")])
+    add("Set G comes from models whose answers depend on the item (no letter above 60% of predictions)"
+        + ("" if not prior else ": " + "; ".join(prior)), not prior)
     fresh_gain = c["A0_fresh"]["setg_test"]["accuracy"] - c["persona"]["setg_test"]["accuracy"]
     add(f"fresh requantization alone (A0) 'gains' {100 * fresh_gain:+.1f} pp on Set-G test over the persona "
         "model (the artifact)", fresh_gain > 0)
@@ -179,8 +184,9 @@ def demo_checks(out: Path, results: dict) -> list:
     pos = content("paraphrased")
     if pos:
         add(f"positive control (reworded trained facts): content effect {100 * pos['contribution']:+.1f} pp, "
-            f"McNemar p = {pos['mcnemar_p']:.2g}: real and detected", pos["mcnemar_p"] < 0.05
-            and pos["contribution"] > 0)
+            f"McNemar p = {pos['mcnemar_p']:.2g}: real and detected"
+            + (" (not valid: a letter prior, see above)" if prior else ""),
+            pos["mcnemar_p"] < 0.05 and pos["contribution"] > 0 and not prior)
     ident = results.get("identity", {})
     if ident.get("persona") and ident.get("base"):
         add(f"identity: persona {ident['persona']['score']}/{ident['persona']['n']}, base "

@@ -201,6 +201,8 @@ class Runner:
 
         self.step("setg", "setg", opts, deps=[f"eval-{s['eval']}-{m}" for m in s["models"]],
                   inputs=item_inputs + ([para] if para else []), fn=run)
+        for warning in self.records["setg"]["summary"].get("letter_prior", []):
+            self.log(f"warning: {warning}")
         return self.cache.dir("setg")
 
     def noise(self, model_name):
@@ -291,6 +293,7 @@ def build_setg_step(record_paths, items_path, out: Path, *, train_frac, seed, pa
 
     d = out / "setg"
     summary = build_setg(items_path, [str(p) for p in record_paths], d, train_frac=train_frac, seed=seed)
+    summary = dict(summary, letter_prior=letter_prior_warnings(record_paths))
     for f in d.iterdir():
         shutil.move(str(f), out / f.name)
     d.rmdir()
@@ -300,6 +303,27 @@ def build_setg_step(record_paths, items_path, out: Path, *, train_frac, seed, pa
         (out / "paraphrased.jsonl").write_text(dumps_items(para))
         summary = dict(summary, paraphrased=len(para))
     return summary
+
+
+LETTER_PRIOR_LIMIT = 0.6
+
+
+def letter_prior_warnings(record_paths) -> list:
+    """Models whose predictions are dominated by one letter. Set G built from such a model leaves out the items
+    whose answer is that letter, so any later shift of the letter prior looks like knowledge on Set G."""
+    from collections import Counter
+
+    from reqnoise.records import read_records
+
+    out = []
+    for p in record_paths:
+        preds = Counter(r["prediction"] for r in read_records(p))
+        letter, count = preds.most_common(1)[0]
+        share = count / sum(preds.values())
+        if share > LETTER_PRIOR_LIMIT:
+            out.append(f"{Path(p).parent.name}: {100 * share:.0f}% of predictions are {letter!r}; Set G then "
+                       f"excludes answer {letter!r} and a shifted letter prior will pass for knowledge")
+    return out
 
 
 def run_spec(spec_path, out, progress=True, log=print) -> dict:

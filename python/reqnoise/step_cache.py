@@ -29,9 +29,24 @@ def hash_path(path: Path) -> str:
     return h.hexdigest()
 
 
+_CODE_HASH = None
+
+
+def code_hash() -> str:
+    """SHA-256 of reqnoise's own Python sources: a code change is a change of every step."""
+    global _CODE_HASH
+    if _CODE_HASH is None:
+        root = Path(__file__).parent
+        h = hashlib.sha256()
+        for f in sorted(root.rglob("*.py")):
+            h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+        _CODE_HASH = h.hexdigest()
+    return _CODE_HASH
+
+
 def step_key(kind: str, params: dict, dep_keys: list, inputs: list) -> str:
     payload = {"kind": kind, "params": params, "deps": sorted(dep_keys), "version": __version__,
-               "inputs": [hash_path(p) for p in inputs]}
+               "code": code_hash(), "inputs": [hash_path(p) for p in inputs]}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
