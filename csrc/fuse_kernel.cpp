@@ -33,14 +33,27 @@ inline void pack_any(int bits, const uint32_t* codes, int64_t n, uint32_t* row, 
 }
 
 // delta[j] = sum_k (scale * b[k]) * A[k, j], summed in k order in float32 (as a rank-r matmul of the
-// pre-scaled B would); the scaled b[k] is rounded to float32 first, like MLX's `scale * lora_b`.
+// pre-scaled B would); the scaled b[k] is rounded to float32 first, like MLX's `scale * lora_b`. Columns go in
+// blocks of 32 whose partial sums stay in registers while k runs, so A is the only stream.
 inline void delta_row(const FuseSpec& spec, const float* a, const float* b, int64_t n, float* delta) {
-  const float sb0 = spec.scale * b[0];
-  for (int64_t j = 0; j < n; ++j) delta[j] = sb0 * a[j];
-  for (int k = 1; k < spec.rank; ++k) {
-    const float sb = spec.scale * b[k];
+  constexpr int kBlock = 32;  // rows are multiples of 32 values
+  float sb[256];
+  const int r = spec.rank < 256 ? spec.rank : 256;
+  for (int k = 0; k < r; ++k) sb[k] = spec.scale * b[k];
+  for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
+    float acc[kBlock];
+    for (int j = 0; j < kBlock; ++j) acc[j] = sb[0] * a[j0 + j];
+    for (int k = 1; k < r; ++k) {
+      const float* ak = a + int64_t(k) * n + j0;
+      const float s = sb[k];
+      for (int j = 0; j < kBlock; ++j) acc[j] = acc[j] + s * ak[j];
+    }
+    std::memcpy(delta + j0, acc, sizeof(acc));
+  }
+  for (int k = 256; k < spec.rank; ++k) {  // ranks above 256: the plain form, same order of operations
+    const float s = spec.scale * b[k];
     const float* ak = a + int64_t(k) * n;
-    for (int64_t j = 0; j < n; ++j) delta[j] = delta[j] + sb * ak[j];
+    for (int64_t j = 0; j < n; ++j) delta[j] = delta[j] + s * ak[j];
   }
 }
 
