@@ -229,7 +229,8 @@ def test_training_reduces_loss_on_a_memorisation_set(memorised, toy_model_dir):
     base = _response_nll(*load(str(toy_model_dir)), MEMO)
     adapted = _response_nll(*load(str(toy_model_dir), adapter_path=str(path)), MEMO)
     assert adapted < base - 0.3, (base, adapted)
-    assert abs(base - np.log(2048)) < 0.5  # the random toy starts near uniform
+    # The random toy starts near uniform: lm_head logits of order 1 (std ~1.4) add about var/2 ~ 1 nat.
+    assert np.log(2048) - 0.5 < base < np.log(2048) + 1.5
     tensors = _header(path / "adapters.safetensors")
     assert summary["trainable_parameters"] == sum(t.size for t in tensors.values())
     assert sorted(summary["modules"]) == sorted({k.rsplit(".", 1)[0] for k in tensors})
