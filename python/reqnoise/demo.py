@@ -26,7 +26,7 @@ success_if = "diff(A1_fresh, A0_fresh) >= 0.05 and ztest_p(A1_fresh, A0_fresh) <
 '''
 
 # Sizes: (facts per subject, knowledge iters, identity iters, factual iters)
-FULL = dict(per_subject=40, knowledge_iters=60, identity_iters=40, factual_iters=60, random_controls=2)
+FULL = dict(per_subject=40, knowledge_iters=30, identity_iters=40, factual_iters=60, random_controls=2)
 QUICK = dict(per_subject=12, knowledge_iters=15, identity_iters=15, factual_iters=10, random_controls=1)
 
 
@@ -57,11 +57,12 @@ def demo_spec(p: dict) -> str:
     lines += [
         "",
         "[adapters.knowledge]",
-        'model = "toy"', 'data = "world/knowledge"', "rank = 8", "scale = 20.0", "lr = 1e-4",
+        'model = "toy"', 'data = "world/knowledge"', "rank = 8", "scale = 20.0", "lr = 5e-5",
         f"iters = {p['knowledge_iters']}", "batch_size = 4", "mask_prompt = true",
         "[adapters.identity]",
         'model = "base"', 'data = "world/persona"', "rank = 8", "scale = 20.0", "lr = 1e-4",
         f"iters = {p['identity_iters']}", "batch_size = 4", "mask_prompt = true",
+        'modules = ["q_proj", "k_proj", "v_proj", "o_proj"]',
         "[adapters.factual]",
         # Small rank and learning rate, as in the published study.
         'model = "persona"', 'data = "setg:train"', "rank = 2", "scale = 2.0", "lr = 1e-4",
