@@ -12,7 +12,10 @@ def _acc_row(records):
     n = len(records)
     k = sum(1 for r in records if r["correct"])
     lo, hi = wilson_ci(k, n)
-    return dict(n=n, correct=k, accuracy=k / n if n else None, ci_low=lo, ci_high=hi,
+    acc = k / n if n else None
+    if acc is not None:  # statsmodels' bounds can miss the estimate by a rounding error at k = 0 or n
+        lo, hi = min(lo, acc), max(hi, acc)
+    return dict(n=n, correct=k, accuracy=acc, ci_low=lo, ci_high=hi,
                 unparsed=sum(1 for r in records if not r["parsed"]))
 
 
@@ -82,8 +85,9 @@ def plot_accuracy(results, path):
             if row:
                 xs.append(i + j * width)
                 ys.append(100 * row["accuracy"])
-                lo.append(100 * (row["accuracy"] - row["ci_low"]))
-                hi.append(100 * (row["ci_high"] - row["accuracy"]))
+                # Wilson bounds at 0 or 1 can sit a rounding error on the wrong side of the estimate.
+                lo.append(max(0.0, 100 * (row["accuracy"] - row["ci_low"])))
+                hi.append(max(0.0, 100 * (row["ci_high"] - row["accuracy"])))
         ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=ev)
     ax.set_xticks(np.arange(len(conds)) + width * (len(evals) - 1) / 2)
     ax.set_xticklabels(conds, rotation=20, ha="right")
