@@ -2,8 +2,6 @@
 cannot depend on luck: keep-grid A0 identical to its base, the lock written before training, resumption)."""
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 

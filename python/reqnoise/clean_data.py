@@ -13,6 +13,7 @@ from pathlib import Path
 
 from reqnoise.atomic import atomic_dir, atomic_file
 from reqnoise.errors import ReqnoiseError
+from reqnoise.jsonl import iter_jsonl
 
 DEFAULT_DROP_PATTERNS = ("[Request interrupted", "[No response", "No response requested")
 SPLITS = ("train", "valid", "test")
@@ -57,25 +58,17 @@ def _with_system(msgs, system: str, counts: dict) -> list:
 def _clean_file(src: Path, dst: Path, min_chars, system, drop_patterns) -> dict:
     counts = _new_counts(drop_patterns)
     lines = []
-    with open(src, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{src}:{n}"
-            try:
-                ex = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ReqnoiseError(f"{where}: not valid JSON ({err.msg})") from None
-            msgs = _check_messages(ex, where)
-            counts["read"] += 1
-            reason = _drop_reason(msgs, min_chars, drop_patterns)
-            if reason is not None:
-                counts["skipped"][reason] += 1
-                continue
-            if system is not None:
-                ex = {**ex, "messages": _with_system(msgs, system, counts)}
-            lines.append(json.dumps(ex, ensure_ascii=False) + "\n")
-            counts["kept"] += 1
+    for _, where, ex in iter_jsonl(src):
+        msgs = _check_messages(ex, where)
+        counts["read"] += 1
+        reason = _drop_reason(msgs, min_chars, drop_patterns)
+        if reason is not None:
+            counts["skipped"][reason] += 1
+            continue
+        if system is not None:
+            ex = {**ex, "messages": _with_system(msgs, system, counts)}
+        lines.append(json.dumps(ex, ensure_ascii=False) + "\n")
+        counts["kept"] += 1
     with atomic_file(dst, overwrite=True, encoding="utf-8") as out:
         out.writelines(lines)
     return counts

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from reqnoise.errors import ReqnoiseError
+from reqnoise.jsonl import iter_jsonl
 
 LETTERS = "ABCDEFGHIJ"
 MIN_OPTIONS, MAX_OPTIONS = 2, len(LETTERS)
@@ -144,24 +145,17 @@ def load_items(path) -> list[Item]:
     if not path.is_file():
         raise ReqnoiseError(f"items file {path} does not exist")
     items, errors, first_line = [], [], {}
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                item = parse_item(json.loads(line), where)
-            except json.JSONDecodeError as err:
-                errors.append(f"{where}: not valid JSON ({err.msg})")
-                continue
-            except ReqnoiseError as err:
-                errors.append(str(err))
-                continue
-            if item.id in first_line:
-                errors.append(f"{where}: duplicate id {item.id!r} (first on line {first_line[item.id]})")
-                continue
-            first_line[item.id] = lineno
-            items.append(item)
+    for lineno, where, obj in iter_jsonl(path, errors):
+        try:
+            item = parse_item(obj, where)
+        except ReqnoiseError as err:
+            errors.append(str(err))
+            continue
+        if item.id in first_line:
+            errors.append(f"{where}: duplicate id {item.id!r} (first on line {first_line[item.id]})")
+            continue
+        first_line[item.id] = lineno
+        items.append(item)
     if errors:
         more = f" (and {len(errors) - 1} more bad line{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
         raise ReqnoiseError(errors[0] + more)

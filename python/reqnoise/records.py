@@ -9,6 +9,7 @@ from pathlib import Path
 
 from reqnoise import atomic
 from reqnoise.errors import ReqnoiseError
+from reqnoise.jsonl import iter_jsonl
 
 REQUIRED = {"id": (str,), "subject": (str, type(None)), "correct": (bool,), "parsed": (bool,),
             "prediction": (str, type(None)), "answer": (str,)}
@@ -33,20 +34,12 @@ def read_records(path) -> list[dict]:
     if not path.is_file():
         raise ReqnoiseError(f"records file {path} does not exist")
     out, seen = [], {}
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ReqnoiseError(f"{where}: not valid JSON ({err.msg})") from None
-            validate_record(rec, where)
-            if rec["id"] in seen:
-                raise ReqnoiseError(f"{where}: duplicate id {rec['id']!r} (first on line {seen[rec['id']]})")
-            seen[rec["id"]] = lineno
-            out.append(rec)
+    for lineno, where, rec in iter_jsonl(path):
+        validate_record(rec, where)
+        if rec["id"] in seen:
+            raise ReqnoiseError(f"{where}: duplicate id {rec['id']!r} (first on line {seen[rec['id']]})")
+        seen[rec["id"]] = lineno
+        out.append(rec)
     return out
 
 

@@ -225,18 +225,9 @@ def _check_example(ex, where: str) -> dict:
 
 def read_chat_jsonl(path) -> list[dict]:
     """Read and validate a chat JSONL file (``{"messages": [...]}`` per line; blank lines skipped)."""
-    path = Path(path)
-    out = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                ex = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ReqnoiseError(f"{path}:{n}: not valid JSON ({err.msg})") from None
-            out.append(_check_example(ex, f"{path}:{n}"))
-    return out
+    from reqnoise.jsonl import iter_jsonl
+
+    return [_check_example(ex, where) for _, where, ex in iter_jsonl(Path(path))]
 
 
 def load_chat_data(data) -> dict:

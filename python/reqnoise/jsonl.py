@@ -1,0 +1,28 @@
+"""Line-numbered JSONL reading shared by every input file format (records, items, chat data)."""
+
+import json
+from pathlib import Path
+
+from reqnoise.errors import ReqnoiseError
+
+
+def iter_jsonl(path, errors: list | None = None):
+    """Yield ``(lineno, where, obj)`` for each non-blank line of ``path``; ``where`` is ``"file:line"``.
+
+    A line that is not valid JSON raises ``ReqnoiseError`` naming ``file:line``, or, when an ``errors`` list is
+    given, is appended to it as a message and skipped (for readers that report every bad line at once)."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                msg = f"{where}: not valid JSON ({err.msg})"
+                if errors is None:
+                    raise ReqnoiseError(msg) from None
+                errors.append(msg)
+                continue
+            yield lineno, where, obj
