@@ -110,11 +110,19 @@ def _eval(args):
     from reqnoise.items import load_items
     from reqnoise.records import write_records
 
+    from reqnoise.distributed import evaluate_distributed, rank_and_size
+
     _check_out(args.out, args.overwrite)
     items = load_items(args.items)  # bad lines stop the run before the model loads
-    records, summary = evaluate_items(args.model, items, adapter_path=args.adapter_path, mode=args.mode,
-                                      batch_size=args.batch_size, max_tokens=args.max_tokens, limit=args.limit,
-                                      seed=args.seed, system=args.system, progress=not args.quiet)
+    opts = dict(adapter_path=args.adapter_path, mode=args.mode, batch_size=args.batch_size,
+                max_tokens=args.max_tokens, limit=args.limit, seed=args.seed, system=args.system)
+    rank, size = rank_and_size()
+    if size > 1:  # under mlx.launch: shard, gather, and let rank 0 write
+        records, summary = evaluate_distributed(args.model, items, progress=False, **opts)
+        if rank != 0:
+            return 0
+    else:
+        records, summary = evaluate_items(args.model, items, progress=not args.quiet, **opts)
     write_records(args.out, records, overwrite=args.overwrite)
     print(json.dumps({"out": args.out, **summary.to_dict()}, indent=2) if args.json else f"{summary.line()} -> {args.out}")
 

@@ -1,0 +1,96 @@
+"""Running on MLX's distributed runtime (``mlx.launch``): balanced item shards and record gathering.
+
+Under ``mlx.launch --backend ring -n N ...`` (or ``--hosts``) every rank loads the model, evaluates a share of
+the items balanced by prompt length (longest first onto the least-loaded rank, deterministic), and the records
+travel back through ``mx.distributed.all_gather``; rank 0 writes the same JSONL, in the same order, that a
+single process writes. A rank that fails sends its error instead of records, so every rank stops with that
+rank's reason rather than a partial result. Without a launcher the group has size 1 and nothing changes.
+"""
+
+import json
+import time
+
+from reqnoise.errors import ReqnoiseError
+
+_GROUP = None
+
+
+def group():
+    """The global ``mx.distributed`` group (size 1 when not launched)."""
+    global _GROUP
+    if _GROUP is None:
+        import mlx.core as mx
+
+        _GROUP = mx.distributed.init()
+    return _GROUP
+
+
+def rank_and_size():
+    g = group()
+    return g.rank(), g.size()
+
+
+def balanced_shards(weights, size: int) -> list:
+    """Split indices ``0..len(weights)-1`` into ``size`` lists with near-equal total weight (LPT: heaviest
+    first onto the lightest rank, ties by rank). Each list is returned in ascending index order."""
+    loads = [0] * size
+    shards = [[] for _ in range(size)]
+    for i in sorted(range(len(weights)), key=lambda i: (-weights[i], i)):
+        r = min(range(size), key=lambda r: (loads[r], r))
+        shards[r].append(i)
+        loads[r] += weights[i]
+    return [sorted(s) for s in shards]
+
+
+def gather_objects(obj) -> list:
+    """Every rank's JSON-serialisable ``obj``, indexed by rank, on every rank."""
+    import mlx.core as mx
+    import numpy as np
+
+    g = group()
+    if g.size() == 1:
+        return [obj]
+    data = np.frombuffer(json.dumps(obj, sort_keys=False).encode(), dtype=np.uint8)
+    sizes = np.zeros(g.size(), dtype=np.int32)
+    sizes[g.rank()] = data.size
+    sizes = np.array(mx.distributed.all_sum(mx.array(sizes), group=g, stream=mx.cpu)).astype(np.int64)
+    padded = np.zeros(int(sizes.max()), dtype=np.uint8)
+    padded[: data.size] = data
+    allg = np.array(mx.distributed.all_gather(mx.array(padded)[None], group=g, stream=mx.cpu))
+    return [json.loads(allg[r, : sizes[r]].tobytes().decode()) for r in range(g.size())]
+
+
+def evaluate_distributed(model, items, *, adapter_path=None, log=print, **kw):
+    """``evaluate_items`` across the launched ranks; returns (records in item order, summary) on every rank."""
+    from reqnoise.evaluate import evaluate_loaded, load_model, summarize
+    from reqnoise.items import as_items, build_prompt
+
+    rank, size = rank_and_size()
+    items = as_items(items)
+    if kw.get("limit"):
+        items = items[: kw.pop("limit")]
+    kw.pop("limit", None)
+    shards = balanced_shards([len(build_prompt(it)) for it in items], size)
+    mine = [items[i] for i in shards[rank]]
+    t0 = time.perf_counter()
+    try:
+        net, tok = load_model(model, adapter_path)
+        t1 = time.perf_counter()
+        recs, _ = evaluate_loaded(net, tok, mine, **kw) if mine else ([], None)
+        status = {"records": recs, "seconds": time.perf_counter() - t1, "n": len(mine)}
+    except Exception as err:  # noqa: BLE001  (every failure must reach the other ranks)
+        status = {"error": f"{type(err).__name__}: {err}"}
+    everyone = gather_objects(status)
+    for r, st in enumerate(everyone):
+        if "error" in st:
+            raise ReqnoiseError(f"rank {r} of {size} failed: {st['error']}")
+    out = [None] * len(items)
+    for r, st in enumerate(everyone):
+        for i, rec in zip(shards[r], st["records"]):
+            out[i] = rec
+    wall = max(st["seconds"] for st in everyone)
+    if rank == 0 and log is not None:
+        per = ", ".join(f"rank {r}: {st['n']} items {st['n'] / st['seconds']:.1f}/s" if st["seconds"] else
+                        f"rank {r}: 0 items" for r, st in enumerate(everyone))
+        log(f"{size} ranks ({per}); total {len(items) / wall:.1f} items/s" if wall else f"{size} ranks")
+    return out, summarize(out, kw.get("mode", "loglik"), wall)
