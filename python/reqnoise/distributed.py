@@ -72,7 +72,6 @@ def evaluate_distributed(model, items, *, adapter_path=None, log=print, **kw):
     kw.pop("limit", None)
     shards = balanced_shards([len(build_prompt(it)) for it in items], size)
     mine = [items[i] for i in shards[rank]]
-    t0 = time.perf_counter()
     try:
         net, tok = load_model(model, adapter_path)
         t1 = time.perf_counter()
