@@ -155,16 +155,21 @@ class Runner:
         items, deps, inputs = self.items_path(ev)
         model = self.model(model_name)
         opts = {k: e[k] for k in ("mode", "batch_size", "max_tokens", "limit") if k in e}
+        calibrate = bool(e.get("calibrate", False))
 
         def run(tmp):
-            from reqnoise.evaluate import evaluate_items
+            from reqnoise.calibration import calibrate_records
+            from reqnoise.evaluate import evaluate_items, summarize
             from reqnoise.records import write_records
 
             recs, summary = evaluate_items(model, items, progress=self.progress, **opts)
+            if calibrate:
+                recs = calibrate_records(recs)
+                summary = summarize(recs, "loglik-calibrated", summary.seconds)
             write_records(tmp / "records.jsonl", recs)
             return summary.to_dict()
 
-        self.step(name, "eval", opts, deps=[f"model-{model_name}"] + deps, inputs=inputs, fn=run)
+        self.step(name, "eval", dict(opts, calibrate=calibrate), deps=[f"model-{model_name}"] + deps, inputs=inputs, fn=run)
         return self.cache.dir(name) / "records.jsonl"
 
     def identity(self, model_name):

@@ -27,6 +27,7 @@ the pre-registered criteria. Parsed and checked here, before anything runs.
     items = "setg:test"
     mode = "loglik"                   # or "generate"
     models = ["persona", "A1"]        # optional: default every condition
+    calibrate = true                  # optional (loglik): contextual calibration, see reqnoise.calibration
 
     [setg]                            # Set G: the items every listed model gets wrong on `eval`
     eval = "all"
@@ -65,7 +66,7 @@ MODEL_KINDS = ("path", "toy", "quantize", "adapter")
 TRAIN_KEYS = {"model", "data", "fine_tune_type", "rank", "scale", "lr", "iters", "batch_size", "layers", "modules",
               "keys", "mask_prompt", "seed", "max_seq_length"}
 FUSE_KEYS = {"from", "adapter", "requant", "control", "seed", "out_bits", "layers"}
-EVAL_KEYS = {"items", "mode", "models", "batch_size", "max_tokens", "limit"}
+EVAL_KEYS = {"items", "mode", "models", "batch_size", "max_tokens", "limit", "calibrate"}
 
 
 class Spec:
@@ -133,6 +134,8 @@ class Spec:
             if extra:
                 self._err(f"adapters.{name}: unknown keys {sorted(extra)} (allowed: {sorted(TRAIN_KEYS)})")
         for name, e in self.evals.items():
+            if e.get("calibrate") and e.get("mode", "loglik") != "loglik":
+                self._err(f"evals.{name}: calibrate needs mode = \"loglik\"")
             if "items" not in e:
                 self._err(f"evals.{name} needs 'items'")
             extra = set(e) - EVAL_KEYS
