@@ -4,7 +4,7 @@
 2. The toy model learns part of the facts (mlx-lm's tuner), is quantized at 3 bits, and gets a stage-1
    identity adapter (fused) so the persona holds.
 3. Set G: the items both the base and the persona model get wrong, split 70/30 by subject.
-4. A stage-2 "factual" adapter trained on Set-G train, on a few layers' expert down projections.
+4. A stage-2 "factual" adapter trained on Set-G train, on three layers' expert projections (rank 4).
 5. The trained adapter (A1) and the zero-delta control (A0) fused under fresh and keep-grid requantization,
    plus norm-matched random-delta controls.
 6. Set-G test, a positive control (reworded questions about the facts the adapter was trained on) and the
