@@ -64,7 +64,7 @@ def demo_spec(p: dict) -> str:
         f"iters = {p['identity_iters']}", "batch_size = 4", "mask_prompt = true",
         'modules = ["q_proj", "k_proj", "v_proj", "o_proj"]',
         "[adapters.factual]",
-        # Small rank and learning rate, as in the published study.
+        # Small rank as in the published study; a learning rate at which the toy learns something (the study: 5e-6).
         'model = "persona"', 'data = "setg:train"', "rank = 4", "scale = 20.0", "lr = 5e-4",
         f"iters = {p['factual_iters']}", "batch_size = 8", "mask_prompt = true",
         'modules = ["gate_proj", "up_proj", "down_proj"]', "layers = [1, 2, 3]",
