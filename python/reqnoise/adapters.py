@@ -13,7 +13,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from reqnoise.errors import ReqnoiseError
-from reqnoise.model_io import read_json
+from reqnoise.jsonl import read_json
 
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"

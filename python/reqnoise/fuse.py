@@ -107,6 +107,14 @@ def fuse_module(parts: dict, qp, factors, requant: str, out_bits) -> dict:
     return {"weight": wq, "scales": s, "biases": b}
 
 
+def _copy_other_files(md, dst: Path, skip=()) -> None:
+    """Copy every file and folder of the model directory except its shards and the names in ``skip``."""
+    for item in sorted(md.path.iterdir()):
+        if item.name in skip or item in md.shards:
+            continue
+        (shutil.copytree if item.is_dir() else shutil.copy2)(item, dst / item.name)
+
+
 def _select_targets(adapter, layers):
     keep, ignored = {}, []
     for name, mod in adapter.modules.items():
@@ -200,13 +208,7 @@ def fuse_model(model, adapter_path, save_path, *, requant="fresh", out_bits=None
     pending: dict = {}  # outputs of modules that straddle shards, waiting for their other shard
     new_names: dict = {}
     with atomic.atomic_dir(save_path, overwrite=overwrite) as tmp:
-        for item in sorted(md.path.iterdir()):
-            if item.name in ("config.json", INDEX_NAME, REPORT_NAME) or item in md.shards:
-                continue
-            if item.is_dir():
-                shutil.copytree(item, tmp / item.name)
-            else:
-                shutil.copy2(item, tmp / item.name)
+        _copy_other_files(md, tmp, skip=("config.json", INDEX_NAME, REPORT_NAME))
         for shard in md.shards:
             names = sorted(shard_modules.get(shard, ()))
             if not names:
@@ -285,7 +287,7 @@ def apply_full_weights(model, adapter_path, save_path, *, overwrite=False) -> di
     model, adapter_path, save_path = Path(model), Path(adapter_path), Path(save_path)
     _check_paths(model, adapter_path, save_path)
     md = open_model_dir(model)
-    from reqnoise.model_io import read_json
+    from reqnoise.jsonl import read_json
 
     cfg = read_json(adapter_path / "adapter_config.json", "adapter config")
     if cfg.get("fine_tune_type") != "full":
@@ -299,10 +301,7 @@ def apply_full_weights(model, adapter_path, save_path, *, overwrite=False) -> di
         if tuple(v.shape) != md.tensors[k].shape:
             raise ReqnoiseError(f"{adapter_path}: {k} has shape {tuple(v.shape)}, the model's is {md.tensors[k].shape}")
     with atomic.atomic_dir(save_path, overwrite=overwrite) as tmp:
-        for item in sorted(md.path.iterdir()):
-            if item in md.shards:
-                continue
-            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        _copy_other_files(md, tmp)
         for shard in md.shards:
             names = [k for k, v in md.tensors.items() if v.shard == shard and k in new]
             if not names:

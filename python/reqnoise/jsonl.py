@@ -1,4 +1,5 @@
-"""Line-numbered JSONL reading shared by every input file format (records, items, chat data)."""
+"""JSON inputs: line-numbered JSONL reading (records, items, chat data) and single JSON-object files
+(configs, indexes, locks), each failing with a message that names the file."""
 
 import json
 from pathlib import Path
@@ -26,3 +27,17 @@ def iter_jsonl(path, errors: list | None = None):
                 errors.append(msg)
                 continue
             yield lineno, where, obj
+
+
+def read_json(path, what: str) -> dict:
+    """A file holding one JSON object; ``what`` names it in errors ("model config", "lock file")."""
+    path = Path(path)
+    if not path.is_file():
+        raise ReqnoiseError(f"{what} {path} does not exist")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ReqnoiseError(f"{what} {path} is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ReqnoiseError(f"{what} {path} must hold a JSON object")
+    return data

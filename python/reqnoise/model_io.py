@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reqnoise.errors import ReqnoiseError
+from reqnoise.jsonl import read_json
 
 INDEX_NAME = "model.safetensors.index.json"
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -60,18 +61,6 @@ def layer_index(module: str):
     """The transformer block index in a module path (``model.layers.14.mlp...`` -> 14), or None."""
     m = _LAYER_RE.search(module)
     return int(m.group(1)) if m else None
-
-
-def read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise ReqnoiseError(f"{what} {path} does not exist")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ReqnoiseError(f"{what} {path} is not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise ReqnoiseError(f"{what} {path} must hold a JSON object")
-    return data
 
 
 def read_safetensors_header(path: Path) -> dict:

@@ -346,13 +346,10 @@ class Verdict:
 
 
 def _read_lock(lock_path: Path) -> dict:
-    if not lock_path.is_file():
-        raise ReqnoiseError(f"lock file {lock_path} does not exist")
-    try:
-        lock = json.loads(lock_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ReqnoiseError(f"lock file {lock_path} is not valid JSON ({err})") from None
-    if not isinstance(lock, dict) or lock.get("format") != LOCK_FORMAT:
+    from reqnoise.jsonl import read_json
+
+    lock = read_json(lock_path, "lock file")
+    if lock.get("format") != LOCK_FORMAT:
         raise ReqnoiseError(f"lock file {lock_path}: not a {LOCK_FORMAT} lock")
     for key in ("criteria_path", "criteria_sha256", "criteria_text", "locked_at"):
         if not isinstance(lock.get(key), str):

@@ -97,7 +97,7 @@ class Runner:
 
             def fuse(tmp):
                 from reqnoise.fuse import apply_full_weights, fuse_model
-                from reqnoise.model_io import read_json
+                from reqnoise.jsonl import read_json
 
                 if read_json(ad / "adapter_config.json", "adapter config").get("fine_tune_type") == "full":
                     return apply_full_weights(src, ad, tmp / "model")
