@@ -91,20 +91,30 @@ def demo_spec(p: dict) -> str:
     return f"conditions = {json.dumps(conditions)}\n" + "\n".join(lines) + "\n"
 
 
+def prepare_demo(out, p: dict) -> Path:
+    """Write the world, the criteria and the spec (sizes ``p``, like FULL) under ``out``; returns the spec
+    path. The bytes are deterministic: rewriting them leaves every step key, and so the cache, unchanged."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    build_world(out / "world", per_subject=p["per_subject"], overwrite=True)
+    atomic.write_text(out / "criteria.toml", CRITERIA, overwrite=True)
+    atomic.write_text(out / "spec.toml", demo_spec(p), overwrite=True)
+    return out / "spec.toml"
+
+
 def run_demo(out="reqnoise-demo", *, quick: bool = False, progress: bool = True, log=print) -> dict:
     """Build the world and the spec under ``out`` and run it; print what the run shows. Re-running resumes
     from the step cache. Returns the results dict."""
     from reqnoise.runner import run_spec
 
+    from reqnoise.distributed import on_root
+
     t0 = time.perf_counter()
     out = Path(out).absolute()
-    p = QUICK if quick else FULL
-    out.mkdir(parents=True, exist_ok=True)
-    # Deterministic bytes: rewriting them leaves every step key, and so the cache, unchanged.
-    build_world(out / "world", per_subject=p["per_subject"], overwrite=True)
-    atomic.write_text(out / "criteria.toml", CRITERIA, overwrite=True)
-    atomic.write_text(out / "spec.toml", demo_spec(p), overwrite=True)
+    on_root(lambda: str(prepare_demo(out, QUICK if quick else FULL)))  # one writer under mlx.launch
     results = run_spec(out / "spec.toml", out, progress=progress, log=log)
+    if not results:  # a rank other than 0 under mlx.launch
+        return results
     results["checks"] = demo_checks(out, results)
     atomic.write_text(out / "results.json", json.dumps(results, indent=2, default=str) + "\n", overwrite=True)
     log("")

@@ -60,6 +60,35 @@ def gather_objects(obj) -> list:
     return [json.loads(allg[r, : sizes[r]].tobytes().decode()) for r in range(g.size())]
 
 
+def check_statuses(error, what: str = "") -> None:
+    """Collective: every rank passes its error (None or text); if any rank failed, every rank raises with the
+    failing ranks and reasons, so no rank goes on to a collective that the failed one will never join."""
+    g = group()
+    everyone = gather_objects(error) if g.size() > 1 else [error]
+    failed = [(r, e) for r, e in enumerate(everyone) if e]
+    if failed:
+        where = f" in {what}" if what else ""
+        raise ReqnoiseError("; ".join(f"rank {r} of {g.size()} failed{where}: {e}" for r, e in failed))
+
+
+def on_root(fn):
+    """Collective: ``fn()`` on rank 0 only; its JSON-serialisable result on every rank. An exception on rank
+    0 is raised on every rank (as ReqnoiseError with rank 0's reason)."""
+    rank, size = rank_and_size()
+    if size == 1:
+        return fn()
+    status = None
+    if rank == 0:
+        try:
+            status = {"value": fn()}
+        except Exception as err:  # noqa: BLE001  (must reach the other ranks)
+            status = {"error": f"{type(err).__name__}: {err}"}
+    status = gather_objects(status)[0]
+    if "error" in status:
+        raise ReqnoiseError(f"rank 0 of {size} failed: {status['error']}")
+    return status["value"]
+
+
 def evaluate_distributed(model, items, *, adapter_path=None, log=print, **kw):
     """``evaluate_items`` across the launched ranks; returns (records in item order, summary) on every rank."""
     from reqnoise.evaluate import evaluate_loaded, load_model, summarize

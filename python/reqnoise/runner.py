@@ -8,10 +8,10 @@ and a changed step reruns only what depends on it. Outputs: ``DIR/lock.json`` (w
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 from reqnoise.errors import ReqnoiseError
+from reqnoise.run_plan import PlannedStep, execute
 from reqnoise.spec import load_spec
 from reqnoise.step_cache import StepCache, step_key
 
@@ -27,21 +27,18 @@ class Runner:
         self.progress = progress
         self.log = log
         self.keys: dict = {}       # step name -> key
-        self.records: dict = {}    # step name -> cache record
+        self.plan: dict = {}       # step name -> PlannedStep, in a dependency-respecting order
+        self.records: dict = {}    # step name -> cache record (after execution)
         self.model_paths: dict = {}
         self.adapter_paths: dict = {}
         self.timeline: list = []
 
-    # ---------------------------------------------------------------- generic step execution
-    def step(self, name, kind, params, deps=(), inputs=(), fn=None):
+    # ---------------------------------------------------------------- planning (nothing runs here)
+    def step(self, name, kind, params, deps=(), inputs=(), fn=None, collective=False):
+        """Plan a step: its key covers ``params``, the keys of ``deps`` and the bytes of ``inputs``."""
         key = step_key(kind, params, [self.keys[d] for d in deps], [Path(p) for p in inputs])
-        t0 = time.perf_counter()
-        rec, cached = self.cache.run(name, key, fn)
         self.keys[name] = key
-        self.records[name] = rec
-        self.timeline.append(dict(step=name, kind=kind, cached=cached,
-                                  seconds=round(time.perf_counter() - t0, 2)))
-        self.log(f"[{'cached' if cached else f'{time.perf_counter() - t0:6.1f}s'}] {name}")
+        self.plan[name] = PlannedStep(name, kind, key, [d for d in deps if d in self.plan], fn, collective)
         return self.cache.dir(name)
 
     # ---------------------------------------------------------------- models and adapters
@@ -129,7 +126,8 @@ class Runner:
 
             return train_adapter(model, data_path, tmp / "adapter", progress=self.progress, **a)
 
-        self.step(f"adapter-{name}", "train", a, deps=deps, inputs=inputs, fn=train)
+        # Collective: under mlx.launch every rank trains on its share of each batch (mlx-lm data parallel).
+        self.step(f"adapter-{name}", "train", a, deps=deps, inputs=inputs, fn=train, collective=True)
         self.adapter_paths[name] = self.cache.dir(f"adapter-{name}") / "adapter"
         return self.adapter_paths[name]
 
@@ -140,7 +138,7 @@ class Runner:
             self.setg()
             which = items.split(":", 1)[1]
             path = self.cache.dir("setg") / f"{which}.jsonl"
-            if not path.is_file():
+            if which not in ("train", "test") and not (which == "paraphrased" and self.spec.setg.get("paraphrases")):
                 raise ReqnoiseError(f"evals.{ev}: Set G has no {which!r} split (have: train, test"
                                     f"{', paraphrased' if self.spec.setg.get('paraphrases') else ''})")
             return path, ["setg"], []
@@ -159,23 +157,28 @@ class Runner:
 
         def run(tmp):
             from reqnoise.calibration import calibrate_records
+            from reqnoise.distributed import evaluate_distributed, rank_and_size
             from reqnoise.evaluate import evaluate_items, summarize
             from reqnoise.records import write_records
 
-            recs, summary = evaluate_items(model, items, progress=self.progress, **opts)
+            if rank_and_size()[1] > 1:  # every rank scores a length-balanced share of the items
+                recs, summary = evaluate_distributed(model, items, log=self.log, progress=False, **opts)
+            else:
+                recs, summary = evaluate_items(model, items, progress=self.progress, **opts)
             if calibrate:
                 recs = calibrate_records(recs)
                 summary = summarize(recs, "loglik-calibrated", summary.seconds)
             write_records(tmp / "records.jsonl", recs)
             return summary.to_dict()
 
-        self.step(name, "eval", dict(opts, calibrate=calibrate), deps=[f"model-{model_name}"] + deps, inputs=inputs, fn=run)
+        self.step(name, "eval", dict(opts, calibrate=calibrate), deps=[f"model-{model_name}"] + deps,
+                  inputs=inputs, fn=run, collective=True)
         return self.cache.dir(name) / "records.jsonl"
 
     def identity(self, model_name):
         name = f"identity-{model_name}"
         if name in self.keys:
-            return self.records[name]["summary"]
+            return name
         ident = self.spec.identity
         persona = self._external(ident["persona"])
         suite = self._external(ident["suite"]) if "suite" in ident else None
@@ -190,7 +193,7 @@ class Runner:
 
         self.step(name, "identity", {}, deps=[f"model-{model_name}"],
                   inputs=[persona] + ([suite] if suite else []), fn=run)
-        return self.records[name]["summary"]
+        return name
 
     def setg(self):
         if "setg" in self.keys:
@@ -206,8 +209,6 @@ class Runner:
 
         self.step("setg", "setg", opts, deps=[f"eval-{s['eval']}-{m}" for m in s["models"]],
                   inputs=item_inputs + ([para] if para else []), fn=run)
-        for warning in self.records["setg"]["summary"].get("letter_prior", []):
-            self.log(f"warning: {warning}")
         return self.cache.dir("setg")
 
     def noise(self, model_name):
@@ -231,31 +232,44 @@ class Runner:
 
         self.step(name, "noise", dict(opts, outputs=outputs), deps=[f"model-{m['from']}", f"adapter-{m['adapter']}"],
                   fn=run)
-        return self.records[name]["summary"]
+        return name
 
     # ---------------------------------------------------------------- the whole run
     def run(self) -> dict:
+        """Plan every step, execute (on every launched rank), then write the outputs (rank 0). Returns the
+        results dict on rank 0 and ``{}`` on the other ranks."""
+        from reqnoise.distributed import on_root, rank_and_size
         from reqnoise.report import write_outputs
 
         spec = self.spec
-        self.out.mkdir(parents=True, exist_ok=True)
+        rank, _ = rank_and_size()
+        if rank != 0:  # one voice: rank 0 reports for all (per-rank throughput included)
+            self.log, self.progress = (lambda *a, **k: None), False
         lock = None
         if spec.criteria:
-            lock = self.lock()
+            lock = Path(on_root(lambda: str(self.lock())))  # before anything is trained
         for name in spec.model_order():
             if name in spec.identity_models() or any(name in spec.eval_models(e) for e in spec.evals):
                 self.model(name)
+        evals = {ev: {m: self.evaluate(m, ev) for m in spec.eval_models(ev)} for ev in spec.evals}
+        ident_steps = {m: self.identity(m) for m in spec.identity_models()} if spec.identity else {}
+        noise_steps = {m: n for m in spec.conditions if (n := self.noise(m)) is not None}
+        self.records, self.timeline = execute(self.plan, self.cache, log=self.log)
+        if "setg" in self.records:
+            for warning in self.records["setg"]["summary"].get("letter_prior", []):
+                self.log(f"warning: {warning}")
+        if rank != 0:
+            return {}
         results_dir = self.out / "results"
         records = {}
-        for ev in spec.evals:
-            for m in spec.eval_models(ev):
-                src = self.evaluate(m, ev)
+        for ev, by_model in evals.items():
+            for m, src in by_model.items():
                 dst = results_dir / ev / f"{m}.jsonl"
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src, dst)  # a fresh copy: newer than the lock, as the verdict requires
                 records.setdefault(ev, {})[m] = src
-        identity = {m: self.identity(m) for m in spec.identity_models()} if spec.identity else {}
-        noise = {m: s for m in spec.conditions if (s := self.noise(m)) is not None}
+        identity = {m: self.records[n]["summary"] for m, n in ident_steps.items()}
+        noise = {m: self.records[n]["summary"] for m, n in noise_steps.items()}
         return write_outputs(self, records, identity, noise, lock)
 
     def lock(self):

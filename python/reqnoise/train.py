@@ -24,6 +24,7 @@ import io
 import json
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +32,7 @@ import numpy as np
 
 from reqnoise import __version__
 from reqnoise.adapters import ADAPTER_FILE, CONFIG_FILE
-from reqnoise.atomic import atomic_dir
+from reqnoise.atomic import _check_target, atomic_dir
 from reqnoise.chat import render_chat
 from reqnoise.errors import ReqnoiseError
 from reqnoise.model_io import layer_index
@@ -302,11 +303,20 @@ def seeded_batches(dataset, batch_size, max_seq_length, loop=False, comm_group=N
     once, in order, the last batch possibly smaller. Yields ``(tokens [B, T] int32, [(offset, length)] [B, 2])``
     with T = 1 + a multiple of 8 (mlx-lm pads to 32; 8 wastes less compute on short examples for a few
     more compiled shapes), at most ``max_seq_length``.
+
+    Under ``mlx.launch`` (``comm_group`` of N > 1 ranks) the training batches are the single-process ones,
+    rank r taking rows r, r + N, ...; each row then carries a third column, the target-token count of the
+    whole batch, by which ``global_mean_loss`` divides, so that mlx-lm's gradient average is the
+    single-process gradient (up to summation order). Validation batches go whole to every rank: mlx-lm
+    sums totals and token counts over ranks, which leaves the mean unchanged.
     """
     import mlx.core as mx
 
-    if comm_group is not None and comm_group.size() > 1:
-        raise ReqnoiseError("distributed training is not supported by reqnoise train")
+    size = comm_group.size() if comm_group is not None else 1
+    rank = comm_group.rank() if comm_group is not None else 0
+    if loop and batch_size % size:
+        raise ReqnoiseError(f"batch_size {batch_size} is not divisible by the {size} launched ranks "
+                            "(each rank takes batch_size / ranks examples of every step)")
     n = len(dataset)
     rng = np.random.Generator(np.random.PCG64(seed))
 
@@ -324,14 +334,51 @@ def seeded_batches(dataset, batch_size, max_seq_length, loop=False, comm_group=N
             return
         items = [dataset[i] for i in idx]
         lengths = [min(len(t), max_seq_length) for t, _ in items]
+        extra = []
+        if loop and size > 1:
+            total = sum(_target_tokens(off, length, max_seq_length) for (_, off), length in zip(items, lengths))
+            items, lengths, extra = items[rank::size], lengths[rank::size], [total]
         width = min(1 + _PAD_TO * math.ceil(max(lengths) / _PAD_TO), max_seq_length)
         arr = np.zeros((len(items), width), np.int32)
         for row, ((tokens, _), length) in enumerate(zip(items, lengths)):
             arr[row, :length] = tokens[:length]
-        yield mx.array(arr), mx.array([[off, length] for (_, off), length in zip(items, lengths)])
+        yield mx.array(arr), mx.array([[off, length, *extra] for (_, off), length in zip(items, lengths)])
+
+
+def _target_tokens(offset: int, length: int, max_seq_length: int) -> int:
+    """Tokens mlx-lm's ``default_loss`` scores in a row: targets at steps max(offset, 1)..length, and at most
+    max_seq_length - 1 of them (the row's last input token has no target)."""
+    return max(0, min(length, max_seq_length - 1) - max(offset, 1) + 1)
+
+
+def global_mean_loss(model, batch, lengths):
+    """mlx-lm's ``default_loss`` rescaled for data-parallel training: this rank's summed cross-entropy times
+    the rank count over the whole batch's token count (``lengths[:, 2]``, see ``seeded_batches``); mlx-lm
+    averages the ranks' gradients, which then equals the gradient of the mean over the whole batch.
+    Two-column ``lengths`` (validation) get ``default_loss`` unchanged."""
+    import mlx.core as mx
+    from mlx_lm.tuner.trainer import default_loss
+
+    if lengths.shape[1] < 3:
+        return default_loss(model, batch, lengths)
+    ce, ntoks = default_loss(model, batch, lengths[:, :2])
+    size = mx.distributed.init().size()
+    return ce * ntoks.astype(mx.float32) * size / lengths[0, 2].astype(mx.float32), ntoks
 
 
 # --------------------------------------------------------------------------------------------- training
+
+def _world_size() -> int:
+    import mlx.core as mx
+
+    return mx.distributed.init().size()
+
+
+def _world_rank() -> int:
+    import mlx.core as mx
+
+    return mx.distributed.init().rank()
+
 
 class _LossLog:
     """mlx-lm TrainingCallback that keeps the reported losses."""
@@ -443,6 +490,12 @@ def train_adapter(model, data, adapter_path, *, fine_tune_type="lora", rank=8, s
     if not (model_path / "config.json").is_file():
         raise ReqnoiseError(f"model directory {model_path} has no config.json")
     splits = load_chat_data(data)
+    if _world_rank() != 0:
+        # Data-parallel under mlx.launch: every rank trains, rank 0 alone writes adapter_path. Same checks on
+        # every rank, so a refusal stops all of them before the first collective.
+        _check_target(Path(adapter_path), overwrite)
+        private = tempfile.TemporaryDirectory(prefix="reqnoise-rank-")
+        adapter_path, overwrite = Path(private.name) / "adapter", False
     with atomic_dir(adapter_path, overwrite=overwrite) as tmp:
         net, tokenizer = load(str(model_path))
         targets = find_targets(net, layers=layers, modules=modules, keys=keys)
@@ -468,9 +521,12 @@ def train_adapter(model, data, adapter_path, *, fine_tune_type="lora", rank=8, s
         log = _LossLog()
         quiet = contextlib.nullcontext() if progress else contextlib.redirect_stdout(io.StringIO())
         t_train = time.perf_counter()
+        # Under mlx.launch mlx-lm trains data-parallel over the global group; see seeded_batches.
+        ranks = _world_size()
+        loss = {"loss": global_mean_loss} if ranks > 1 else {}
         with quiet:
             mlx_train(net, optim.Adam(learning_rate=lr), train_set, valid_set, args=args,
-                      iterate_batches=functools.partial(seeded_batches, seed=seed), training_callback=log)
+                      iterate_batches=functools.partial(seeded_batches, seed=seed), training_callback=log, **loss)
         train_seconds = time.perf_counter() - t_train
         final = log.train[-1][1] if log.train else float("nan")
         if not math.isfinite(final):
@@ -490,6 +546,7 @@ def train_adapter(model, data, adapter_path, *, fine_tune_type="lora", rank=8, s
         "truncated_examples": truncated,
         "misaligned_prompts": misaligned,
         "iters": iters,
+        "ranks": ranks,
         "train_seconds": train_seconds,
         "iterations_per_second": iters / train_seconds,
         "seconds": time.perf_counter() - t_start,

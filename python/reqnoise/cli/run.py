@@ -20,6 +20,8 @@ def run(args) -> int:
     from reqnoise.runner import run_spec
 
     results = run_spec(args.spec, args.out, progress=not args.quiet)
+    if not results:  # a rank other than 0 under mlx.launch: rank 0 reports
+        return 0
     v = results.get("verdict")
     print(f"results in {args.out}/results.json and {args.out}/report.md")
     if v:

@@ -1,0 +1,137 @@
+"""`reqnoise run` under mlx.launch (ring backend, 2 ranks on localhost): the same results as one process,
+independent steps spread over both ranks, every step written once; data-parallel training matches
+single-process training; a failing step fails every rank with its reason; the plan's waves."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from reqnoise.run_plan import PlannedStep, waves
+
+TINY = dict(per_subject=6, knowledge_iters=2, identity_iters=2, factual_iters=4, random_controls=1)
+
+
+def _launcher():
+    exe = Path(sys.executable).parent / "mlx.launch"
+    return str(exe) if exe.exists() else None
+
+
+needs_launcher = pytest.mark.skipif(_launcher() is None, reason="mlx.launch not installed beside the interpreter")
+
+
+def _launch(args, timeout=600):
+    return subprocess.run([_launcher(), "--backend", "ring", "-n", "2", "--python", sys.executable, "-m",
+                           "reqnoise", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_waves_follow_pending_dependencies_only():
+    steps = {n: PlannedStep(n, "k", n, deps) for n, deps in
+             [("a", []), ("b", ["a"]), ("c", ["a"]), ("d", ["b", "c"]), ("e", [])]}
+    assert waves(steps, set(steps)) == [["a", "e"], ["b", "c"], ["d"]]
+    assert waves(steps, {"b", "d"}) == [["b"], ["d"]]  # a, c cached: no constraint
+    assert waves(steps, set()) == []
+
+
+def _numbers(results):
+    """What a study reads from results.json; timings and paths left out."""
+    keep = {k: results[k] for k in ("conditions", "comparisons", "decomposition", "identity")}
+    keep["verdict"] = {k: results["verdict"][k] for k in ("met", "numbers")}  # its text names the directory
+    for v in keep["identity"].values():
+        v.pop("seconds", None)
+        v.pop("items_per_s", None)
+    return keep
+
+
+def _assert_close(a, b, where, rel=1e-3, abs_=1e-6):
+    """Numbers equal within tolerance, everything else exactly, at every depth."""
+    if isinstance(b, dict):
+        assert isinstance(a, dict) and set(a) == set(b), where
+        for k in b:
+            _assert_close(a[k], b[k], f"{where}.{k}", rel, abs_)
+    elif isinstance(b, list):
+        assert isinstance(a, list) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_close(x, y, f"{where}[{i}]", rel, abs_)
+    elif isinstance(b, float) and not isinstance(b, bool):
+        assert a == pytest.approx(b, rel=rel, abs=abs_), where
+    else:
+        assert a == b, where
+
+
+@pytest.mark.slow
+@needs_launcher
+def test_spec_run_on_two_ranks_gives_the_single_process_results(tmp_path):
+    from reqnoise.demo import prepare_demo
+    from reqnoise.runner import run_spec
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_spec(prepare_demo(one, TINY), one, progress=False, log=lambda *a: None)
+    res = _launch(["run", str(prepare_demo(two, TINY)), "--out", str(two), "--quiet"])
+    out = res.stdout + res.stderr
+    assert res.returncode == 0 and "exited with code" not in out, out[-3000:]
+    r1 = json.loads((one / "results.json").read_text())
+    r2 = json.loads((two / "results.json").read_text())
+    assert _numbers(r2) == _numbers(r1)
+    # Noise numbers come from fused models whose stage-2 adapter was trained data-parallel: equal up to
+    # summation order.
+    _assert_close(r2["noise"], r1["noise"], "noise")
+    ran = {s["step"]: s for s in r2["steps"] if not s["cached"]}
+    fused = {n: s["rank"] for n, s in ran.items() if s["kind"] in ("fuse", "noise")}
+    assert set(fused.values()) == {0, 1}, fused  # independent steps went to both ranks
+    assert all(s["rank"] is None for s in ran.values() if s["kind"] in ("train", "eval"))  # collective
+    trained = json.loads((two / "steps" / "adapter-factual" / "step.json").read_text())["summary"]
+    assert trained["ranks"] == 2
+    assert "[wave" in out and "rank 1:" in out  # per-rank progress
+    # Resuming under one process reuses every step written by either rank.
+    logs = []
+    run_spec(two / "spec.toml", two, progress=False, log=logs.append)
+    assert not any(line.startswith("[ ") for line in logs), logs
+    assert sum(line.startswith("[cached]") for line in logs) == len(r2["steps"])
+
+
+@pytest.mark.slow
+@needs_launcher
+def test_data_parallel_training_matches_one_process(tmp_path):
+    import mlx.core as mx
+
+    from reqnoise.world import build_world
+
+    world = build_world(tmp_path / "world", per_subject=4)
+    model = tmp_path / "toy"
+    subprocess.run([sys.executable, "-m", "reqnoise", "toy-model", "--save-path", str(model)], check=True,
+                   capture_output=True)
+    args = ["train", "--model", str(model), "--data", str(world / "knowledge"), "--iters", "6",
+            "--batch-size", "4", "--lr", "1e-3", "--seed", "3", "--quiet"]
+    subprocess.run([sys.executable, "-m", "reqnoise", *args, "--adapter-path", str(tmp_path / "one")],
+                   check=True, capture_output=True)
+    res = _launch([*args, "--adapter-path", str(tmp_path / "two")])
+    assert res.returncode == 0 and "exited with code" not in res.stdout + res.stderr, res.stderr[-3000:]
+    a = mx.load(str(tmp_path / "one" / "adapters.safetensors"))
+    b = mx.load(str(tmp_path / "two" / "adapters.safetensors"))
+    assert set(a) == set(b)
+    moved = 0
+    for k in a:
+        # Adam moves each weight by about lr (1e-3) per step whatever the gradient's size, so an objective
+        # that differed (rows lost, ranks not averaged) shows at 1e-3; summation order at about 1e-5.
+        assert mx.allclose(a[k], b[k], rtol=0, atol=1e-4).item(), (k, mx.abs(a[k] - b[k]).max().item())
+        moved += not mx.array_equal(a[k], mx.zeros_like(a[k])).item()
+    assert moved  # training changed something, so the comparison means something
+
+
+@pytest.mark.slow
+@needs_launcher
+def test_a_failing_step_fails_every_rank_with_its_reason(tmp_path):
+    from reqnoise.demo import prepare_demo
+
+    spec = prepare_demo(tmp_path, TINY)
+    # A condition whose fuse fails inside its step (after the first training): no module in layer 99.
+    text = spec.read_text().replace('conditions = ["persona"', 'conditions = ["broken", "persona"', 1)
+    spec.write_text(text + '[models.broken]\nfrom = "toy"\nadapter = "knowledge"\nlayers = [99]\n')
+    res = _launch(["run", str(spec), "--out", str(tmp_path / "out"), "--quiet"], timeout=300)
+    out = res.stdout + res.stderr
+    assert "exited with code 1" in out and "of 2 failed" in out and "step model-broken" in out, out[-3000:]
+    assert "selects none" in out
+    assert not (tmp_path / "out" / "results.json").exists()
