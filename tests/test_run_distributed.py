@@ -11,7 +11,8 @@ import pytest
 
 from reqnoise.run_plan import PlannedStep, waves
 
-TINY = dict(per_subject=6, knowledge_iters=2, identity_iters=2, factual_iters=4, random_controls=1)
+TINY = dict(per_subject=6, knowledge_iters=2, identity_iters=2, factual_iters=4, factual_lr=5e-4, factual_scale=20.0,
+            random_controls=1)
 
 
 def _launcher():
@@ -76,8 +77,8 @@ def test_spec_run_on_two_ranks_gives_the_single_process_results(tmp_path):
     r2 = json.loads((two / "results.json").read_text())
     assert _numbers(r2) == _numbers(r1)
     # Noise numbers come from fused models whose stage-2 adapter was trained data-parallel: equal up to
-    # summation order.
-    _assert_close(r2["noise"], r1["noise"], "noise")
+    # summation order, which KL(adapter || fused), a small difference of near-equal models, amplifies most.
+    _assert_close(r2["noise"], r1["noise"], "noise", rel=1e-2)
     ran = {s["step"]: s for s in r2["steps"] if not s["cached"]}
     fused = {n: s["rank"] for n, s in ran.items() if s["kind"] in ("fuse", "noise")}
     assert set(fused.values()) == {0, 1}, fused  # independent steps went to both ranks

@@ -48,11 +48,12 @@ def test_reduced_demo_structure(demo_run):
     saved = json.loads((out / "results.json").read_text())
     assert set(saved) >= {"conditions", "comparisons", "decomposition", "noise", "identity", "verdict", "steps",
                           "checks"}
-    for cond in ("persona", "A1_fresh", "A0_fresh", "A1_keep", "A0_keep", "R1_fresh"):
+    for cond in ("persona", "A1_fresh", "A0_fresh", "A1_keep", "A0_keep", "R1_fresh", "S1_fresh"):
         row = saved["conditions"][cond]["setg_test"]
         assert 0 <= row["ci_low"] <= row["accuracy"] <= row["ci_high"] <= 1
     assert saved["conditions"]["persona"]["setg_test"]["accuracy"] == 0  # Set G: wrong by construction
     assert "setg_test" in saved["decomposition"] and "paraphrased" in saved["decomposition"]
+    assert {"vs_zero_control", "vs_S1_fresh"} <= set(saved["comparisons"]["paraphrased"]["A1_fresh"])
     assert saved["verdict"]["text"] and isinstance(saved["verdict"]["met"], bool)
     assert (out / "report.md").is_file() and (out / "accuracy.png").is_file() and (out / "flips.png").is_file()
     assert (out / "steps" / "noise-A1_fresh" / "noise.png").is_file()
@@ -91,6 +92,7 @@ def test_resumed_run_reuses_finished_steps_and_reruns_only_dependents(demo_run, 
     rerun = {line.split("] ", 1)[1] for line in logs if line.startswith("[") and "cached" not in line
              and "locked" not in line}
     cached = {line.split("] ", 1)[1] for line in logs if line.startswith("[cached]")}
-    assert {"model-toy", "adapter-knowledge", "model-base", "adapter-identity", "model-persona", "setg"} <= cached
+    assert {"model-toy", "adapter-knowledge", "model-base", "adapter-identity", "model-persona", "setg",
+            "adapter-shuffled", "model-S1_fresh"} <= cached
     assert "adapter-factual" in rerun and "model-A1_fresh" in rerun
     assert "eval-setg_test-persona" in cached

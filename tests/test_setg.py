@@ -141,3 +141,26 @@ def test_cli_setg(inputs, capsys):
     assert cli_main(args) == 1  # refuses to overwrite
     assert "already exists" in capsys.readouterr().err
     assert cli_main(args + ["--overwrite"]) == 0
+
+
+def test_shuffled_answers_keep_questions_and_per_subject_answers_but_not_the_items_answers():
+    from collections import Counter
+
+    from reqnoise.setg import shuffled_answers
+
+    items = [Item(f"q{i}", f"Which value has entity {i}?", ("red", "green", "blue", "gold"), "ABCD"[i * 7 % 4],
+                  "s1" if i < 30 else "s2", f"Entity {i} is {('red', 'green', 'blue', 'gold')[i * 7 % 4]}."
+                  if i % 5 else "No option named here.") for i in range(40)]
+    shuffled = shuffled_answers(items, seed=3)
+    assert shuffled == shuffled_answers(items, seed=3) and shuffled != shuffled_answers(items, seed=4)
+    assert [(s.id, s.question, s.options, s.subject) for s in shuffled] == \
+        [(i.id, i.question, i.options, i.subject) for i in items]
+    for subject in ("s1", "s2"):  # the per-subject answer distribution is kept
+        assert Counter(s.answer for s in shuffled if s.subject == subject) == \
+            Counter(i.answer for i in items if i.subject == subject)
+    assert sum(s.answer != i.answer for s, i in zip(shuffled, items)) >= 20  # most items lose their answer
+    for s, i in zip(shuffled, items):
+        if i.justification.startswith("Entity"):  # rewritten to name the shuffled option, never the true one
+            assert s.justification == f"Entity {i.id[1:]} is {s.options['ABCD'.index(s.answer)]}."
+        else:
+            assert s.justification is None

@@ -6,7 +6,9 @@
 3. Set G: the items both the base and the persona model get wrong, split 70/30 by subject.
 4. A stage-2 "factual" adapter trained on Set-G train, on three layers' expert projections (rank 4).
 5. The trained adapter (A1) and the zero-delta control (A0) fused under fresh and keep-grid requantization,
-   plus norm-matched random-delta controls.
+   plus norm-matched random-delta controls and the shuffled-answer control (S1: the same recipe trained on
+   Set-G train with answers permuted within subject: same questions, format and answer distribution, no
+   item's answer).
 6. Set-G test, a positive control (reworded questions about the facts the adapter was trained on) and the
    identity suite for every condition; statistics and the pre-registered kill criterion.
 7. The decomposition table, the verdict and the report.
@@ -25,9 +27,11 @@ hypothesis = "The stage-2 adapter's content adds knowledge on held-out Set-G ite
 success_if = "diff(A1_fresh, A0_fresh) >= 0.05 and ztest_p(A1_fresh, A0_fresh) < 0.05"
 '''
 
-# Sizes: (facts per subject, knowledge iters, identity iters, factual iters)
-FULL = dict(per_subject=40, knowledge_iters=30, identity_iters=40, factual_iters=60, random_controls=2)
-QUICK = dict(per_subject=12, knowledge_iters=15, identity_iters=15, factual_iters=10, random_controls=1)
+# Sizes and the stage-2 recipe (shared by the factual adapter and its shuffled-answer control).
+FULL = dict(per_subject=40, knowledge_iters=30, identity_iters=60, factual_iters=60, factual_lr=5e-4,
+            factual_scale=20.0, random_controls=2)
+QUICK = dict(per_subject=12, knowledge_iters=15, identity_iters=15, factual_iters=10, factual_lr=5e-4,
+             factual_scale=20.0, random_controls=1)
 
 
 def demo_spec(p: dict) -> str:
@@ -54,20 +58,20 @@ def demo_spec(p: dict) -> str:
     for name, (control, requant, seed) in conds.items():
         lines += [f"[models.{name}]", 'from = "persona"', 'adapter = "factual"', f'requant = "{requant}"',
                   f'control = "{control}"', f"seed = {seed}"]
+    # The shuffled-answer control: the factual adapter's recipe on Set-G train with permuted answers.
+    lines += ["[models.S1_fresh]", 'from = "persona"', 'adapter = "shuffled"', 'requant = "fresh"']
     lines += [
         "",
         "[adapters.knowledge]",
         'model = "toy"', 'data = "world/knowledge"', "rank = 8", "scale = 20.0", "lr = 5e-5",
         f"iters = {p['knowledge_iters']}", "batch_size = 4", "mask_prompt = true",
         "[adapters.identity]",
-        'model = "base"', 'data = "world/persona"', "rank = 8", "scale = 20.0", "lr = 1e-4",
+        # Strong enough that norm-matched random deltas on the stage-2 modules leave the persona intact.
+        'model = "base"', 'data = "world/persona"', "rank = 8", "scale = 20.0", "lr = 3e-4",
         f"iters = {p['identity_iters']}", "batch_size = 4", "mask_prompt = true",
         'modules = ["q_proj", "k_proj", "v_proj", "o_proj"]',
-        "[adapters.factual]",
-        # Small rank as in the published study; a learning rate at which the toy learns something (the study: 5e-6).
-        'model = "persona"', 'data = "setg:train"', "rank = 4", "scale = 20.0", "lr = 5e-4",
-        f"iters = {p['factual_iters']}", "batch_size = 8", "mask_prompt = true",
-        'modules = ["gate_proj", "up_proj", "down_proj"]', "layers = [1, 2, 3]",
+        *stage2_adapter("factual", "setg:train", p),
+        *stage2_adapter("shuffled", "setg:train-shuffled", p),
         "",
         # Contextual calibration: the toy's fine-tunes carry a strong letter prior (see reqnoise.calibration).
         "[evals.all]", 'items = "world/items.jsonl"', 'models = ["base", "persona"]', "calibrate = true",
@@ -82,12 +86,12 @@ def demo_spec(p: dict) -> str:
         "[noise]", "outputs = true",
         "",
         "[analysis]", 'eval = "setg_test"', 'baseline = "persona"', 'trained = "A1_fresh"',
-        'zero_control = "A0_fresh"', f"random_controls = {json.dumps(rand)}",
+        'zero_control = "A0_fresh"', f"random_controls = {json.dumps(rand)}", 'trained_controls = ["S1_fresh"]',
         'pairs = [["A1_keep", "A0_keep"]]',
         "",
         "[criteria]", 'file = "criteria.toml"', 'eval = "setg_test"',
     ]
-    conditions = ["persona"] + list(conds)
+    conditions = ["persona"] + list(conds) + ["S1_fresh"]
     return f"conditions = {json.dumps(conditions)}\n" + "\n".join(lines) + "\n"
 
 
@@ -100,6 +104,15 @@ def prepare_demo(out, p: dict) -> Path:
     atomic.write_text(out / "criteria.toml", CRITERIA, overwrite=True)
     atomic.write_text(out / "spec.toml", demo_spec(p), overwrite=True)
     return out / "spec.toml"
+
+
+def stage2_adapter(name: str, data: str, p: dict) -> list:
+    """Spec lines of a stage-2 adapter: the factual adapter and its shuffled-answer control share the recipe
+    (only the data differ). Small rank as in the published study; a learning rate at which the toy moves at
+    all (the study: 5e-6, at which nothing in the toy survives the fuse)."""
+    return [f"[adapters.{name}]", 'model = "persona"', f'data = "{data}"', "rank = 4", f"scale = {p['factual_scale']}",
+            f"lr = {p['factual_lr']}", f"iters = {p['factual_iters']}", "batch_size = 8", "mask_prompt = true",
+            'modules = ["gate_proj", "up_proj", "down_proj"]', "layers = [1, 2, 3]"]
 
 
 def run_demo(out="reqnoise-demo", *, quick: bool = False, progress: bool = True, log=print) -> dict:
@@ -185,20 +198,23 @@ def demo_checks(out: Path, results: dict) -> list:
     fresh_gain = c["A0_fresh"]["setg_test"]["accuracy"] - c["persona"]["setg_test"]["accuracy"]
     add(f"fresh requantization alone (A0) 'gains' {100 * fresh_gain:+.1f} pp on Set-G test over the persona "
         "model (the artifact)", fresh_gain > 0)
-    def content(ev):
-        dec = results["decomposition"].get(ev)
-        return None if not dec else dec["components"][1]  # trained - zero_control
 
-    held = content("setg_test")
-    if held:
-        add(f"held-out Set-G test: the content effect of training is {100 * held['contribution']:+.1f} pp "
-            f"(McNemar p = {held['mcnemar_p']:.2g}): the gain is the zero-delta control's", held["mcnemar_p"] >= 0.05)
-    pos = content("paraphrased")
-    if pos:
-        add(f"positive control (reworded trained facts): content effect {100 * pos['contribution']:+.1f} pp, "
-            f"McNemar p = {pos['mcnemar_p']:.2g}: real and detected"
+    def vs(ev, control):
+        return results["comparisons"].get(ev, {}).get("A1_fresh", {}).get(f"vs_{control}")
+
+    def effect(c):
+        return f"{100 * c['difference']:+.1f} pp (McNemar p = {c['mcnemar_p']:.2g})"
+
+    held, held_s = vs("setg_test", "zero_control"), vs("setg_test", "S1_fresh")
+    if held and held_s:
+        add(f"held-out Set-G test: A1 - A0 = {effect(held)}, but A1 - shuffled-answer control = {effect(held_s)}: "
+            "the held-out gain is not knowledge", held_s["mcnemar_p"] >= 0.05)
+    pos, pos_s = vs("paraphrased", "zero_control"), vs("paraphrased", "S1_fresh")
+    if pos and pos_s:
+        add(f"positive control (reworded trained facts): A1 - A0 = {effect(pos)}, A1 - shuffled-answer control = "
+            f"{effect(pos_s)}: content is real only if A1 beats both nulls"
             + (" (not valid: a letter prior, see above)" if prior else ""),
-            pos["mcnemar_p"] < 0.05 and pos["contribution"] > 0 and not prior)
+            all(c["mcnemar_p"] < 0.05 and c["difference"] > 0 for c in (pos, pos_s)) and not prior)
     ident = results.get("identity", {})
     if ident.get("persona") and ident.get("base"):
         add(f"identity: persona {ident['persona']['score']}/{ident['persona']['n']}, base "

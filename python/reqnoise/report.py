@@ -46,6 +46,10 @@ def collect(runner, record_paths, identity, noise, lock) -> dict:
                     row["vs_baseline"] = _comparison_dict(compare(base, r))
                 if ref is not None and m != a["zero_control"]:
                     row["vs_zero_control"] = _comparison_dict(compare(ref, r))
+                if m == a["trained"]:  # content beyond adapters trained on content-free data
+                    for c in a.get("trained_controls", []):
+                        if c in by_model:
+                            row[f"vs_{c}"] = _comparison_dict(compare(by_model[c], r))
                 rows[m] = row
             results["comparisons"][ev] = rows
             from reqnoise.stats import render_decomposition
@@ -156,6 +160,20 @@ def render_markdown(results, spec) -> str:
     lines.append("")
     for ev, dec in results["decomposition"].items():
         lines += [f"## Decomposition on `{ev}`", "", dec["table"], ""]
+    controls = [k for by in results["comparisons"].values() for r in by.values() for k in r
+                if k.startswith("vs_") and k not in ("vs_baseline", "vs_zero_control")]
+    if controls:
+        lines += ["## The trained adapter against its trained controls", "",
+                  "Adapters trained through the same pipeline on content-free data (shuffled answers): what the "
+                  "trained adapter gains beyond them is content.", "",
+                  "| eval | trained | control | difference | fixed / broken | McNemar p |", "|---|---|---|---|---|---|"]
+        for ev, by in results["comparisons"].items():
+            for m, r in by.items():
+                for k in sorted(x for x in r if x in controls):
+                    c = r[k]
+                    lines.append(f"| {ev} | {m} | {k[3:]} | {100 * c['difference']:+.1f} pp | "
+                                 f"{c['fixed']} / {c['broken']} | {c['mcnemar_p']:.2g} |")
+        lines.append("")
     if results["comparisons"]:
         lines += ["## Flips against the zero-delta control", "", "![flips](flips.png)", ""]
     if results["noise"]:

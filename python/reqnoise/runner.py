@@ -114,8 +114,14 @@ class Runner:
         deps = [f"model-{self.spec.adapters[name]['model']}"]
         inputs = []
         if str(data).startswith("setg:"):
+            from reqnoise.setg import CHAT_DIR, SHUFFLED_CHAT_DIR
+
             self.setg()
-            data_path = self.cache.dir("setg") / "chat"
+            which = {"setg:train": CHAT_DIR, "setg:train-shuffled": SHUFFLED_CHAT_DIR}.get(str(data))
+            if which is None:
+                raise ReqnoiseError(f"adapters.{name}: data {data!r}: Set G offers 'setg:train' and "
+                                    "'setg:train-shuffled' (the shuffled-answer control)")
+            data_path = self.cache.dir("setg") / which
             deps.append("setg")
         else:
             data_path = self._external(data)

@@ -25,6 +25,7 @@ from reqnoise.items import Item, as_items, chat_example, dumps_items
 
 NO_SUBJECT = "(none)"
 CHAT_DIR = "chat"
+SHUFFLED_CHAT_DIR = "chat-shuffled"
 
 
 def _named_records(records) -> dict[str, list[dict]]:
@@ -100,6 +101,33 @@ def _subject_counts(set_g, train, test) -> dict:
     return {s: {"set_g": g[s], "train": tr.get(s, 0), "test": te.get(s, 0)} for s in sorted(g)}
 
 
+def shuffled_answers(items: Sequence[Item], seed: int) -> list[Item]:
+    """The shuffled-answer control's training items: each item takes the answer letter of another item of
+    its subject (a seeded permutation), so the adapter trained on them sees the same questions, format and
+    per-subject answer distribution but no item's true answer. A justification naming the true option is
+    rewritten to name the new one; one that does not name it is dropped (it could carry the answer)."""
+    import dataclasses
+    import random
+
+    rng = random.Random(seed)
+    by_subject: dict = {}
+    for i, it in enumerate(items):
+        by_subject.setdefault(it.subject, []).append(i)
+    out = list(items)
+    for subject in sorted(by_subject, key=str):
+        idx = by_subject[subject]
+        letters = [items[i].answer for i in idx]
+        rng.shuffle(letters)
+        for i, letter in zip(idx, letters):
+            it = items[i]
+            true_text, new_text = it.options[it.letters.index(it.answer)], it.options[it.letters.index(letter)]
+            just = it.justification
+            if just is not None:
+                just = just.replace(true_text, new_text) if true_text in just else None
+            out[i] = dataclasses.replace(it, answer=letter, justification=just)
+    return out
+
+
 def build_setg(items, records, out, *, train_frac: float = 0.7, seed: int = 0, system: str | None = None,
                overwrite: bool = False) -> dict:
     """Write Set G to the directory ``out`` (all or nothing):
@@ -107,6 +135,8 @@ def build_setg(items, records, out, *, train_frac: float = 0.7, seed: int = 0, s
     * ``train.jsonl``, ``test.jsonl``: the split, in reqnoise's item layout;
     * ``chat/train.jsonl``: the train split as chat training data (``reqnoise.train`` reads the directory):
       the evaluation prompt -> ``\\boxed{answer}`` plus the item's justification line when it has one;
+    * ``chat-shuffled/train.jsonl``: the same with shuffled answers (``shuffled_answers``), the training data
+      of the shuffled-answer control;
     * ``summary.json``: inputs, seed, fraction and per-subject counts.
 
     ``items``: an item file path or items; ``records``: records file paths, or a mapping name -> records.
@@ -132,7 +162,8 @@ def build_setg(items, records, out, *, train_frac: float = 0.7, seed: int = 0, s
         "train": len(train),
         "test": len(test),
         "subjects": _subject_counts(set_g, train, test),
-        "files": {"train": "train.jsonl", "test": "test.jsonl", "chat": f"{CHAT_DIR}/train.jsonl"},
+        "files": {"train": "train.jsonl", "test": "test.jsonl", "chat": f"{CHAT_DIR}/train.jsonl",
+                  "chat_shuffled": f"{SHUFFLED_CHAT_DIR}/train.jsonl"},
     }
     with atomic_dir(out, overwrite=overwrite) as tmp:
         (tmp / "train.jsonl").write_text(dumps_items(train), encoding="utf-8")
@@ -140,6 +171,10 @@ def build_setg(items, records, out, *, train_frac: float = 0.7, seed: int = 0, s
         (tmp / CHAT_DIR).mkdir()
         (tmp / CHAT_DIR / "train.jsonl").write_text(
             "".join(json.dumps(chat_example(it, system), ensure_ascii=False) + "\n" for it in train), encoding="utf-8")
+        (tmp / SHUFFLED_CHAT_DIR).mkdir()
+        (tmp / SHUFFLED_CHAT_DIR / "train.jsonl").write_text(
+            "".join(json.dumps(chat_example(it, system), ensure_ascii=False) + "\n"
+                    for it in shuffled_answers(train, seed)), encoding="utf-8")
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return summary
 

@@ -19,7 +19,8 @@ the pre-registered criteria. Parsed and checked here, before anything runs.
 
     [adapters.identity]               # a training stage (reqnoise.train.train_adapter's options)
     model = "base"
-    data = "world/persona"            # a directory with train.jsonl, or "setg:train"
+    data = "world/persona"            # a directory with train.jsonl, "setg:train", or "setg:train-shuffled"
+                                      #   (Set-G train with answers permuted within subject: a control)
     rank = 8
     iters = 200
 
@@ -48,6 +49,7 @@ the pre-registered criteria. Parsed and checked here, before anything runs.
     trained = "A1"
     zero_control = "A0"
     random_controls = ["R1", "R2"]
+    trained_controls = ["S1"]         # optional: adapters trained on content-free data (e.g. "setg:train-shuffled")
     pairs = [["A1_keep", "A0_keep"]]  # optional: more (trained, zero control) pairs to decompose
 
     [criteria]
@@ -157,9 +159,10 @@ class Spec:
             for key in ("baseline", "trained", "zero_control"):
                 if self.analysis.get(key) not in self.conditions:
                     self._err(f"analysis.{key} must name a condition, got {self.analysis.get(key)!r}")
-            for r in self.analysis.get("random_controls", []):
-                if r not in self.conditions:
-                    self._err(f"analysis.random_controls names {r!r}, which is not a condition")
+            for key in ("random_controls", "trained_controls"):
+                for r in self.analysis.get(key, []):
+                    if r not in self.conditions:
+                        self._err(f"analysis.{key} names {r!r}, which is not a condition")
             for pair in self.analysis.get("pairs", []):
                 if len(pair) != 2 or any(x not in self.conditions for x in pair):
                     self._err(f"analysis.pairs entries are [trained, zero_control] condition pairs, got {pair!r}")
