@@ -13,7 +13,8 @@ from pathlib import Path
 from reqnoise.errors import ReqnoiseError
 
 
-def _check_target(target: Path, overwrite: bool) -> None:
+def check_target(target: Path, overwrite: bool) -> None:
+    """Refuse an existing ``target`` unless ``overwrite`` (the check every atomic writer makes first)."""
     if target.exists() and not overwrite:
         raise ReqnoiseError(f"{target} already exists (pass --overwrite / overwrite=True to replace it)")
 
@@ -34,12 +35,12 @@ def _replace(tmp: Path, target: Path) -> None:
 def atomic_dir(target, overwrite: bool = False):
     """Yield a fresh temporary directory; on normal exit it becomes ``target``, on error it is removed."""
     target = Path(target).absolute()
-    _check_target(target, overwrite)
+    check_target(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
-        _check_target(target, overwrite)
+        check_target(target, overwrite)
         _replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -50,7 +51,7 @@ def atomic_dir(target, overwrite: bool = False):
 def atomic_file(target, overwrite: bool = False, mode: str = "w", **open_kwargs):
     """Yield an open file handle; on normal exit the file is renamed to ``target``, on error removed."""
     target = Path(target).absolute()
-    _check_target(target, overwrite)
+    check_target(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     os.close(fd)
@@ -60,7 +61,7 @@ def atomic_file(target, overwrite: bool = False, mode: str = "w", **open_kwargs)
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
-        _check_target(target, overwrite)
+        check_target(target, overwrite)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)

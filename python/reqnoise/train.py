@@ -32,7 +32,7 @@ import numpy as np
 
 from reqnoise import __version__
 from reqnoise.adapters import ADAPTER_FILE, CONFIG_FILE
-from reqnoise.atomic import _check_target, atomic_dir
+from reqnoise.atomic import check_target, atomic_dir
 from reqnoise.chat import render_chat
 from reqnoise.errors import ReqnoiseError
 from reqnoise.model_io import layer_index
@@ -493,7 +493,7 @@ def train_adapter(model, data, adapter_path, *, fine_tune_type="lora", rank=8, s
     if _world_rank() != 0:
         # Data-parallel under mlx.launch: every rank trains, rank 0 alone writes adapter_path. Same checks on
         # every rank, so a refusal stops all of them before the first collective.
-        _check_target(Path(adapter_path), overwrite)
+        check_target(Path(adapter_path), overwrite)
         private = tempfile.TemporaryDirectory(prefix="reqnoise-rank-")
         adapter_path, overwrite = Path(private.name) / "adapter", False
     with atomic_dir(adapter_path, overwrite=overwrite) as tmp:

@@ -93,6 +93,10 @@ def run_train(args) -> int:
                             keys=_names(args.keys), mask_prompt=args.mask_prompt, seed=args.seed,
                             max_seq_length=args.max_seq_length, overwrite=args.overwrite,
                             progress=not args.quiet)
+    from reqnoise.distributed import rank_and_size
+
+    if rank_and_size()[0] != 0:  # under mlx.launch (data-parallel) rank 0 wrote the adapter and reports
+        return 0
     first = summary["train_losses"][0][1]
     print(f"trained {summary['trainable_parameters']:,} parameters ({summary['fine_tune_type']}) in "
           f"{len(summary['modules'])} module(s): {_compact(summary['modules'])}")
