@@ -130,7 +130,10 @@ def test_bad_options(toy_model_dir, adapter, tmp_path, capsys):
 
 
 _SLOW_WRITER = r"""
-import sys, time, pathlib
+import signal, sys, time, pathlib
+# Ctrl-C as at a terminal: a runner that starts the suite in the background (nohup cmd &) hands its children
+# SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import reqnoise.fuse as f
 orig = f.save_shard
 def slow(tensors, path):
