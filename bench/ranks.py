@@ -2,8 +2,8 @@
 
 ``via_launch`` uses ``mlx.launch --backend ring``. ``direct`` starts the ranks the way mlx.launch starts them on
 one host (a ring hostfile, ``MLX_RANK``, ``MLX_HOSTFILE``) but without its I/O relay: per rank, that relay polls
-the rank's stdin pipe in a loop that never blocks (``select`` on an always-writable pipe) and takes most of a
-core, which a 2-core machine cannot spare. Both return the ranks' combined stdout + stderr.
+the rank's stdin pipe in a loop that never blocks (its ``select`` includes that always-writable pipe) and takes
+most of a core, which a 2-core machine cannot spare. Both return the ranks' combined stdout + stderr.
 """
 
 import json
