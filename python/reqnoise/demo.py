@@ -118,9 +118,8 @@ def stage2_adapter(name: str, data: str, p: dict) -> list:
 def run_demo(out="reqnoise-demo", *, quick: bool = False, progress: bool = True, log=print) -> dict:
     """Build the world and the spec under ``out`` and run it; print what the run shows. Re-running resumes
     from the step cache. Returns the results dict."""
-    from reqnoise.runner import run_spec
-
     from reqnoise.distributed import on_root
+    from reqnoise.runner import run_spec
 
     t0 = time.perf_counter()
     out = Path(out).absolute()

@@ -60,15 +60,18 @@ def gather_objects(obj) -> list:
     return [json.loads(allg[r, : sizes[r]].tobytes().decode()) for r in range(g.size())]
 
 
+def raise_failures(errors, what: str = "") -> None:
+    """``errors[r]`` is rank r's error text or None; raise one ReqnoiseError naming every failed rank."""
+    failed = [(r, e) for r, e in enumerate(errors) if e]
+    if failed:
+        where = f" in {what}" if what else ""
+        raise ReqnoiseError("; ".join(f"rank {r} of {len(errors)} failed{where}: {e}" for r, e in failed))
+
+
 def check_statuses(error, what: str = "") -> None:
     """Collective: every rank passes its error (None or text); if any rank failed, every rank raises with the
     failing ranks and reasons, so no rank goes on to a collective that the failed one will never join."""
-    g = group()
-    everyone = gather_objects(error) if g.size() > 1 else [error]
-    failed = [(r, e) for r, e in enumerate(everyone) if e]
-    if failed:
-        where = f" in {what}" if what else ""
-        raise ReqnoiseError("; ".join(f"rank {r} of {g.size()} failed{where}: {e}" for r, e in failed))
+    raise_failures(gather_objects(error), what)
 
 
 def on_root(fn):
@@ -84,8 +87,7 @@ def on_root(fn):
         except Exception as err:  # noqa: BLE001  (must reach the other ranks)
             status = {"error": f"{type(err).__name__}: {err}"}
     status = gather_objects(status)[0]
-    if "error" in status:
-        raise ReqnoiseError(f"rank 0 of {size} failed: {status['error']}")
+    raise_failures([status.get("error")] + [None] * (size - 1))
     return status["value"]
 
 
@@ -109,9 +111,7 @@ def evaluate_distributed(model, items, *, adapter_path=None, log=print, **kw):
     except Exception as err:  # noqa: BLE001  (every failure must reach the other ranks)
         status = {"error": f"{type(err).__name__}: {err}"}
     everyone = gather_objects(status)
-    for r, st in enumerate(everyone):
-        if "error" in st:
-            raise ReqnoiseError(f"rank {r} of {size} failed: {st['error']}")
+    raise_failures([st.get("error") for st in everyone])
     out = [None] * len(items)
     for r, st in enumerate(everyone):
         for i, rec in zip(shards[r], st["records"]):

@@ -55,11 +55,17 @@ def execute(steps: dict, cache, *, log=print) -> tuple[dict, list]:
 
     Returns (records: name -> the step's cache record, timeline: one dict per step with ``step, kind,
     cached, seconds, rank``). Collective over every launched rank."""
-    from reqnoise.distributed import balanced_shards, check_statuses, gather_objects, on_root, rank_and_size
+    from reqnoise.distributed import (balanced_shards, check_statuses, gather_objects, on_root, raise_failures,
+                                      rank_and_size)
+    from reqnoise.errors import ReqnoiseError
 
     rank, size = rank_and_size()
+
+    def entry(n, seconds=0.0, r=None, cached=False):
+        return dict(step=n, kind=steps[n].kind, cached=cached, seconds=seconds, rank=r)
+
     cached = set(on_root(lambda: [n for n, s in steps.items() if cache.lookup(n, s.key) is not None]))
-    timeline = {n: dict(step=n, kind=steps[n].kind, cached=True, seconds=0.0, rank=None) for n in cached}
+    timeline = {n: entry(n, cached=True) for n in cached}
     for n in sorted(cached, key=list(steps).index):
         log(f"[cached] {n}")
     for i, wave in enumerate(waves(steps, set(steps) - cached)):
@@ -67,53 +73,45 @@ def execute(steps: dict, cache, *, log=print) -> tuple[dict, list]:
         collective = [n for n in wave if steps[n].collective]
         independent = [n for n in wave if not steps[n].collective]
         shares = balanced_shards([COST.get(steps[n].kind, 1.0) for n in independent], size)
-        done = []
         for n in collective:
             t0 = time.perf_counter()
-            error = _run_step(steps[n], cache, write=rank == 0)
-            check_statuses(error, f"step {n}")
-            done.append((n, round(time.perf_counter() - t0, 2)))
-            log(f"[{done[-1][1]:6.1f}s] {n}" + (f" (all {size} ranks)" if size > 1 else ""))
-        error = None
-        mine = []
+            check_statuses(_run_step(steps[n], cache, write=rank == 0, size=size), f"step {n}")
+            timeline[n] = entry(n, round(time.perf_counter() - t0, 2), None if size > 1 else 0)
+            log(f"[{timeline[n]['seconds']:6.1f}s] {n}" + (f" (all {size} ranks)" if size > 1 else ""))
+        error, mine = None, []
         for j in shares[rank]:
             n = independent[j]
             t0 = time.perf_counter()
-            error = _run_step(steps[n], cache, write=True)
+            error = _run_step(steps[n], cache, write=True, size=size)
             if error:
                 error = f"step {n}: {error}"
                 break
             mine.append((n, round(time.perf_counter() - t0, 2)))
             if size == 1:
                 log(f"[{mine[-1][1]:6.1f}s] {n}")
-        check_statuses(error, f"wave {i + 1}")
-        everyone = gather_objects(mine)
-        for r, items in enumerate(everyone):
-            for n, sec in items:
-                timeline[n] = dict(step=n, kind=steps[n].kind, cached=False, seconds=sec, rank=r)
-        for n, sec in done:
-            timeline[n] = dict(step=n, kind=steps[n].kind, cached=False, seconds=sec, rank=None if size > 1 else 0)
+        everyone = gather_objects({"error": error, "done": mine})  # one collective per wave
+        raise_failures([st["error"] for st in everyone], f"wave {i + 1}")
+        for r, st in enumerate(everyone):
+            for n, sec in st["done"]:
+                timeline[n] = entry(n, sec, r)
         if size > 1 and independent:
             wall = time.perf_counter() - t_wave
-            per = "; ".join(f"rank {r}: {len(items)} step(s) in {sum(s for _, s in items):.1f}s"
-                            + (f" ({', '.join(n for n, _ in items)})" if items else "")
-                            for r, items in enumerate(everyone))
+            per = "; ".join(f"rank {r}: {len(st['done'])} step(s) in {sum(s for _, s in st['done']):.1f}s"
+                            + (f" ({', '.join(n for n, _ in st['done'])})" if st["done"] else "")
+                            for r, st in enumerate(everyone))
             log(f"[wave {i + 1}] {len(independent)} step(s) over {size} ranks in {wall:.1f}s: {per}")
-    records = {}
-    for n, s in steps.items():
-        rec = cache.lookup(n, s.key)
+    records = {n: cache.lookup(n, s.key) for n, s in steps.items()}
+    for n, rec in records.items():
         if rec is None:  # written by another rank on a file system this rank does not share
-            raise_missing(cache, n)
-        records[n] = rec
+            raise ReqnoiseError(f"step {n} was computed by another rank but {cache.dir(n)} is not here: "
+                                "under mlx.launch --hosts, --out must be a directory every host shares")
     return records, [timeline[n] for n in steps]
 
 
-def _run_step(step: PlannedStep, cache, *, write: bool):
+def _run_step(step: PlannedStep, cache, *, write: bool, size: int):
     """Compute one step; returns None or the error text. Ranks that take part without writing (collective
     steps on ranks > 0) compute into a private temporary directory that is then discarded."""
-    from reqnoise.distributed import rank_and_size
-
-    if rank_and_size()[1] == 1:  # one process: the step's own exception, unwrapped
+    if size == 1:  # one process: the step's own exception, unwrapped
         cache.run(step.name, step.key, step.fn)
         return None
     try:
@@ -125,10 +123,3 @@ def _run_step(step: PlannedStep, cache, *, write: bool):
     except Exception as err:  # noqa: BLE001  (every failure must reach the other ranks)
         return f"{type(err).__name__}: {err}"
     return None
-
-
-def raise_missing(cache, name):
-    from reqnoise.errors import ReqnoiseError
-
-    raise ReqnoiseError(f"step {name} was computed by another rank but {cache.dir(name)} is not here: "
-                        "under mlx.launch --hosts, --out must be a directory every host shares")

@@ -168,13 +168,11 @@ def build_setg(items, records, out, *, train_frac: float = 0.7, seed: int = 0, s
     with atomic_dir(out, overwrite=overwrite) as tmp:
         (tmp / "train.jsonl").write_text(dumps_items(train), encoding="utf-8")
         (tmp / "test.jsonl").write_text(dumps_items(test), encoding="utf-8")
-        (tmp / CHAT_DIR).mkdir()
-        (tmp / CHAT_DIR / "train.jsonl").write_text(
-            "".join(json.dumps(chat_example(it, system), ensure_ascii=False) + "\n" for it in train), encoding="utf-8")
-        (tmp / SHUFFLED_CHAT_DIR).mkdir()
-        (tmp / SHUFFLED_CHAT_DIR / "train.jsonl").write_text(
-            "".join(json.dumps(chat_example(it, system), ensure_ascii=False) + "\n"
-                    for it in shuffled_answers(train, seed)), encoding="utf-8")
+        for chat_dir, examples in ((CHAT_DIR, train), (SHUFFLED_CHAT_DIR, shuffled_answers(train, seed))):
+            (tmp / chat_dir).mkdir()
+            (tmp / chat_dir / "train.jsonl").write_text(
+                "".join(json.dumps(chat_example(it, system), ensure_ascii=False) + "\n" for it in examples),
+                encoding="utf-8")
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return summary
 

@@ -32,8 +32,9 @@ import numpy as np
 
 from reqnoise import __version__
 from reqnoise.adapters import ADAPTER_FILE, CONFIG_FILE
-from reqnoise.atomic import check_target, atomic_dir
+from reqnoise.atomic import atomic_dir, check_target
 from reqnoise.chat import render_chat
+from reqnoise.distributed import rank_and_size
 from reqnoise.errors import ReqnoiseError
 from reqnoise.model_io import layer_index
 
@@ -362,23 +363,11 @@ def global_mean_loss(model, batch, lengths):
     if lengths.shape[1] < 3:
         return default_loss(model, batch, lengths)
     ce, ntoks = default_loss(model, batch, lengths[:, :2])
-    size = mx.distributed.init().size()
+    size = rank_and_size()[1]
     return ce * ntoks.astype(mx.float32) * size / lengths[0, 2].astype(mx.float32), ntoks
 
 
 # --------------------------------------------------------------------------------------------- training
-
-def _world_size() -> int:
-    import mlx.core as mx
-
-    return mx.distributed.init().size()
-
-
-def _world_rank() -> int:
-    import mlx.core as mx
-
-    return mx.distributed.init().rank()
-
 
 class _LossLog:
     """mlx-lm TrainingCallback that keeps the reported losses."""
@@ -490,7 +479,8 @@ def train_adapter(model, data, adapter_path, *, fine_tune_type="lora", rank=8, s
     if not (model_path / "config.json").is_file():
         raise ReqnoiseError(f"model directory {model_path} has no config.json")
     splits = load_chat_data(data)
-    if _world_rank() != 0:
+    world_rank, ranks = rank_and_size()
+    if world_rank != 0:
         # Data-parallel under mlx.launch: every rank trains, rank 0 alone writes adapter_path. Same checks on
         # every rank, so a refusal stops all of them before the first collective.
         check_target(Path(adapter_path), overwrite)
@@ -522,7 +512,6 @@ def train_adapter(model, data, adapter_path, *, fine_tune_type="lora", rank=8, s
         quiet = contextlib.nullcontext() if progress else contextlib.redirect_stdout(io.StringIO())
         t_train = time.perf_counter()
         # Under mlx.launch mlx-lm trains data-parallel over the global group; see seeded_batches.
-        ranks = _world_size()
         loss = {"loss": global_mean_loss} if ranks > 1 else {}
         with quiet:
             mlx_train(net, optim.Adam(learning_rate=lr), train_set, valid_set, args=args,
