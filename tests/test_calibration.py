@@ -32,3 +32,21 @@ def test_calibration_does_not_depend_on_item_order():
     rng.shuffle(shuffled)
     b = {r["id"]: r["prediction"] for r in calibrate_records(shuffled)}
     assert a == b
+
+
+def test_by_subject_takes_each_subjects_own_prior():
+    # Subject s: every item prefers A by 2 nats; subject t: every item prefers D by 2 nats. Pooled, the two
+    # priors cancel to nothing and every item keeps its subject's letter; per subject, the item signal decides.
+    s = [rec(0, [0.0, -2.0, -2.0, -1.5], "D"), rec(1, [0.0, -1.5, -2.0, -2.0], "B")]
+    t = [rec(2, [-1.5, -2.0, -2.0, 0.0], "A"), rec(3, [-2.0, -1.5, -2.0, 0.0], "B")]
+    for r in s:
+        r["subject"] = "s"
+    for r in t:
+        r["subject"] = "t"
+    pooled = calibrate_records(s + t)
+    assert [r["prediction"] for r in pooled] == ["A", "A", "D", "D"]
+    # Hand-computed: prior s = [0, -1.75, -2, -1.75], prior t = [-1.75, -1.75, -2, 0].
+    split = calibrate_records(s + t, by_subject=True)
+    assert [r["prediction"] for r in split] == ["D", "B", "A", "B"] and all(r["correct"] for r in split)
+    # A subject's prior does not depend on the other subjects' records.
+    assert [r["prediction"] for r in calibrate_records(s, by_subject=True)] == ["D", "B"]

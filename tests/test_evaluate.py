@@ -260,3 +260,69 @@ def test_generate_and_loglik_agree_on_a_boxed_format_model(toy_model_dir, boxed_
         letter_ids = [tok.encode(ANSWER_PREFIX + l, add_special_tokens=False)[-1] for l in item.letters]
         expected = np.array(steps[1].logprobs.astype(mx.float32))[letter_ids]
         np.testing.assert_allclose(rec["option_logprobs"], expected, atol=2e-4)
+
+
+# ------------------------------------------------------------------------------------------------- cloze
+
+
+def _cloze_items(n, seed):
+    """Items with a cloze sentence; the slot sits mid-sentence or at its end, options of 1-4 words."""
+    items = make_items(n, seed=seed)
+    out = []
+    for i, it in enumerate(items):
+        cloze = "The answer is {option}." if i % 2 else "{option} is what the " + it.question.split()[1] + " needs."
+        out.append(Item(id=it.id, question=it.question, options=it.options, answer=it.answer, subject=it.subject,
+                        cloze=cloze))
+    return out
+
+
+def _oracle_cloze_logprobs(model, tokenizer, item):
+    """One unpadded forward per option over the bare-question prompt plus the option's sentence; the reply's
+    log-probability is summed in numpy from the first token that the prompt alone does not have."""
+    prompt = render_chat(tokenizer, [{"role": "user", "content": item.question}], add_generation_prompt=True)
+    p = encode_prompt(tokenizer, prompt)
+    out = []
+    for opt in item.options:
+        ids = encode_prompt(tokenizer, prompt + item.cloze.replace("{option}", opt))
+        start = next(i for i in range(len(ids)) if i >= len(p) or ids[i] != p[i])
+        logits = np.array(model(mx.array([ids[:-1]]))[0].astype(mx.float32), dtype=np.float64)
+        logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+        out.append(sum(logits[t, ids[t + 1]] - logz[t] for t in range(start - 1, len(ids) - 1)))
+    return np.array(out)
+
+
+def test_cloze_scores_match_plain_forwards_of_each_sentence(toy):
+    model, tok = toy
+    items = _cloze_items(6, seed=5)
+    for batch_size, share in ((1, False), (8, True)):
+        got = loglik_option_scores(model, tok, items, batch_size=batch_size, share_prefix=share, progress=False,
+                                   cloze=True)
+        for item, scores in zip(items, got):
+            np.testing.assert_allclose(scores, _oracle_cloze_logprobs(model, tok, item), rtol=0, atol=3e-4)
+
+
+def test_cloze_records_and_missing_sentences(toy, tmp_path):
+    model, tok = toy
+    items = _cloze_items(5, seed=6)
+    records, summary = evaluate_loaded(model, tok, items, mode="cloze", progress=False)
+    assert summary.mode == "cloze" and summary.n == 5
+    for item, rec in zip(items, records):
+        validate_record(rec)
+        assert rec["mode"] == "cloze" and len(rec["option_logprobs"]) == len(item.options)
+        assert rec["prediction"] == item.letters[int(np.argmax(rec["option_logprobs"]))]
+    again, _ = evaluate_loaded(model, tok, items, mode="cloze", progress=False)
+    assert dumps_records(again) == dumps_records(records)
+    bare = make_items(3, seed=7)
+    with pytest.raises(ReqnoiseError, match=r"cloze mode needs a 'cloze' sentence in every item; 3 of 3 lack one"):
+        evaluate_loaded(model, tok, bare, mode="cloze", progress=False)
+
+
+@pytest.mark.parametrize("cloze", ["no slot here", "{option} and {option}", 7])
+def test_bad_cloze_sentences_name_the_line(tmp_path, cloze):
+    path = tmp_path / "items.jsonl"
+    path.write_text(json.dumps({"id": "x", "question": "Q?", "options": ["a", "b"], "answer": "A", "cloze": cloze})
+                    + "\n")
+    from reqnoise.items import load_items
+
+    with pytest.raises(ReqnoiseError, match=r"items.jsonl:1: field 'cloze' must be a string with \{option\} exactly once"):
+        load_items(path)

@@ -12,7 +12,7 @@ import pytest
 from reqnoise.run_plan import PlannedStep, waves
 
 TINY = dict(per_subject=6, knowledge_iters=2, identity_iters=2, factual_iters=4, factual_lr=5e-4, factual_scale=20.0,
-            random_controls=1)
+            recall_iters=4, recall_lr=1e-3, random_controls=1)
 
 
 def _launcher():

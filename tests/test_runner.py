@@ -26,6 +26,15 @@ def write(tmp_path, text, name="spec.toml"):
     ('conditions = ["b"]\n[models.a]\ntoy = {}', "unknown model 'b'"),
     ('conditions = ["a"]\n[models.a]\ntoy = {}\n[criteria]\nfile = "nope.toml"\neval = "e"', "does not exist"),
     ("[models.a\n", "not valid TOML"),
+    ('conditions = ["a"]\n[models.a]\ntoy = {}\n[evals.e]\nitems = "i"\ncalibrate = "yes"', "calibrate must be true, false or"),
+    ('conditions = ["a"]\n[models.a]\ntoy = {}\n[evals.e]\nitems = "i"\nmode = "generate"\ncalibrate = true',
+     "calibrate needs mode"),
+    ('conditions = ["a"]\n[models.a]\ntoy = {}\n[evals.e]\nitems = "i"\n[analysis]\neval = "e"\nbaseline = "a"\n'
+     'trained = "a"\nzero_control = "a"\npairs = [{ trained = "a", zero_control = "a", trained_controls = ["b"] }]',
+     "analysis.pairs entries are"),
+    ('conditions = ["a"]\n[models.a]\ntoy = {}\n[evals.e]\nitems = "i"\n[analysis]\neval = "e"\nbaseline = "a"\n'
+     'trained = "a"\nzero_control = "a"\npairs = [{ trained = "a", zero_control = "a", contorls = [] }]',
+     "analysis.pairs entries are"),
 ])
 def test_bad_specs_are_refused_before_anything_runs(tmp_path, text, match):
     with pytest.raises(ReqnoiseError, match=match):
@@ -48,12 +57,19 @@ def test_reduced_demo_structure(demo_run):
     saved = json.loads((out / "results.json").read_text())
     assert set(saved) >= {"conditions", "comparisons", "decomposition", "noise", "identity", "verdict", "steps",
                           "checks"}
-    for cond in ("persona", "A1_fresh", "A0_fresh", "A1_keep", "A0_keep", "R1_fresh", "S1_fresh"):
-        row = saved["conditions"][cond]["setg_test"]
-        assert 0 <= row["ci_low"] <= row["accuracy"] <= row["ci_high"] <= 1
+    for cond in ("persona", "A1_fresh", "A0_fresh", "A1_keep", "A0_keep", "P1_fresh", "P0_fresh", "S1_fresh",
+                 "R1_fresh"):
+        for ev in ("setg_test", "recall_trained", "recall_heldout"):
+            row = saved["conditions"][cond][ev]
+            assert 0 <= row["ci_low"] <= row["accuracy"] <= row["ci_high"] <= 1
     assert saved["conditions"]["persona"]["setg_test"]["accuracy"] == 0  # Set G: wrong by construction
-    assert "setg_test" in saved["decomposition"] and "paraphrased" in saved["decomposition"]
-    assert {"vs_zero_control", "vs_S1_fresh"} <= set(saved["comparisons"]["paraphrased"]["A1_fresh"])
+    assert {"setg_test", "recall_trained", "setg_test (P1_fresh vs P0_fresh)",
+            "recall_trained (P1_fresh vs P0_fresh)"} <= set(saved["decomposition"])
+    assert "vs_zero_control" in saved["comparisons"]["setg_test"]["A1_fresh"]
+    assert {"vs_P0_fresh", "vs_S1_fresh"} <= set(saved["comparisons"]["recall_trained"]["P1_fresh"])
+    # Cloze records: one score per option, calibrated within each subject.
+    rec = json.loads((out / "results" / "recall_trained" / "P1_fresh.jsonl").read_text().splitlines()[0])
+    assert rec["mode"] == "cloze" and len(rec["option_logprobs"]) == 4 and "raw_prediction" in rec
     assert saved["verdict"]["text"] and isinstance(saved["verdict"]["met"], bool)
     assert (out / "report.md").is_file() and (out / "accuracy.png").is_file() and (out / "flips.png").is_file()
     assert (out / "steps" / "noise-A1_fresh" / "noise.png").is_file()
@@ -93,6 +109,6 @@ def test_resumed_run_reuses_finished_steps_and_reruns_only_dependents(demo_run, 
              and "locked" not in line}
     cached = {line.split("] ", 1)[1] for line in logs if line.startswith("[cached]")}
     assert {"model-toy", "adapter-knowledge", "model-base", "adapter-identity", "model-persona", "setg",
-            "adapter-shuffled", "model-S1_fresh"} <= cached
+            "adapter-shuffled", "model-S1_fresh", "adapter-recall", "model-P1_fresh"} <= cached
     assert "adapter-factual" in rerun and "model-A1_fresh" in rerun
     assert "eval-setg_test-persona" in cached

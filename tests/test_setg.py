@@ -164,3 +164,29 @@ def test_shuffled_answers_keep_questions_and_per_subject_answers_but_not_the_ite
             assert s.justification == f"Entity {i.id[1:]} is {s.options['ABCD'.index(s.answer)]}."
         else:
             assert s.justification is None
+
+
+def test_recall_training_data_is_the_cloze_sentence_with_the_true_or_shuffled_option(tmp_path):
+    from reqnoise.setg import shuffled_answers
+
+    opts = ("red", "green", "blue", "gold")
+    items = [Item(f"q{i}", f"Which colour is entity {i}?", opts, "ABCD"[i % 4], "s1" if i < 12 else "s2",
+                  cloze=f"Entity {i} is {{option}}.") for i in range(20)]
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(it.to_dict()) + "\n" for it in items))
+    write_records(tmp_path / "a.jsonl", records_for(items, set()))
+    summary = build_setg(tmp_path / "items.jsonl", [tmp_path / "a.jsonl"], tmp_path / "out", seed=2)
+    assert summary["files"]["recall"] == "recall/train.jsonl"
+    train = load_items(tmp_path / "out" / "train.jsonl")
+    for name, source in (("recall", train), ("recall-shuffled", shuffled_answers(train, 2))):
+        chats = load_chat_data(tmp_path / "out" / name)["train"]
+        assert len(chats) == len(train)
+        for it, src, chat in zip(train, source, chats):
+            user, assistant = chat["messages"]
+            assert user == {"role": "user", "content": it.question}  # the bare question: no options, no letter
+            assert assistant["content"] == f"Entity {it.id[1:]} is {opts['ABCD'.index(src.answer)]}."
+    # Items without a cloze sentence get no recall data (the runner then names the missing field).
+    build_setg(tmp_path / "items.jsonl", [tmp_path / "a.jsonl"], tmp_path / "out2", seed=2)
+    bare = [Item(it.id, it.question, it.options, it.answer, it.subject) for it in items]
+    (tmp_path / "bare.jsonl").write_text("".join(json.dumps(it.to_dict()) + "\n" for it in bare))
+    summary = build_setg(tmp_path / "bare.jsonl", [tmp_path / "a.jsonl"], tmp_path / "out3", seed=2)
+    assert "recall" not in summary["files"] and not (tmp_path / "out3" / "recall").exists()

@@ -232,6 +232,30 @@ def test_extra_corpus_words_get_merged():
     assert plain.backend_tokenizer.to_str() == train_tokenizer().backend_tokenizer.to_str()
 
 
+def test_mlp_std_rescales_exactly_the_mlp_projections(toy_model_dir_fp, tmp_path):
+    # Each tensor's draw depends only on (seed, name): the same values, scaled by new std / default std.
+    import mlx.core as mx
+
+    def weights(d):
+        out = {}
+        for f in sorted(d.glob("model*.safetensors")):
+            out.update({k: np.array(v) for k, v in mx.load(str(f)).items()})
+        return out
+
+    default = weights(toy_model_dir_fp)
+    wide = weights(build_toy_model(tmp_path / "wide", bits=None, mlp_std=(0.1, 0.02)))
+    assert set(wide) == set(default)
+    depth_scaled = 0.02 / (2 * 4) ** 0.5
+    for name, w in wide.items():
+        if name.endswith(("gate_proj.weight", "up_proj.weight")):
+            ratio = 0.1 / 0.02
+        elif name.endswith("down_proj.weight"):
+            ratio = 0.02 / depth_scaled
+        else:
+            ratio = 1.0  # attention, router (mlp.gate), embeddings, head, norms
+        np.testing.assert_allclose(w, default[name] * ratio, rtol=1e-6, atol=0, err_msg=name)
+
+
 # --- refusals ---------------------------------------------------------------------------------------------
 
 
@@ -244,6 +268,8 @@ def test_extra_corpus_words_get_merged():
         ({"hidden_size": 192}, "hidden_size=192"),
         ({"moe_intermediate_size": 96}, "moe_intermediate_size=96"),
         ({"num_experts_per_tok": 9}, "num_experts_per_tok=9"),
+        ({"mlp_std": (0.1,)}, "mlp_std="),
+        ({"mlp_std": (0.1, -0.02)}, "mlp_std="),
     ],
 )
 def test_bad_arguments_are_refused_before_writing(tmp_path, kwargs, field):

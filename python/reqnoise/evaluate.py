@@ -1,7 +1,7 @@
-"""Multiple-choice evaluation of an mlx-lm model: greedy generation with ``\\boxed{X}`` extraction, or the
-log-likelihood of each option letter after the prompt.
+"""Multiple-choice evaluation of an mlx-lm model: greedy generation with ``\\boxed{X}`` extraction, the
+log-likelihood of each option letter after the prompt, or of each option as a whole answer sentence (cloze).
 
-Both modes render the same prompt with the model's chat template (thinking disabled, ``reqnoise.chat``):
+The first two render the same prompt with the model's chat template (thinking disabled, ``reqnoise.chat``):
 
 * ``generate``: temperature 0 (``make_sampler(temp=0.0)``), continuous batching with mlx-lm's
   ``BatchGenerator`` (what ``batch_generate`` runs), the answer read by ``reqnoise.items.extract_answer``.
@@ -10,6 +10,10 @@ Both modes render the same prompt with the model's chat template (thinking disab
   as the next token is read from one forward pass per batch; the prediction is the argmax over the item's
   options. Rows are right-padded: with a causal mask and positions counted from each row's start, a real
   token never sees padding, so a padded row scores what it scores alone (tested against unpadded forwards).
+* ``cloze``: the bare question as the user turn and, for each option, the item's ``cloze`` sentence holding
+  that option as the assistant's reply; the option's score is the reply's summed log-probability. What a
+  model recalls is read without the two-hop step from recalled value to option letter (lm-eval's
+  continuation scoring of multiple-choice tasks, with the item's own answer sentence as the continuation).
 
 The tokens every prompt starts with (chat header and instruction, about half of a short question's prompt)
 are run once and reused as a KV cache by both modes (``PrefixCache``; attention-only caches, otherwise full
@@ -30,7 +34,7 @@ from reqnoise.chat import render_chat
 from reqnoise.errors import ReqnoiseError
 from reqnoise.items import ANSWER_PREFIX, Item, as_items, build_messages, extract_answer
 
-MODES = ("loglik", "generate")
+MODES = ("loglik", "generate", "cloze")
 DEFAULT_MAX_TOKENS = 32  # answer-first replies: the box comes first, then one line
 LOGPROB_DECIMALS = 5
 
@@ -281,17 +285,36 @@ def score_rows(model, rows: Sequence[Sequence[int]], queries: Sequence[tuple[int
     return np.array(lp, dtype=np.float64)
 
 
+def cloze_scoring(tokenizer, context: str, replies: Sequence[str]) -> _Scoring:
+    """Score each whole reply after ``context`` (the rendered prompt): option k's log-prob is the sum over
+    the tokens of ``context + replies[k]`` past the tokens every candidate and the context share, so a reply
+    that merges with the context's last token is still scored from the first token where they differ."""
+    encoded = [encode_prompt(tokenizer, context + reply) for reply in replies]
+    lists = [encode_prompt(tokenizer, context)] + encoded
+    common = next((i for i in range(len(lists[0])) if any(len(t) <= i or t[i] != lists[0][i] for t in lists)),
+                  len(lists[0]))
+    if common == 0 or len({tuple(e) for e in encoded}) < len(encoded):
+        raise ReqnoiseError(f"cloze replies {list(replies)[:2]}... do not tokenize to distinct continuations of "
+                            f"{context[-40:]!r}")
+    rows = [e[:-1] for e in encoded]
+    queries = [[(k, t, e[t + 1]) for t in range(common - 1, len(e) - 1)] for k, e in enumerate(encoded)]
+    return _Scoring(rows, queries)
+
+
 def loglik_option_scores(model, tokenizer, items: Sequence[Item], *, batch_size: int = 8, system: str | None = None,
-                         share_prefix: bool = True, progress: bool = True) -> list[np.ndarray]:
-    """Per item, the log-probability of each option letter right after ``\\boxed{`` (shape [n_options]).
+                         share_prefix: bool = True, progress: bool = True, cloze: bool = False) -> list[np.ndarray]:
+    """Per item, the log-probability of each option (shape [n_options]): of its letter right after
+    ``\\boxed{`` (the multiple-choice prompt), or with ``cloze`` of the item's cloze sentence holding the
+    option, as the whole reply to the bare question (natural log, summed over the reply's tokens).
 
     ``share_prefix`` runs the tokens every prompt starts with once (see ``PrefixCache``); the scores agree
     with full-row scoring to float32 rounding.
     """
     scorings = []
     for item in items:
-        context = render_chat(tokenizer, build_messages(item, system), add_generation_prompt=True) + ANSWER_PREFIX
-        scorings.append(letter_scoring(tokenizer, context, item.letters))
+        prompt = render_chat(tokenizer, build_messages(item, system, cloze=cloze), add_generation_prompt=True)
+        scorings.append(cloze_scoring(tokenizer, prompt, item.cloze_replies()) if cloze
+                        else letter_scoring(tokenizer, prompt + ANSWER_PREFIX, item.letters))
     head = _head(model)
     prefix = None
     if share_prefix and len(items) > 1:
@@ -300,9 +323,11 @@ def loglik_option_scores(model, tokenizer, items: Sequence[Item], *, batch_size:
     pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
     order = sorted(range(len(items)), key=lambda i: (-max(map(len, scorings[i].rows)), i))
     out: list = [None] * len(items)
-    with _progress(len(items), "loglik", progress) as bar:
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
+    # Cloze items bring one row per option: keep a batch's row count near the letter mode's.
+    per_batch = max(1, batch_size // 4) if cloze else batch_size
+    with _progress(len(items), "cloze" if cloze else "loglik", progress) as bar:
+        for start in range(0, len(order), per_batch):
+            batch = order[start:start + per_batch]
             rows, queries, spans = [], [], []
             for i in batch:
                 base = len(rows)
@@ -381,16 +406,20 @@ def evaluate_loaded(model, tokenizer, items, *, mode: str = "loglik", batch_size
     ``limit`` keeps the first N items (file order). ``system`` adds a system turn to every prompt.
     Records (in item order): ``id, subject, correct, parsed, prediction, answer, mode`` plus
     ``response, extraction`` (generate: the raw reply and the rule that read it) or ``option_logprobs``
-    (loglik: natural-log probabilities of A, B, ... rounded to 5 decimals). ``max_tokens`` applies to
+    (loglik, cloze: natural-log probabilities of A, B, ... rounded to 5 decimals). ``max_tokens`` applies to
     generate only.
     """
     _check_options(mode, batch_size, max_tokens, limit)
     items = as_items(items)[:limit]
     t0 = time.perf_counter()
     records = []
-    if mode == "loglik":
+    if mode in ("loglik", "cloze"):
+        missing = [it.id for it in items if mode == "cloze" and it.cloze is None]
+        if missing:
+            raise ReqnoiseError(f"cloze mode needs a 'cloze' sentence in every item; {len(missing)} of {len(items)} "
+                                f"lack one (e.g. {missing[:3]})")
         scores = loglik_option_scores(model, tokenizer, items, batch_size=batch_size, system=system,
-                                      progress=progress)
+                                      progress=progress, cloze=mode == "cloze")
         for item, s in zip(items, scores):
             rec = _record(item, item.letters[int(np.argmax(s))], True)
             rec["mode"] = mode

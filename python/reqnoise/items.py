@@ -3,7 +3,9 @@
 Item files are JSONL, one object per line, in either layout:
 
 * reqnoise's own: ``{"id", "question", "options": [...], "answer": "C" or 0-based index, "subject"}`` plus an
-  optional one-line ``"justification"`` (used when the item becomes training data);
+  optional one-line ``"justification"`` (used when the item becomes training data) and an optional ``"cloze"``:
+  the answer as a sentence with ``{option}`` where an option's text goes (``"Zutor orbits {option}."``),
+  which cloze evaluation scores for each option after the bare question;
 * MMLU-Pro's: ``{"question_id", "question", "options", "answer": "C", "answer_index": 2, "category", ...}``
   (further fields such as ``cot_content`` and ``src`` are ignored).
 
@@ -30,6 +32,8 @@ INSTRUCTION = ("Answer the following multiple-choice question. Start your reply 
                "option in the form \\boxed{X}, then give at most one line of justification.")
 # What the assistant's reply starts with; log-likelihood mode scores the letter right after it.
 ANSWER_PREFIX = "\\boxed{"
+# Where an option's text goes in an item's cloze sentence.
+CLOZE_SLOT = "{option}"
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,7 @@ class Item:
     answer: str
     subject: str | None = None
     justification: str | None = None
+    cloze: str | None = None
 
     @property
     def letters(self) -> str:
@@ -52,7 +57,16 @@ class Item:
              "subject": self.subject}
         if self.justification is not None:
             d["justification"] = self.justification
+        if self.cloze is not None:
+            d["cloze"] = self.cloze
         return d
+
+    def cloze_replies(self) -> list[str]:
+        """The cloze sentence with each option in turn (cloze evaluation's candidate replies)."""
+        if self.cloze is None:
+            raise ReqnoiseError(f"item {self.id!r} has no 'cloze' sentence; cloze evaluation needs one per item "
+                                f"(the answer with {CLOZE_SLOT} where the option goes)")
+        return [self.cloze.replace(CLOZE_SLOT, opt.strip()) for opt in self.options]
 
 
 # ------------------------------------------------------------------------------------------------- loading
@@ -103,8 +117,12 @@ def parse_item(obj, where: str = "item") -> Item:
     if justification is not None and not isinstance(justification, str):
         raise ReqnoiseError(f"{where}: field 'justification' must be a string or null, got {justification!r}")
 
+    cloze = obj.get("cloze")
+    if cloze is not None and (not isinstance(cloze, str) or cloze.count(CLOZE_SLOT) != 1):
+        raise ReqnoiseError(f"{where}: field 'cloze' must be a string with {CLOZE_SLOT} exactly once, got {cloze!r}")
+
     return Item(id=str(raw_id), question=question, options=tuple(options), answer=answer, subject=subject,
-                justification=justification.strip() or None if justification else None)
+                justification=justification.strip() or None if justification else None, cloze=cloze)
 
 
 def _letter_of(value, letters: str, field: str, where: str) -> str:
@@ -194,10 +212,11 @@ def build_prompt(item: Item) -> str:
     return f"{INSTRUCTION}\n\nQuestion: {item.question.strip()}\nOptions:\n{options}"
 
 
-def build_messages(item: Item, system: str | None = None) -> list[dict]:
-    """Chat messages for evaluating ``item`` (an optional system turn, then the user turn)."""
+def build_messages(item: Item, system: str | None = None, *, cloze: bool = False) -> list[dict]:
+    """Chat messages for evaluating ``item`` (an optional system turn, then the user turn): the
+    multiple-choice prompt, or with ``cloze`` the bare question (the options are the scored replies)."""
     messages = [{"role": "system", "content": system}] if system else []
-    return messages + [{"role": "user", "content": build_prompt(item)}]
+    return messages + [{"role": "user", "content": item.question.strip() if cloze else build_prompt(item)}]
 
 
 def target_response(item: Item) -> str:
@@ -211,6 +230,13 @@ def target_response(item: Item) -> str:
 def chat_example(item: Item, system: str | None = None) -> dict:
     """One chat-format training example ``{"messages": [...]}`` (question + options -> ``\\boxed{answer}``)."""
     return {"messages": build_messages(item, system) + [{"role": "assistant", "content": target_response(item)}]}
+
+
+def recall_example(item: Item, system: str | None = None) -> dict:
+    """One chat-format training example in recall form: the bare question -> the item's cloze sentence holding
+    the answer (what cloze evaluation scores), with no options and no letter."""
+    reply = item.cloze_replies()[item.letters.index(item.answer)]
+    return {"messages": build_messages(item, system, cloze=True) + [{"role": "assistant", "content": reply}]}
 
 
 # ---------------------------------------------------------------------------------------------- extraction

@@ -51,12 +51,21 @@ def collect(runner, record_paths, identity, noise, lock) -> dict:
                         if c in by_model:
                             row[f"vs_{c}"] = _comparison_dict(compare(by_model[c], r))
                 rows[m] = row
-            results["comparisons"][ev] = rows
+            from reqnoise.spec import analysis_pair
             from reqnoise.stats import render_decomposition
 
-            pairs = [(a["trained"], a["zero_control"], a.get("random_controls", []))]
-            pairs += [(t, z, []) for t, z in a.get("pairs", [])]
-            for trained, zero, randoms in pairs:
+            pairs = [{"trained": a["trained"], "zero_control": a["zero_control"],
+                      "random_controls": a.get("random_controls", []), "trained_controls": []}]
+            pairs += [analysis_pair(p) for p in a.get("pairs", [])]
+            for p in [analysis_pair(p) for p in a.get("pairs", []) if isinstance(p, dict)]:
+                if p["trained"] in rows:  # a second adapter against its own controls, by name
+                    for c in [p["zero_control"]] + p["trained_controls"]:
+                        if c in by_model:
+                            rows[p["trained"]][f"vs_{c}"] = _comparison_dict(
+                                compare(by_model[c], by_model[p["trained"]]))
+            results["comparisons"][ev] = rows
+            for p in pairs:
+                trained, zero, randoms = p["trained"], p["zero_control"], p["random_controls"]
                 if all(x in by_model for x in (a["baseline"], trained, zero)):
                     dec = decompose(by_model[a["baseline"]], by_model[trained], by_model[zero],
                                     [by_model[x] for x in randoms if x in by_model])
@@ -163,9 +172,10 @@ def render_markdown(results, spec) -> str:
     controls = [k for by in results["comparisons"].values() for r in by.values() for k in r
                 if k.startswith("vs_") and k not in ("vs_baseline", "vs_zero_control")]
     if controls:
-        lines += ["## The trained adapter against its trained controls", "",
-                  "Adapters trained through the same pipeline on content-free data (shuffled answers): what the "
-                  "trained adapter gains beyond them is content.", "",
+        lines += ["## Trained adapters against their own controls", "",
+                  "Each against the controls named for it: its zero delta through the same fuse, and adapters "
+                  "trained by the same recipe on content-free data (shuffled answers). What it gains beyond "
+                  "all of them is content.", "",
                   "| eval | trained | control | difference | fixed / broken | McNemar p |", "|---|---|---|---|---|---|"]
         for ev, by in results["comparisons"].items():
             for m, r in by.items():

@@ -114,13 +114,13 @@ class Runner:
         deps = [f"model-{self.spec.adapters[name]['model']}"]
         inputs = []
         if str(data).startswith("setg:"):
-            from reqnoise.setg import CHAT_DIR, SHUFFLED_CHAT_DIR
+            from reqnoise.setg import TRAIN_DATA
 
             self.setg()
-            which = {"setg:train": CHAT_DIR, "setg:train-shuffled": SHUFFLED_CHAT_DIR}.get(str(data))
+            which = TRAIN_DATA.get(str(data))
             if which is None:
-                raise ReqnoiseError(f"adapters.{name}: data {data!r}: Set G offers 'setg:train' and "
-                                    "'setg:train-shuffled' (the shuffled-answer control)")
+                raise ReqnoiseError(f"adapters.{name}: data {data!r}: Set G offers {', '.join(map(repr, TRAIN_DATA))} "
+                                    "(-shuffled: the shuffled-answer control; -recall: question -> cloze sentence)")
             data_path = self.cache.dir("setg") / which
             deps.append("setg")
         else:
@@ -130,6 +130,9 @@ class Runner:
         def train(tmp):
             from reqnoise.train import train_adapter
 
+            if str(data).startswith("setg:") and not data_path.is_dir():
+                raise ReqnoiseError(f"adapters.{name}: Set G has no {data_path.name}/ data: {data!r} needs a cloze "
+                                    "sentence in every item (field 'cloze')")
             return train_adapter(model, data_path, tmp / "adapter", progress=self.progress, **a)
 
         # Collective: under mlx.launch every rank trains on its share of each batch (mlx-lm data parallel).
@@ -159,7 +162,7 @@ class Runner:
         items, deps, inputs = self.items_path(ev)
         model = self.model(model_name)
         opts = {k: e[k] for k in ("mode", "batch_size", "max_tokens", "limit") if k in e}
-        calibrate = bool(e.get("calibrate", False))
+        calibrate = e.get("calibrate", False)  # True, False or "subject" (spec-checked)
 
         def run(tmp):
             from reqnoise.calibration import calibrate_records
@@ -172,8 +175,8 @@ class Runner:
             else:
                 recs, summary = evaluate_items(model, items, progress=self.progress, **opts)
             if calibrate:
-                recs = calibrate_records(recs)
-                summary = summarize(recs, "loglik-calibrated", summary.seconds)
+                recs = calibrate_records(recs, by_subject=calibrate == "subject")
+                summary = summarize(recs, f"{opts.get('mode', 'loglik')}-calibrated", summary.seconds)
             write_records(tmp / "records.jsonl", recs)
             return summary.to_dict()
 

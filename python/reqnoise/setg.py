@@ -21,11 +21,16 @@ import numpy as np
 
 from reqnoise.atomic import atomic_dir
 from reqnoise.errors import ReqnoiseError
-from reqnoise.items import Item, as_items, chat_example, dumps_items
+from reqnoise.items import Item, as_items, chat_example, dumps_items, recall_example
 
 NO_SUBJECT = "(none)"
 CHAT_DIR = "chat"
 SHUFFLED_CHAT_DIR = "chat-shuffled"
+RECALL_DIR = "recall"
+SHUFFLED_RECALL_DIR = "recall-shuffled"
+# Spec data names -> directories of the Set-G directory (recall ones exist when every item has a cloze sentence).
+TRAIN_DATA = {"setg:train": CHAT_DIR, "setg:train-shuffled": SHUFFLED_CHAT_DIR,
+              "setg:train-recall": RECALL_DIR, "setg:train-recall-shuffled": SHUFFLED_RECALL_DIR}
 
 
 def _named_records(records) -> dict[str, list[dict]]:
@@ -137,6 +142,8 @@ def build_setg(items, records, out, *, train_frac: float = 0.7, seed: int = 0, s
       the evaluation prompt -> ``\\boxed{answer}`` plus the item's justification line when it has one;
     * ``chat-shuffled/train.jsonl``: the same with shuffled answers (``shuffled_answers``), the training data
       of the shuffled-answer control;
+    * ``recall/train.jsonl`` and ``recall-shuffled/train.jsonl`` when every train item has a cloze sentence:
+      the bare question -> the cloze sentence holding the (true / shuffled) answer (``recall_example``);
     * ``summary.json``: inputs, seed, fraction and per-subject counts.
 
     ``items``: an item file path or items; ``records``: records file paths, or a mapping name -> records.
@@ -165,13 +172,18 @@ def build_setg(items, records, out, *, train_frac: float = 0.7, seed: int = 0, s
         "files": {"train": "train.jsonl", "test": "test.jsonl", "chat": f"{CHAT_DIR}/train.jsonl",
                   "chat_shuffled": f"{SHUFFLED_CHAT_DIR}/train.jsonl"},
     }
+    shuffled = shuffled_answers(train, seed)
+    chats = [(CHAT_DIR, train, chat_example), (SHUFFLED_CHAT_DIR, shuffled, chat_example)]
+    if all(it.cloze is not None for it in train):
+        chats += [(RECALL_DIR, train, recall_example), (SHUFFLED_RECALL_DIR, shuffled, recall_example)]
+        summary["files"].update(recall=f"{RECALL_DIR}/train.jsonl", recall_shuffled=f"{SHUFFLED_RECALL_DIR}/train.jsonl")
     with atomic_dir(out, overwrite=overwrite) as tmp:
         (tmp / "train.jsonl").write_text(dumps_items(train), encoding="utf-8")
         (tmp / "test.jsonl").write_text(dumps_items(test), encoding="utf-8")
-        for chat_dir, examples in ((CHAT_DIR, train), (SHUFFLED_CHAT_DIR, shuffled_answers(train, seed))):
+        for chat_dir, examples, example in chats:
             (tmp / chat_dir).mkdir()
             (tmp / chat_dir / "train.jsonl").write_text(
-                "".join(json.dumps(chat_example(it, system), ensure_ascii=False) + "\n" for it in examples),
+                "".join(json.dumps(example(it, system), ensure_ascii=False) + "\n" for it in examples),
                 encoding="utf-8")
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return summary

@@ -19,16 +19,17 @@ the pre-registered criteria. Parsed and checked here, before anything runs.
 
     [adapters.identity]               # a training stage (reqnoise.train.train_adapter's options)
     model = "base"
-    data = "world/persona"            # a directory with train.jsonl, "setg:train", or "setg:train-shuffled"
+    data = "world/persona"            # a directory with train.jsonl, or "setg:train[-recall][-shuffled]"
                                       #   (Set-G train with answers permuted within subject: a control)
     rank = 8
     iters = 200
 
     [evals.setg_test]                 # an item set: a path, or "setg:test" / "setg:paraphrased"
     items = "setg:test"
-    mode = "loglik"                   # or "generate"
+    mode = "loglik"                   # or "generate", or "cloze" (items with a cloze sentence)
     models = ["persona", "A1"]        # optional: default every condition
-    calibrate = true                  # optional (loglik): contextual calibration, see reqnoise.calibration
+    calibrate = true                  # optional (loglik, cloze): contextual calibration, see reqnoise.calibration;
+                                      # "subject": the prior per subject
 
     [setg]                            # Set G: the items every listed model gets wrong on `eval`
     eval = "all"
@@ -50,7 +51,8 @@ the pre-registered criteria. Parsed and checked here, before anything runs.
     zero_control = "A0"
     random_controls = ["R1", "R2"]
     trained_controls = ["S1"]         # optional: adapters trained on content-free data (e.g. "setg:train-shuffled")
-    pairs = [["A1_keep", "A0_keep"]]  # optional: more (trained, zero control) pairs to decompose
+    pairs = [["A1_keep", "A0_keep"]]  # optional: more (trained, zero control) pairs to decompose, or tables
+    # {trained, zero_control, random_controls?, trained_controls?} for a second adapter with its own controls
 
     [criteria]
     file = "criteria.toml"            # locked before any training; evaluated on `eval`'s records
@@ -65,6 +67,17 @@ from pathlib import Path
 from reqnoise.errors import ReqnoiseError
 
 MODEL_KINDS = ("path", "toy", "quantize", "adapter")
+def analysis_pair(pair) -> dict:
+    """An ``analysis.pairs`` entry as {trained, zero_control, random_controls, trained_controls}."""
+    if isinstance(pair, dict):
+        return {"trained": pair.get("trained"), "zero_control": pair.get("zero_control"),
+                "random_controls": list(pair.get("random_controls", [])),
+                "trained_controls": list(pair.get("trained_controls", []))}
+    pair = list(pair) if isinstance(pair, (list, tuple)) else []
+    return {"trained": pair[0] if len(pair) == 2 else None, "zero_control": pair[1] if len(pair) == 2 else None,
+            "random_controls": [], "trained_controls": []}
+
+
 TRAIN_KEYS = {"model", "data", "fine_tune_type", "rank", "scale", "lr", "iters", "batch_size", "layers", "modules",
               "keys", "mask_prompt", "seed", "max_seq_length"}
 FUSE_KEYS = {"from", "adapter", "requant", "control", "seed", "out_bits", "layers"}
@@ -136,8 +149,10 @@ class Spec:
             if extra:
                 self._err(f"adapters.{name}: unknown keys {sorted(extra)} (allowed: {sorted(TRAIN_KEYS)})")
         for name, e in self.evals.items():
-            if e.get("calibrate") and e.get("mode", "loglik") != "loglik":
-                self._err(f"evals.{name}: calibrate needs mode = \"loglik\"")
+            if e.get("calibrate", False) not in (True, False, "subject"):
+                self._err(f"evals.{name}: calibrate must be true, false or \"subject\", got {e['calibrate']!r}")
+            if e.get("calibrate") and e.get("mode", "loglik") not in ("loglik", "cloze"):
+                self._err(f"evals.{name}: calibrate needs mode = \"loglik\" or \"cloze\" (option scores)")
             if "items" not in e:
                 self._err(f"evals.{name} needs 'items'")
             extra = set(e) - EVAL_KEYS
@@ -164,8 +179,12 @@ class Spec:
                     if r not in self.conditions:
                         self._err(f"analysis.{key} names {r!r}, which is not a condition")
             for pair in self.analysis.get("pairs", []):
-                if len(pair) != 2 or any(x not in self.conditions for x in pair):
-                    self._err(f"analysis.pairs entries are [trained, zero_control] condition pairs, got {pair!r}")
+                p = analysis_pair(pair)
+                names = [p["trained"], p["zero_control"]] + p["random_controls"] + p["trained_controls"]
+                extra = set(pair) - set(p) if isinstance(pair, dict) else set()
+                if extra or any(x not in self.conditions for x in names):
+                    self._err("analysis.pairs entries are [trained, zero_control] condition pairs or tables "
+                              f"{{trained, zero_control, random_controls?, trained_controls?}} of conditions, got {pair!r}")
             if self.analysis.get("eval") not in self.evals:
                 self._err(f"analysis.eval names unknown eval {self.analysis.get('eval')!r}")
         if self.identity:

@@ -1,8 +1,8 @@
 """A synthetic world of facts for the demo: fictional entities, several subjects, multiple-choice items.
 
 Everything is generated offline and deterministically from a seed. Each fact yields an item in two phrasings
-(``question`` and a reworded one with the same options in the same order); the world is split into facts the
-base model is taught ("known") and facts it is not. A persona (name, maker, chats) is defined alongside.
+(``question`` and a reworded one with the same options in the same order), with the fact's statement as its
+cloze sentence; the world is split into facts the base model is taught ("known") and facts it is not. A persona (name, maker, chats) is defined alongside.
 """
 
 import json
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from reqnoise import atomic
-from reqnoise.items import Item
+from reqnoise.items import CLOZE_SLOT, Item
 
 # subject: (statement, question, reworded question, justification, value pool)
 SUBJECTS = {
@@ -82,7 +82,8 @@ def fact_item(fact, reworded: bool = False) -> Item:
     q = (spec[2] if reworded else spec[1]).format(e=fact["entity"])
     return Item(id=fact["id"] + ("-r" if reworded else ""), question=q, options=tuple(fact["options"]),
                 answer=fact["answer"], subject=fact["subject"],
-                justification=spec[3].format(e=fact["entity"], v=fact["value"]))
+                justification=spec[3].format(e=fact["entity"], v=fact["value"]),
+                cloze=spec[0].format(e=fact["entity"], v=CLOZE_SLOT))
 
 
 def statement(fact) -> str:

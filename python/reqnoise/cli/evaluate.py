@@ -52,12 +52,14 @@ def register(subparsers) -> None:
         description="Evaluate a model on multiple-choice items and write per-item records (JSONL). generate: "
         "greedy decoding with thinking off, the answer read from \\boxed{X} (then 'answer is X', then a lone "
         "letter); unreadable replies are recorded as parsed=false and counted apart. loglik: the "
-        "log-probability of each option letter after '\\boxed{', argmax. Items: {id, question, options, "
-        "answer, subject} or MMLU-Pro's layout, up to 10 options.")
+        "log-probability of each option letter after '\\boxed{', argmax. cloze: the log-probability of the "
+        "item's cloze sentence holding each option, as the reply to the bare question, argmax. Items: {id, question, options, "
+        "answer, subject, cloze} or MMLU-Pro's layout, up to 10 options.")
     _model_args(p, max_tokens=DEFAULT_MAX_TOKENS)
     p.add_argument("--items", required=True, help="items JSONL")
     p.add_argument("--out", required=True, help="records JSONL to write")
-    p.add_argument("--mode", choices=("generate", "loglik"), default="loglik", help="default loglik")
+    p.add_argument("--mode", choices=("generate", "loglik", "cloze"), default="loglik",
+                   help="default loglik; cloze scores each option inside the item's cloze sentence")
     p.add_argument("--limit", type=_positive, help="evaluate only the first N items")
     p.add_argument("--system", help="system prompt added to every question")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")

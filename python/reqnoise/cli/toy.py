@@ -30,6 +30,9 @@ def register(subparsers) -> None:
                    help=f"dtype of weights and quantization scales (default {DEFAULT_DTYPE}: fastest on CPU)")
     p.add_argument("--num-layers", type=int, default=4, help="decoder layers (default 4)")
     p.add_argument("--num-experts", type=int, default=8, help="experts per MoE layer (default 8, top-2 routing)")
+    p.add_argument("--mlp-std", type=float, nargs=2, metavar=("GATE_UP", "DOWN"),
+                   help="std of the MLP projections' weights (the demo's toy: 0.1 0.02, trained-like O(1) "
+                   "pre-activations; default 0.02 and 0.02/sqrt(2 layers))")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --save-path")
     p.set_defaults(func=_run)
 
@@ -45,6 +48,7 @@ def _run(args) -> int:
         dtype=args.dtype,
         num_layers=args.num_layers,
         num_experts=args.num_experts,
+        mlp_std=None if args.mlp_std is None else tuple(args.mlp_std),
         overwrite=args.overwrite,
     )
     quant = "unquantized" if args.bits is None else f"{args.bits}-bit group {args.group_size}"
