@@ -27,7 +27,7 @@ def main():
     from reqnoise.demo import QUICK, prepare_demo
 
     p = dict(QUICK, per_subject=args.per_subject, knowledge_iters=args.iters, identity_iters=args.iters,
-             factual_iters=args.iters)
+             factual_iters=args.iters, recall_iters=args.iters)
     root = Path(tempfile.mkdtemp(prefix="reqnoise-runscale-"))
     results = {}
     for how in ("1 process", "mlx.launch -n 2", "2 ranks started directly"):

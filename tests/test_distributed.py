@@ -5,10 +5,10 @@ import itertools
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from launch_helpers import launch, needs_launcher
 from reqnoise.distributed import balanced_shards
 
 
@@ -28,13 +28,8 @@ def test_balanced_shards_cover_every_index_once_and_are_near_optimal():
     assert balanced_shards([5, 5, 5, 5], 2) == balanced_shards([5, 5, 5, 5], 2)
 
 
-def _launcher():
-    exe = Path(sys.executable).parent / "mlx.launch"
-    return str(exe) if exe.exists() else None
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(_launcher() is None, reason="mlx.launch not installed beside the interpreter")
+@needs_launcher
 def test_two_ranks_write_the_single_process_records(toy_model_dir, tmp_path):
     from reqnoise.world import build_world
 
@@ -44,25 +39,21 @@ def test_two_ranks_write_the_single_process_records(toy_model_dir, tmp_path):
             str(world / "items.jsonl")]
     env = dict(os.environ)
     subprocess.run(base + ["--out", str(single)], check=True, capture_output=True, env=env)
-    res = subprocess.run([_launcher(), "--backend", "ring", "-n", "2", "--python", sys.executable, "-m",
-                          "reqnoise", "eval", "--quiet", "--model", str(toy_model_dir), "--items",
-                          str(world / "items.jsonl"), "--out", str(double)],
-                         capture_output=True, text=True, env=env, timeout=300)
+    res = launch(["eval", "--quiet", "--model", str(toy_model_dir), "--items", str(world / "items.jsonl"),
+                  "--out", str(double)], timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "2 ranks" in res.stdout + res.stderr
     assert single.read_bytes() == double.read_bytes()
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(_launcher() is None, reason="mlx.launch not installed beside the interpreter")
+@needs_launcher
 def test_a_failing_rank_fails_the_run_with_its_reason(tmp_path, toy_model_dir):
     from reqnoise.world import build_world
 
     world = build_world(tmp_path / "world", per_subject=2)
-    res = subprocess.run([_launcher(), "--backend", "ring", "-n", "2", "--python", sys.executable, "-m",
-                          "reqnoise", "eval", "--quiet", "--model", str(tmp_path / "missing-model"), "--items",
-                          str(world / "items.jsonl"), "--out", str(tmp_path / "out.jsonl")],
-                         capture_output=True, text=True, timeout=300)
+    res = launch(["eval", "--quiet", "--model", str(tmp_path / "missing-model"), "--items",
+                  str(world / "items.jsonl"), "--out", str(tmp_path / "out.jsonl")], timeout=300)
     out = res.stdout + res.stderr
     # mlx.launch itself exits 0 and only warns; the ranks exit non-zero with the failing rank's reason.
     assert "exited with code 1" in out

@@ -5,27 +5,15 @@ single-process training; a failing step fails every rank with its reason; the pl
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from launch_helpers import launch as _launch
+from launch_helpers import needs_launcher
 from reqnoise.run_plan import PlannedStep, waves
 
 TINY = dict(per_subject=6, knowledge_iters=2, identity_iters=2, factual_iters=4, factual_lr=5e-4, factual_scale=20.0,
             recall_iters=4, recall_lr=1e-3, random_controls=1)
-
-
-def _launcher():
-    exe = Path(sys.executable).parent / "mlx.launch"
-    return str(exe) if exe.exists() else None
-
-
-needs_launcher = pytest.mark.skipif(_launcher() is None, reason="mlx.launch not installed beside the interpreter")
-
-
-def _launch(args, timeout=600):
-    return subprocess.run([_launcher(), "--backend", "ring", "-n", "2", "--python", sys.executable, "-m",
-                           "reqnoise", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def test_waves_follow_pending_dependencies_only():

@@ -45,6 +45,8 @@ def _model(name, adapter, requant="fresh", control="none", seed=0) -> list:
 
 def demo_spec(p: dict) -> str:
     rand = [f"R{i}_fresh" for i in range(1, p["random_controls"] + 1)]
+    recall = dict(rank=4, scale=20.0, lr=p["recall_lr"], iters=p["recall_iters"],
+                  modules=["gate_proj", "up_proj", "down_proj"])
     conditions = ["persona", "A1_fresh", "A0_fresh", "A1_keep", "A0_keep", "P1_fresh", "P0_fresh", "S1_fresh",
                   *rand]
     lines = [
@@ -75,16 +77,15 @@ def demo_spec(p: dict) -> str:
         'model = "toy"', 'data = "world/knowledge"', "rank = 8", "scale = 20.0", "lr = 5e-5",
         f"iters = {p['knowledge_iters']}", "batch_size = 4", "mask_prompt = true",
         "[adapters.identity]",
-        # Strong enough that norm-matched random deltas on the stage-2 modules leave the persona intact.
+        # Strong enough for the persona to hold on the 3-bit base (15/20 in the full demo; the base 0/20).
         'model = "base"', 'data = "world/persona"', "rank = 8", "scale = 20.0", "lr = 3e-4",
         f"iters = {p['identity_iters']}", "batch_size = 4", "mask_prompt = true",
         'modules = ["q_proj", "k_proj", "v_proj", "o_proj"]',
         *stage2_adapter("factual", "setg:train", rank=2, scale=p["factual_scale"], lr=p["factual_lr"],
                         iters=p["factual_iters"], modules=["down_proj"]),
-        *stage2_adapter("recall", "setg:train-recall", rank=4, scale=20.0, lr=p["recall_lr"],
-                        iters=p["recall_iters"], modules=["gate_proj", "up_proj", "down_proj"]),
-        *stage2_adapter("shuffled", "setg:train-recall-shuffled", rank=4, scale=20.0, lr=p["recall_lr"],
-                        iters=p["recall_iters"], modules=["gate_proj", "up_proj", "down_proj"]),
+        # The positive control and its shuffled-answer twin: one recipe, only the data differ.
+        *stage2_adapter("recall", "setg:train-recall", **recall),
+        *stage2_adapter("shuffled", "setg:train-recall-shuffled", **recall),
         "",
         # Contextual calibration: the toy's fine-tunes carry a strong letter prior (see reqnoise.calibration).
         "[evals.all]", 'items = "world/items.jsonl"', 'models = ["base", "persona"]', "calibrate = true",

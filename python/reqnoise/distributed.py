@@ -60,6 +60,11 @@ def gather_objects(obj) -> list:
     return [json.loads(allg[r, : sizes[r]].tobytes().decode()) for r in range(g.size())]
 
 
+def failure_text(err: BaseException) -> str:
+    """What a failed rank sends the others: the exception's type and message."""
+    return f"{type(err).__name__}: {err}"
+
+
 def raise_failures(errors, what: str = "") -> None:
     """``errors[r]`` is rank r's error text or None; raise one ReqnoiseError naming every failed rank."""
     failed = [(r, e) for r, e in enumerate(errors) if e]
@@ -85,7 +90,7 @@ def on_root(fn):
         try:
             status = {"value": fn()}
         except Exception as err:  # noqa: BLE001  (must reach the other ranks)
-            status = {"error": f"{type(err).__name__}: {err}"}
+            status = {"error": failure_text(err)}
     status = gather_objects(status)[0]
     raise_failures([status.get("error")] + [None] * (size - 1))
     return status["value"]
@@ -98,9 +103,9 @@ def evaluate_distributed(model, items, *, adapter_path=None, log=print, **kw):
 
     rank, size = rank_and_size()
     items = as_items(items)
-    if kw.get("limit"):
-        items = items[: kw.pop("limit")]
-    kw.pop("limit", None)
+    limit = kw.pop("limit", None)  # applied here, before sharding
+    if limit:
+        items = items[:limit]
     shards = balanced_shards([len(build_prompt(it)) for it in items], size)
     mine = [items[i] for i in shards[rank]]
     try:
@@ -109,7 +114,7 @@ def evaluate_distributed(model, items, *, adapter_path=None, log=print, **kw):
         recs, _ = evaluate_loaded(net, tok, mine, **kw) if mine else ([], None)
         status = {"records": recs, "seconds": time.perf_counter() - t1, "n": len(mine)}
     except Exception as err:  # noqa: BLE001  (every failure must reach the other ranks)
-        status = {"error": f"{type(err).__name__}: {err}"}
+        status = {"error": failure_text(err)}
     everyone = gather_objects(status)
     raise_failures([st.get("error") for st in everyone])
     out = [None] * len(items)

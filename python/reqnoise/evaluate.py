@@ -88,14 +88,16 @@ def _progress(total: int, desc: str, enabled: bool):
 MIN_SHARED_PREFIX = 8  # tokens; below this, computing the prefix once is not worth a second code path
 
 
+def shared_prefix_length(token_lists: Sequence[Sequence[int]]) -> int:
+    """Length of the longest token prefix shared by all lists (a list may be that prefix entirely)."""
+    n = min(len(t) for t in token_lists)
+    first = token_lists[0]
+    return next((i for i in range(n) if any(t[i] != first[i] for t in token_lists)), n)
+
+
 def common_prefix_length(token_lists: Sequence[Sequence[int]]) -> int:
     """Length of the longest token prefix shared by all lists, leaving at least one token of each list."""
-    n = min(len(t) for t in token_lists) - 1
-    first = token_lists[0]
-    for i in range(max(n, 0)):
-        if any(t[i] != first[i] for t in token_lists):
-            return i
-    return max(n, 0)
+    return max(0, min(shared_prefix_length(token_lists), min(len(t) for t in token_lists) - 1))
 
 
 class PrefixCache:
@@ -290,9 +292,7 @@ def cloze_scoring(tokenizer, context: str, replies: Sequence[str]) -> _Scoring:
     the tokens of ``context + replies[k]`` past the tokens every candidate and the context share, so a reply
     that merges with the context's last token is still scored from the first token where they differ."""
     encoded = [encode_prompt(tokenizer, context + reply) for reply in replies]
-    lists = [encode_prompt(tokenizer, context)] + encoded
-    common = next((i for i in range(len(lists[0])) if any(len(t) <= i or t[i] != lists[0][i] for t in lists)),
-                  len(lists[0]))
+    common = shared_prefix_length([encode_prompt(tokenizer, context)] + encoded)
     if common == 0 or len({tuple(e) for e in encoded}) < len(encoded):
         raise ReqnoiseError(f"cloze replies {list(replies)[:2]}... do not tokenize to distinct continuations of "
                             f"{context[-40:]!r}")
@@ -413,11 +413,11 @@ def evaluate_loaded(model, tokenizer, items, *, mode: str = "loglik", batch_size
     items = as_items(items)[:limit]
     t0 = time.perf_counter()
     records = []
+    missing = [it.id for it in items if it.cloze is None] if mode == "cloze" else []
+    if missing:
+        raise ReqnoiseError(f"cloze mode needs a 'cloze' sentence in every item; {len(missing)} of {len(items)} "
+                            f"lack one (e.g. {missing[:3]})")
     if mode in ("loglik", "cloze"):
-        missing = [it.id for it in items if mode == "cloze" and it.cloze is None]
-        if missing:
-            raise ReqnoiseError(f"cloze mode needs a 'cloze' sentence in every item; {len(missing)} of {len(items)} "
-                                f"lack one (e.g. {missing[:3]})")
         scores = loglik_option_scores(model, tokenizer, items, batch_size=batch_size, system=system,
                                       progress=progress, cloze=mode == "cloze")
         for item, s in zip(items, scores):

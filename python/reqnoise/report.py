@@ -36,6 +36,15 @@ def collect(runner, record_paths, identity, noise, lock) -> dict:
             results["conditions"].setdefault(m, {})[ev] = _acc_row(r)
     a = spec.analysis
     if a:
+        from reqnoise.spec import analysis_pair
+        from reqnoise.stats import render_decomposition
+
+        # The main (trained, zero control) pair with its random band, then the pairs; a pair given as a table
+        # is a second adapter whose named controls also get comparison rows.
+        main = analysis_pair({"trained": a["trained"], "zero_control": a["zero_control"],
+                              "random_controls": a.get("random_controls", [])})
+        pairs = [main] + [analysis_pair(p) for p in a.get("pairs", [])]
+        own_controls = [p for raw, p in zip(a.get("pairs", []), pairs[1:]) if isinstance(raw, dict)]
         for ev, by_model in recs.items():
             ref = by_model.get(a["zero_control"])
             base = by_model.get(a["baseline"])
@@ -51,14 +60,8 @@ def collect(runner, record_paths, identity, noise, lock) -> dict:
                         if c in by_model:
                             row[f"vs_{c}"] = _comparison_dict(compare(by_model[c], r))
                 rows[m] = row
-            from reqnoise.spec import analysis_pair
-            from reqnoise.stats import render_decomposition
-
-            pairs = [{"trained": a["trained"], "zero_control": a["zero_control"],
-                      "random_controls": a.get("random_controls", []), "trained_controls": []}]
-            pairs += [analysis_pair(p) for p in a.get("pairs", [])]
-            for p in [analysis_pair(p) for p in a.get("pairs", []) if isinstance(p, dict)]:
-                if p["trained"] in rows:  # a second adapter against its own controls, by name
+            for p in own_controls:
+                if p["trained"] in rows:
                     for c in [p["zero_control"]] + p["trained_controls"]:
                         if c in by_model:
                             rows[p["trained"]][f"vs_{c}"] = _comparison_dict(

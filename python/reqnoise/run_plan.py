@@ -121,5 +121,7 @@ def _run_step(step: PlannedStep, cache, *, write: bool, size: int):
             with tempfile.TemporaryDirectory(prefix="reqnoise-rank-") as tmp:
                 step.fn(Path(tmp))
     except Exception as err:  # noqa: BLE001  (every failure must reach the other ranks)
-        return f"{type(err).__name__}: {err}"
+        from reqnoise.distributed import failure_text
+
+        return failure_text(err)
     return None

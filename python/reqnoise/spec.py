@@ -67,6 +67,8 @@ from pathlib import Path
 from reqnoise.errors import ReqnoiseError
 
 MODEL_KINDS = ("path", "toy", "quantize", "adapter")
+
+
 def analysis_pair(pair) -> dict:
     """An ``analysis.pairs`` entry as {trained, zero_control, random_controls, trained_controls}."""
     if isinstance(pair, dict):

@@ -2,7 +2,8 @@
 
 Everything is generated offline and deterministically from a seed. Each fact yields an item in two phrasings
 (``question`` and a reworded one with the same options in the same order), with the fact's statement as its
-cloze sentence; the world is split into facts the base model is taught ("known") and facts it is not. A persona (name, maker, chats) is defined alongside.
+cloze sentence; the world is split into facts the base model is taught ("known") and facts it is not. A
+persona (name, maker, chats) is defined alongside.
 """
 
 import json

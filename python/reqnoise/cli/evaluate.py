@@ -53,8 +53,8 @@ def register(subparsers) -> None:
         "greedy decoding with thinking off, the answer read from \\boxed{X} (then 'answer is X', then a lone "
         "letter); unreadable replies are recorded as parsed=false and counted apart. loglik: the "
         "log-probability of each option letter after '\\boxed{', argmax. cloze: the log-probability of the "
-        "item's cloze sentence holding each option, as the reply to the bare question, argmax. Items: {id, question, options, "
-        "answer, subject, cloze} or MMLU-Pro's layout, up to 10 options.")
+        "item's cloze sentence holding each option, as the reply to the bare question, argmax. Items: {id, "
+        "question, options, answer, subject, cloze} or MMLU-Pro's layout, up to 10 options.")
     _model_args(p, max_tokens=DEFAULT_MAX_TOKENS)
     p.add_argument("--items", required=True, help="items JSONL")
     p.add_argument("--out", required=True, help="records JSONL to write")
@@ -108,11 +108,10 @@ def register(subparsers) -> None:
 
 
 def _eval(args):
+    from reqnoise.distributed import evaluate_distributed, rank_and_size
     from reqnoise.evaluate import evaluate_items
     from reqnoise.items import load_items
     from reqnoise.records import write_records
-
-    from reqnoise.distributed import evaluate_distributed, rank_and_size
 
     _check_out(args.out, args.overwrite)
     items = load_items(args.items)  # bad lines stop the run before the model loads
