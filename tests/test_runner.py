@@ -82,6 +82,18 @@ def test_reduced_demo_invariants(demo_run):
     checks = {c["text"].split(":")[0]: c["ok"] for c in results["checks"]}
     assert checks["keep-grid zero-delta control A0 has weights bit-identical to the persona model"]
     assert all(ok for text, ok in checks.items() if text.startswith("keep-grid A0 answers every"))
+    # The artifact line counts the zero deltas' changed answers; recount them from the saved records.
+    line = next(c["text"] for c in results["checks"] if "(the artifact)" in c["text"])
+
+    def predictions(cond):
+        text = (out / "results" / "setg_test" / f"{cond}.jsonl").read_text()
+        return {r["id"]: r["prediction"] for r in map(json.loads, text.splitlines())}
+
+    ref = predictions("persona")
+    for cond in ("A0_fresh", "P0_fresh"):
+        ours = predictions(cond)
+        changed = sum(ours[k] != v for k, v in ref.items())
+        assert f"{changed} of {len(ref)} answers changed" in line.split(f"{cond[:2]} ")[1].split(" nats")[0]
     # The criteria were locked before any training step ran.
     lock = json.loads((out / "lock.json").read_text())
     from datetime import datetime

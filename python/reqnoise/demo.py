@@ -222,10 +222,14 @@ def demo_checks(out: Path, results: dict) -> list:
 
     noise = results.get("noise") or {}
 
-    def moved(m):  # how far the zero delta moved the weights and the outputs (the noise report)
+    def moved(m):  # how far the zero delta moved the weights, the outputs (the noise report) and the answers
         n = noise.get(m) or {}
         codes, kl = (n.get("summary") or {}).get("mean_code_change_frac"), (n.get("outputs") or {}).get("kl_fused_base")
-        return "" if codes is None or kl is None else f" ({100 * codes:.1f}% of codes, KL to persona {kl:.1g} nats)"
+        ours, ref = ({r["id"]: r["prediction"] for r in read_records(out / "results" / "setg_test" / f"{x}.jsonl")}
+                     for x in (m, "persona"))
+        changed = f", {sum(ours.get(k) != v for k, v in ref.items())} of {len(ref)} answers changed"
+        return changed + ("" if codes is None or kl is None else
+                          f" ({100 * codes:.1f}% of codes, KL to persona {kl:.1g} nats)")
 
     add(f"fresh requantization alone 'gains' on Set-G test over the persona model (the artifact): A0 "
         f"{gain('A0_fresh'):+.1f} pp{moved('A0_fresh')}, P0 {gain('P0_fresh'):+.1f} pp{moved('P0_fresh')}",
