@@ -205,13 +205,14 @@ def demo_checks(out: Path, results: dict) -> list:
     def add(text, ok):
         checks.append({"text": text, "ok": bool(ok)})
 
+    def answers(ev, cond):  # (item id, prediction) in record order
+        return [(r["id"], r["prediction"]) for r in read_records(out / "results" / ev / f"{cond}.jsonl")]
+
     same = _same_weights(steps / "model-A0_keep" / "model", steps / "model-persona" / "model")
     add("keep-grid zero-delta control A0 has weights bit-identical to the persona model", same)
     for ev, _ in EVALS:
-        a = read_records(out / "results" / ev / "A0_keep.jsonl")
-        b = read_records(out / "results" / ev / "persona.jsonl")
         add(f"keep-grid A0 answers every {ev} item exactly as the persona model",
-            [(r["id"], r["prediction"]) for r in a] == [(r["id"], r["prediction"]) for r in b])
+            answers(ev, "A0_keep") == answers(ev, "persona"))
     c, cmp = results["conditions"], results["comparisons"]
     prior = letter_prior_warnings([steps / f"eval-all-{m}" / "records.jsonl" for m in ("base", "persona")])
     add("Set G comes from models whose answers depend on the item (no letter above 60% of predictions)"
@@ -225,8 +226,7 @@ def demo_checks(out: Path, results: dict) -> list:
     def moved(m):  # how far the zero delta moved the weights, the outputs (the noise report) and the answers
         n = noise.get(m) or {}
         codes, kl = (n.get("summary") or {}).get("mean_code_change_frac"), (n.get("outputs") or {}).get("kl_fused_base")
-        ours, ref = ({r["id"]: r["prediction"] for r in read_records(out / "results" / "setg_test" / f"{x}.jsonl")}
-                     for x in (m, "persona"))
+        ours, ref = dict(answers("setg_test", m)), dict(answers("setg_test", "persona"))
         changed = f", {sum(ours.get(k) != v for k, v in ref.items())} of {len(ref)} answers changed"
         return changed + ("" if codes is None or kl is None else
                           f" ({100 * codes:.1f}% of codes, KL to persona {kl:.1g} nats)")

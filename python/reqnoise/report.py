@@ -39,12 +39,15 @@ def collect(runner, record_paths, identity, noise, lock) -> dict:
         from reqnoise.spec import analysis_pair
         from reqnoise.stats import render_decomposition
 
-        # The main (trained, zero control) pair with its random band, then the pairs; a pair given as a table
-        # is a second adapter whose named controls also get comparison rows.
-        main = analysis_pair({"trained": a["trained"], "zero_control": a["zero_control"],
-                              "random_controls": a.get("random_controls", [])})
+        # The main (trained, zero control) pair with its random band, then the pairs.
+        main = analysis_pair({k: a[k] for k in ("trained", "zero_control", "random_controls", "trained_controls")
+                              if k in a})
         pairs = [main] + [analysis_pair(p) for p in a.get("pairs", [])]
-        own_controls = [p for raw, p in zip(a.get("pairs", []), pairs[1:]) if isinstance(raw, dict)]
+        # vs_<control> rows: each adapter against the controls named for it. The main adapter's zero control has
+        # its vs_zero_control row; a pair given as a table is a second adapter with its own zero control.
+        named = [(main["trained"], main["trained_controls"])] + [
+            (p["trained"], [p["zero_control"]] + p["trained_controls"])
+            for raw, p in zip(a.get("pairs", []), pairs[1:]) if isinstance(raw, dict)]
         for ev, by_model in recs.items():
             ref = by_model.get(a["zero_control"])
             base = by_model.get(a["baseline"])
@@ -55,17 +58,11 @@ def collect(runner, record_paths, identity, noise, lock) -> dict:
                     row["vs_baseline"] = _comparison_dict(compare(base, r))
                 if ref is not None and m != a["zero_control"]:
                     row["vs_zero_control"] = _comparison_dict(compare(ref, r))
-                if m == a["trained"]:  # content beyond adapters trained on content-free data
-                    for c in a.get("trained_controls", []):
-                        if c in by_model:
-                            row[f"vs_{c}"] = _comparison_dict(compare(by_model[c], r))
                 rows[m] = row
-            for p in own_controls:
-                if p["trained"] in rows:
-                    for c in [p["zero_control"]] + p["trained_controls"]:
-                        if c in by_model:
-                            rows[p["trained"]][f"vs_{c}"] = _comparison_dict(
-                                compare(by_model[c], by_model[p["trained"]]))
+            for trained, controls in named:
+                for c in controls:
+                    if trained in rows and c in by_model:
+                        rows[trained][f"vs_{c}"] = _comparison_dict(compare(by_model[c], by_model[trained]))
             results["comparisons"][ev] = rows
             for p in pairs:
                 trained, zero, randoms = p["trained"], p["zero_control"], p["random_controls"]

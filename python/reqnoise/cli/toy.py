@@ -31,8 +31,8 @@ def register(subparsers) -> None:
     p.add_argument("--num-layers", type=int, default=4, help="decoder layers (default 4)")
     p.add_argument("--num-experts", type=int, default=8, help="experts per MoE layer (default 8, top-2 routing)")
     p.add_argument("--mlp-std", type=float, nargs=2, metavar=("GATE_UP", "DOWN"),
-                   help="std of the MLP projections' weights (the demo's toy: 0.1 0.02, trained-like O(1) "
-                   "pre-activations; default 0.02 and 0.02/sqrt(2 layers))")
+                   help="std of the MLP projections' weights (0.1 0.02: trained-like O(1) pre-activations; "
+                   "default 0.02 and 0.02/sqrt(2 layers), as the demo's toy)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --save-path")
     p.set_defaults(func=_run)
 
