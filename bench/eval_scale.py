@@ -24,8 +24,8 @@ def main():
     ap.add_argument("--per-subject", type=int, default=40)
     ap.add_argument("--mode", default="loglik", choices=["loglik", "generate"])
     args = ap.parse_args()
-    from reqnoise.toy import build_toy_model
-    from reqnoise.world import build_world
+    from reqnoise.toy.model import build_toy_model
+    from reqnoise.toy.world import build_world
 
     root = Path(tempfile.mkdtemp(prefix="reqnoise-evalscale-"))
     world = build_world(root / "world", per_subject=args.per_subject)
@@ -44,15 +44,34 @@ def main():
             text = (ranks.via_launch if how.startswith("mlx.launch") else ranks.direct)(cmd)
         wall = time.perf_counter() - t0
         rate = re.search(r"([0-9.]+) items/s", text.split("total")[-1] if "total" in text else text)
-        results[how] = dict(how=how, items=n, mode=args.mode, wall_s=round(wall, 2),
-                            eval_items_per_s=float(rate.group(1)) if rate else None, out=out)
+        results[how] = dict(
+            how=how,
+            items=n,
+            mode=args.mode,
+            wall_s=round(wall, 2),
+            eval_items_per_s=float(rate.group(1)) if rate else None,
+            out=out,
+        )
         print(json.dumps({k: v for k, v in results[how].items() if k != "out"}), flush=True)
     one = results["1 process"]
     same = all(r["out"].read_bytes() == one["out"].read_bytes() for r in results.values())
-    print(json.dumps({"summary": True, "records_identical": same, **{
-        f"speedup_{how.replace(' ', '_')}": dict(wall=round(one["wall_s"] / r["wall_s"], 2),
-                                                 eval=round(r["eval_items_per_s"] / one["eval_items_per_s"], 2))
-        for how, r in results.items() if how != "1 process"}}))
+    print(
+        json.dumps(
+            {
+                "summary": True,
+                "records_identical": same,
+                **{
+                    f"speedup_{how.replace(' ', '_')}": dict(
+                        wall=round(one["wall_s"] / r["wall_s"], 2),
+                        eval=round(r["eval_items_per_s"] / one["eval_items_per_s"], 2),
+                    )
+                    for how, r in results.items()
+                    if how != "1 process"
+                },
+            }
+        )
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -55,7 +55,7 @@ def main():
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     results = []
-    for name, shape, bits, group, dtype, ranks in (QUICK if args.quick else CASES):
+    for name, shape, bits, group, dtype, ranks in QUICK if args.quick else CASES:
         w = mx.array((rng.standard_normal(shape) * 0.02).astype(np.float32)).astype(dtype)
         wq, s, b = mx.quantize(w, group_size=group, bits=bits)
         mx.eval(wq, s, b)
@@ -72,29 +72,56 @@ def main():
             a = mx.array((rng.standard_normal(lead + (r, in_dim)) * 0.01).astype(np.float32))
             bb = mx.array((rng.standard_normal(lead + (out_dim, r)) * 0.01).astype(np.float32))
             mx.eval(a, bb)
-            t_rn, m_rn = measure(lambda: fuse_quantized(wq, s, b, group_size=group, bits=bits, lora_a=a,
-                                                        lora_b=bb, scale=2.0), args.reps)
-            t_kg, m_kg = measure(lambda: fuse_quantized(wq, s, b, group_size=group, bits=bits, lora_a=a,
-                                                        lora_b=bb, scale=2.0, requant="keep-grid"), args.reps)
+            t_rn, m_rn = measure(
+                lambda: fuse_quantized(wq, s, b, group_size=group, bits=bits, lora_a=a, lora_b=bb, scale=2.0), args.reps
+            )
+            t_kg, m_kg = measure(
+                lambda: fuse_quantized(
+                    wq, s, b, group_size=group, bits=bits, lora_a=a, lora_b=bb, scale=2.0, requant="keep-grid"
+                ),
+                args.reps,
+            )
             t_ch, m_ch = measure(lambda: op_chain(wq, s, b, group, bits, a, bb, 2.0), args.chain_reps)
             ours = fuse_quantized(wq, s, b, group_size=group, bits=bits, lora_a=a, lora_b=bb, scale=2.0)
             chain = op_chain(wq, s, b, group, bits, a, bb, 2.0)
             codes_equal = bool(mx.array_equal(ours[0], chain[0]).item())
             words_differ = float(mx.mean((ours[0] != chain[0]).astype(mx.float32)).item())
-            res = dict(case=name, shape=list(shape), bits=bits, group_size=group, dtype=str(dtype).split(".")[-1],
-                       rank=r, packed_bytes=packed, copy_floor_s=round(copy_s, 5),
-                       reqnoise_s=round(t_rn, 4), reqnoise_keep_grid_s=round(t_kg, 4), mlx_chain_s=round(t_ch, 4),
-                       speedup=round(t_ch / t_rn, 1), reqnoise_vs_copy_floor=round(t_rn / copy_s, 1),
-                       reqnoise_peak_extra_bytes=m_rn, mlx_chain_peak_extra_bytes=m_ch,
-                       reqnoise_peak_over_packed=round(m_rn / packed, 3),
-                       mlx_chain_peak_over_packed=round(m_ch / packed, 2),
-                       outputs_bit_identical_to_chain=codes_equal, packed_words_differing=words_differ)
+            res = dict(
+                case=name,
+                shape=list(shape),
+                bits=bits,
+                group_size=group,
+                dtype=str(dtype).split(".")[-1],
+                rank=r,
+                packed_bytes=packed,
+                copy_floor_s=round(copy_s, 5),
+                reqnoise_s=round(t_rn, 4),
+                reqnoise_keep_grid_s=round(t_kg, 4),
+                mlx_chain_s=round(t_ch, 4),
+                speedup=round(t_ch / t_rn, 1),
+                reqnoise_vs_copy_floor=round(t_rn / copy_s, 1),
+                reqnoise_peak_extra_bytes=m_rn,
+                mlx_chain_peak_extra_bytes=m_ch,
+                reqnoise_peak_over_packed=round(m_rn / packed, 3),
+                mlx_chain_peak_over_packed=round(m_ch / packed, 2),
+                outputs_bit_identical_to_chain=codes_equal,
+                packed_words_differing=words_differ,
+            )
             results.append(res)
             print(json.dumps(res), flush=True)
             del ours, chain
-    print(json.dumps({"summary": True, "machine": platform.machine(), "cpu_count": __import__("os").cpu_count(),
-                      "mlx": mx.__version__, "min_speedup": min(r["speedup"] for r in results),
-                      "max_reqnoise_peak_over_packed": max(r["reqnoise_peak_over_packed"] for r in results)}))
+    print(
+        json.dumps(
+            {
+                "summary": True,
+                "machine": platform.machine(),
+                "cpu_count": __import__("os").cpu_count(),
+                "mlx": mx.__version__,
+                "min_speedup": min(r["speedup"] for r in results),
+                "max_reqnoise_peak_over_packed": max(r["reqnoise_peak_over_packed"] for r in results),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -24,16 +24,27 @@ import numpy as np
 SHARD_BYTES = 512 << 20
 
 
-def build_model(root: Path, layers: int, experts: int, hidden=2048, moe_inter=768, heads=16, kv_heads=4,
-                head_dim=128, seed=0):
-    from reqnoise.toy import build_toy_model
+def build_model(
+    root: Path, layers: int, experts: int, hidden=2048, moe_inter=768, heads=16, kv_heads=4, head_dim=128, seed=0
+):
+    from reqnoise.toy.model import build_toy_model
 
     toy = build_toy_model(root / "toy-tokenizer")
     vocab = json.loads((toy / "config.json").read_text())["vocab_size"]
     cfg = json.loads((toy / "config.json").read_text())
-    cfg.update(hidden_size=hidden, num_hidden_layers=layers, num_experts=experts, num_experts_per_tok=8,
-               moe_intermediate_size=moe_inter, intermediate_size=4 * hidden, num_attention_heads=heads,
-               num_key_value_heads=kv_heads, head_dim=head_dim, vocab_size=vocab, torch_dtype="bfloat16")
+    cfg.update(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_experts=experts,
+        num_experts_per_tok=8,
+        moe_intermediate_size=moe_inter,
+        intermediate_size=4 * hidden,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        vocab_size=vocab,
+        torch_dtype="bfloat16",
+    )
     q = {"group_size": 64, "bits": 3, "mode": "affine"}
     for i in range(layers):
         q[f"model.layers.{i}.mlp.gate"] = {"group_size": 64, "bits": 8}
@@ -45,7 +56,7 @@ def build_model(root: Path, layers: int, experts: int, hidden=2048, moe_inter=76
         out, inn = shape[:-1], shape[-1]
         wq = mx.array(rng.integers(0, 2**32, out + (inn * bits // 32,), dtype=np.uint32))
         s = mx.array((rng.uniform(0.5, 1.5, out + (inn // group,)) * 0.005).astype(np.float32)).astype(mx.bfloat16)
-        b = mx.array((-s.astype(mx.float32) * (2**bits - 1) / 2)).astype(mx.bfloat16)
+        b = mx.array(-s.astype(mx.float32) * (2**bits - 1) / 2).astype(mx.bfloat16)
         return wq, s, b
 
     tensors = {}
@@ -87,9 +98,15 @@ def build_model(root: Path, layers: int, experts: int, hidden=2048, moe_inter=76
         mx.save_safetensors(str(model_dir / name), shard, metadata={"format": "mlx"})
         weight_map.update({k: name for k in shard})
         sizes.append((model_dir / name).stat().st_size)
-    (model_dir / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": sum(v.nbytes for s in shards for v in s.values())},
-         "weight_map": dict(sorted(weight_map.items()))}, indent=4))
+    (model_dir / "model.safetensors.index.json").write_text(
+        json.dumps(
+            {
+                "metadata": {"total_size": sum(v.nbytes for s in shards for v in s.values())},
+                "weight_map": dict(sorted(weight_map.items())),
+            },
+            indent=4,
+        )
+    )
     (model_dir / "config.json").write_text(json.dumps(cfg, indent=4))
     for f in toy.iterdir():
         if f.name.startswith("tokenizer") or f.suffix == ".jinja":
@@ -97,8 +114,18 @@ def build_model(root: Path, layers: int, experts: int, hidden=2048, moe_inter=76
     return model_dir, sum(sizes), len(shards), max(sizes)
 
 
-def build_adapter(root: Path, layers: int, experts: int, num_adapted: int, rank=8, hidden=2048, moe_inter=768,
-                  heads=16, head_dim=128, seed=1):
+def build_adapter(
+    root: Path,
+    layers: int,
+    experts: int,
+    num_adapted: int,
+    rank=8,
+    hidden=2048,
+    moe_inter=768,
+    heads=16,
+    head_dim=128,
+    seed=1,
+):
     rng = np.random.default_rng(seed)
     t = {}
     for i in range(layers - num_adapted, layers):
@@ -110,10 +137,20 @@ def build_adapter(root: Path, layers: int, experts: int, num_adapted: int, rank=
     ad = root / "adapter"
     ad.mkdir()
     mx.save_safetensors(str(ad / "adapters.safetensors"), {k: mx.array(v.astype(np.float32)) for k, v in t.items()})
-    (ad / "adapter_config.json").write_text(json.dumps({
-        "fine_tune_type": "lora", "num_layers": num_adapted,
-        "lora_parameters": {"rank": rank, "scale": 2.0, "dropout": 0.0,
-                            "keys": ["mlp.switch_mlp.down_proj", "self_attn.q_proj"]}}))
+    (ad / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "fine_tune_type": "lora",
+                "num_layers": num_adapted,
+                "lora_parameters": {
+                    "rank": rank,
+                    "scale": 2.0,
+                    "dropout": 0.0,
+                    "keys": ["mlp.switch_mlp.down_proj", "self_attn.q_proj"],
+                },
+            }
+        )
+    )
     return ad
 
 
@@ -147,16 +184,54 @@ def main():
     try:
         # Build in a child: a forked child's peak RSS would otherwise include this process's pages.
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, __file__, "--build-only", "--workdir", str(root), "--layers",
-                        str(args.layers), "--experts", str(args.experts), "--adapted-layers",
-                        str(args.adapted_layers)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--build-only",
+                "--workdir",
+                str(root),
+                "--layers",
+                str(args.layers),
+                "--experts",
+                str(args.experts),
+                "--adapted-layers",
+                str(args.adapted_layers),
+            ],
+            check=True,
+        )
         size, n_shards, largest = json.loads((root / "built.json").read_text())
         model, adapter = root / "model", root / "adapter"
         build_s = time.perf_counter() - t0
-        t_rn, rss_rn = timed([sys.executable, "-m", "reqnoise", "fuse", "--quiet", "--model", str(model),
-                              "--adapter-path", str(adapter), "--save-path", str(root / "out-reqnoise")])
-        t_ml, rss_ml = timed([sys.executable, "-m", "mlx_lm", "fuse", "--model", str(model), "--adapter-path",
-                              str(adapter), "--save-path", str(root / "out-mlx-lm")])
+        t_rn, rss_rn = timed(
+            [
+                sys.executable,
+                "-m",
+                "reqnoise",
+                "fuse",
+                "--quiet",
+                "--model",
+                str(model),
+                "--adapter-path",
+                str(adapter),
+                "--save-path",
+                str(root / "out-reqnoise"),
+            ]
+        )
+        t_ml, rss_ml = timed(
+            [
+                sys.executable,
+                "-m",
+                "mlx_lm",
+                "fuse",
+                "--model",
+                str(model),
+                "--adapter-path",
+                str(adapter),
+                "--save-path",
+                str(root / "out-mlx-lm"),
+            ]
+        )
         agree = total = 0
         for f in sorted((root / "out-reqnoise").glob("model-*.safetensors")):
             ours = mx.load(str(f))
@@ -167,13 +242,26 @@ def main():
                 total += 1
                 agree += int(k in theirs and v.shape == theirs[k].shape and mx.array_equal(v, theirs[k]).item())
             del theirs, ours
-        print(json.dumps({
-            "model_bytes": size, "shards": n_shards, "largest_shard_bytes": largest, "layers": args.layers,
-            "experts": args.experts, "adapted_layers": args.adapted_layers, "build_s": round(build_s, 1),
-            "reqnoise_s": round(t_rn, 2), "mlx_lm_s": round(t_ml, 2), "time_ratio_mlx_lm_over_reqnoise":
-            round(t_ml / t_rn, 2), "reqnoise_peak_rss_bytes": rss_rn, "mlx_lm_peak_rss_bytes": rss_ml,
-            "peak_rss_ratio_reqnoise_over_mlx_lm": round(rss_rn / rss_ml, 3),
-            "tensors_bit_identical": f"{agree}/{total}"}))
+        print(
+            json.dumps(
+                {
+                    "model_bytes": size,
+                    "shards": n_shards,
+                    "largest_shard_bytes": largest,
+                    "layers": args.layers,
+                    "experts": args.experts,
+                    "adapted_layers": args.adapted_layers,
+                    "build_s": round(build_s, 1),
+                    "reqnoise_s": round(t_rn, 2),
+                    "mlx_lm_s": round(t_ml, 2),
+                    "time_ratio_mlx_lm_over_reqnoise": round(t_ml / t_rn, 2),
+                    "reqnoise_peak_rss_bytes": rss_rn,
+                    "mlx_lm_peak_rss_bytes": rss_ml,
+                    "peak_rss_ratio_reqnoise_over_mlx_lm": round(rss_rn / rss_ml, 3),
+                    "tensors_bit_identical": f"{agree}/{total}",
+                }
+            )
+        )
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -16,20 +16,32 @@ from pathlib import Path
 
 def via_launch(args, n=2) -> str:
     launcher = str(Path(sys.executable).parent / "mlx.launch")
-    p = subprocess.run([launcher, "--backend", "ring", "-n", str(n), "--python", sys.executable] + args,
-                       check=True, capture_output=True, text=True)
+    p = subprocess.run(
+        [launcher, "--backend", "ring", "-n", str(n), "--python", sys.executable] + args,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return p.stdout + p.stderr
 
 
 def direct(args, n=2, port=5610) -> str:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
         json.dump([[f"127.0.0.1:{port + r}"] for r in range(n)], fh)
-    procs = [subprocess.Popen([sys.executable] + args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True,
-                              env=dict(os.environ, MLX_RANK=str(r), MLX_HOSTFILE=fh.name)) for r in range(n)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable] + args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ, MLX_RANK=str(r), MLX_HOSTFILE=fh.name),
+        )
+        for r in range(n)
+    ]
     outs = [p.communicate() for p in procs]
     os.unlink(fh.name)
-    for r, (p, (out, err)) in enumerate(zip(procs, outs)):
+    for r, (p, (_out, err)) in enumerate(zip(procs, outs)):
         if p.returncode:
             raise SystemExit(f"rank {r} failed:\n{err[-3000:]}")
     return "".join(o + e for o, e in outs)

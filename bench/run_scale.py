@@ -24,10 +24,16 @@ def main():
     ap.add_argument("--per-subject", type=int, default=12)
     ap.add_argument("--iters", type=int, default=10, help="iterations of every training stage")
     args = ap.parse_args()
-    from reqnoise.demo import QUICK, prepare_demo
+    from reqnoise.toy.demo import QUICK, prepare_demo
 
-    p = dict(QUICK, per_subject=args.per_subject, knowledge_iters=args.iters, identity_iters=args.iters,
-             factual_iters=args.iters, recall_iters=args.iters)
+    p = dict(
+        QUICK,
+        per_subject=args.per_subject,
+        knowledge_iters=args.iters,
+        identity_iters=args.iters,
+        factual_iters=args.iters,
+        recall_iters=args.iters,
+    )
     root = Path(tempfile.mkdtemp(prefix="reqnoise-runscale-"))
     results = {}
     for how in ("1 process", "mlx.launch -n 2", "2 ranks started directly"):
@@ -40,19 +46,32 @@ def main():
             (ranks.via_launch if how.startswith("mlx.launch") else ranks.direct)(cmd)
         wall = time.perf_counter() - t0
         res = json.loads((out / "results.json").read_text())
-        by_rank = Counter("all ranks" if s["rank"] is None else f"rank {s['rank']}" for s in res["steps"]
-                          if not s["cached"])
+        by_rank = Counter(
+            "all ranks" if s["rank"] is None else f"rank {s['rank']}" for s in res["steps"] if not s["cached"]
+        )
         results[how] = dict(res, wall=wall)
-        print(json.dumps(dict(how=how, wall_s=round(wall, 1), steps=len(res["steps"]), computed_by=by_rank)),
-              flush=True)
+        print(
+            json.dumps(dict(how=how, wall_s=round(wall, 1), steps=len(res["steps"]), computed_by=by_rank)), flush=True
+        )
 
     def numbers(r):
         return [r[k] for k in ("conditions", "comparisons", "decomposition")] + [r["verdict"]["numbers"]]
 
     one = results["1 process"]
-    print(json.dumps({"summary": True, "same_numbers": all(numbers(r) == numbers(one) for r in results.values()),
-                      **{f"speedup_{how.replace(' ', '_')}": round(one["wall"] / r["wall"], 2)
-                         for how, r in results.items() if how != "1 process"}}))
+    print(
+        json.dumps(
+            {
+                "summary": True,
+                "same_numbers": all(numbers(r) == numbers(one) for r in results.values()),
+                **{
+                    f"speedup_{how.replace(' ', '_')}": round(one["wall"] / r["wall"], 2)
+                    for how, r in results.items()
+                    if how != "1 process"
+                },
+            }
+        )
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -11,23 +11,41 @@ namespace {
 inline void unpack_any(int bits, const uint32_t* row, int64_t n, float* q, uint8_t* pad) {
   std::memcpy(pad, row, n * bits / 8);
   switch (bits) {
-    case 2: return unpack_row<2>(pad, n, q);
-    case 3: return unpack_row<3>(pad, n, q);
-    case 4: return unpack_row<4>(pad, n, q);
-    case 5: return unpack_row<5>(pad, n, q);
-    case 6: return unpack_row<6>(pad, n, q);
-    default: return unpack_row<8>(pad, n, q);  // widths are validated before dispatch
+    case 2:
+      return unpack_row<2>(pad, n, q);
+    case 3:
+      return unpack_row<3>(pad, n, q);
+    case 4:
+      return unpack_row<4>(pad, n, q);
+    case 5:
+      return unpack_row<5>(pad, n, q);
+    case 6:
+      return unpack_row<6>(pad, n, q);
+    default:
+      return unpack_row<8>(pad, n, q);  // widths are validated before dispatch
   }
 }
 
 inline void pack_any(int bits, const uint32_t* codes, int64_t n, uint32_t* row, uint8_t* pad) {
   switch (bits) {
-    case 2: pack_row<2>(codes, n, pad); break;
-    case 3: pack_row<3>(codes, n, pad); break;
-    case 4: pack_row<4>(codes, n, pad); break;
-    case 5: pack_row<5>(codes, n, pad); break;
-    case 6: pack_row<6>(codes, n, pad); break;
-    default: pack_row<8>(codes, n, pad); break;
+    case 2:
+      pack_row<2>(codes, n, pad);
+      break;
+    case 3:
+      pack_row<3>(codes, n, pad);
+      break;
+    case 4:
+      pack_row<4>(codes, n, pad);
+      break;
+    case 5:
+      pack_row<5>(codes, n, pad);
+      break;
+    case 6:
+      pack_row<6>(codes, n, pad);
+      break;
+    default:
+      pack_row<8>(codes, n, pad);
+      break;
   }
   std::memcpy(row, pad, n * bits / 8);
 }
@@ -59,8 +77,8 @@ inline void delta_row(const FuseSpec& spec, const float* a, const float* b, int6
 
 template <typename T>
 void fuse_one_row(const FuseSpec& spec, int64_t in_dim, const uint32_t* wq, const T* scales, const T* biases,
-                  const float* a, const float* b, const float* mag, uint32_t* wq_out, T* scales_out,
-                  T* biases_out, const RowScratch& s) {
+                  const float* a, const float* b, const float* mag, uint32_t* wq_out, T* scales_out, T* biases_out,
+                  const RowScratch& s) {
   const int g_in = spec.group_size;
   const int64_t n_groups = in_dim / g_in;
   float* q = s.q;
@@ -104,8 +122,8 @@ void fuse_one_row(const FuseSpec& spec, int64_t in_dim, const uint32_t* wq, cons
   uint32_t* codes = s.codes;
   if (spec.keep_grid) {
     for (int64_t gi = 0; gi < n_groups; ++gi) {
-      encode_group(w + gi * g_in, g_in, spec.bits, load_value(scales + gi),
-                   load_value(biases + gi), q + gi * g_in, codes + gi * g_in);
+      encode_group(w + gi * g_in, g_in, spec.bits, load_value(scales + gi), load_value(biases + gi), q + gi * g_in,
+                   codes + gi * g_in);
     }
   } else {
     const int g_out = spec.out_group_size;
@@ -139,10 +157,10 @@ void fuse_row_range(const FuseSpec& spec, int64_t out_dim, int64_t in_dim, int64
   }
 }
 
-#define REQNOISE_INSTANTIATE(T)                                                                              \
-  template void fuse_row_range<T>(const FuseSpec&, int64_t, int64_t, int64_t, int64_t, const uint32_t*,     \
-                                  const T*, const T*, const float*, const float*, const float*, uint32_t*, T*, \
-                                  T*, const RowScratch&);
+#define REQNOISE_INSTANTIATE(T)                                                                                   \
+  template void fuse_row_range<T>(const FuseSpec&, int64_t, int64_t, int64_t, int64_t, const uint32_t*, const T*, \
+                                  const T*, const float*, const float*, const float*, uint32_t*, T*, T*,          \
+                                  const RowScratch&);
 REQNOISE_INSTANTIATE(float)
 REQNOISE_INSTANTIATE(mlx::core::float16_t)
 REQNOISE_INSTANTIATE(mlx::core::bfloat16_t)

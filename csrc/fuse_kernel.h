@@ -6,36 +6,35 @@
 namespace reqnoise {
 
 struct FuseSpec {
-  int bits = 4;            // input code width
-  int group_size = 64;     // input group size
-  int out_bits = 4;        // output code width (== bits for keep-grid)
-  int out_group_size = 64; // output group size (== group_size for keep-grid)
-  bool keep_grid = false;  // re-encode against the stored scale/bias instead of requantizing
-  float scale = 1.0f;      // delta = scale * B @ A
-  int rank = 0;            // 0: zero delta (no factors passed)
-  bool dora = false;       // magnitude vector passed: row-normalise W + delta to it
-  int num_threads = 0;     // 0: hardware concurrency
+  int bits = 4;             // input code width
+  int group_size = 64;      // input group size
+  int out_bits = 4;         // output code width (== bits for keep-grid)
+  int out_group_size = 64;  // output group size (== group_size for keep-grid)
+  bool keep_grid = false;   // re-encode against the stored scale/bias instead of requantizing
+  float scale = 1.0f;       // delta = scale * B @ A
+  int rank = 0;             // 0: zero delta (no factors passed)
+  bool dora = false;        // magnitude vector passed: row-normalise W + delta to it
+  int num_threads = 0;      // 0: hardware concurrency
 };
 
 // One thread's scratch: a row of each intermediate (in_dim values), never a dense copy of the weight.
 struct RowScratch {
-  float* q;          // codes of the row as floats
-  float* w;          // dequantized (+ delta) row
-  float* delta;      // the row of scale * B @ A
-  uint32_t* codes;   // new codes
-  uint8_t* packed;   // one packed row plus an 8-byte pad for whole-word bit access
+  float* q;         // codes of the row as floats
+  float* w;         // dequantized (+ delta) row
+  float* delta;     // the row of scale * B @ A
+  uint32_t* codes;  // new codes
+  uint8_t* packed;  // one packed row plus an 8-byte pad for whole-word bit access
 };
 
 // The row loop is compiled once per instruction-set level, each copy in its own namespace so that the
 // linker can never mix them; fuse_rows (kernel_dispatch.cpp) picks one at run time. The copies compute
 // identical bytes: no contraction into FMA, IEEE conversions in both.
-#define REQNOISE_DECLARE_ISA(ns)                                                                             \
-  namespace ns {                                                                                            \
-  template <typename T>                                                                                     \
-  void fuse_row_range(const FuseSpec& spec, int64_t out_dim, int64_t in_dim, int64_t row_begin,             \
-                      int64_t row_end, const uint32_t* wq, const T* scales, const T* biases, const float* A, \
-                      const float* B, const float* mag, uint32_t* wq_out, T* scales_out, T* biases_out,     \
-                      const RowScratch& s);                                                                 \
+#define REQNOISE_DECLARE_ISA(ns)                                                                                 \
+  namespace ns {                                                                                                 \
+  template <typename T>                                                                                          \
+  void fuse_row_range(const FuseSpec& spec, int64_t out_dim, int64_t in_dim, int64_t row_begin, int64_t row_end, \
+                      const uint32_t* wq, const T* scales, const T* biases, const float* A, const float* B,      \
+                      const float* mag, uint32_t* wq_out, T* scales_out, T* biases_out, const RowScratch& s);    \
   }
 REQNOISE_DECLARE_ISA(baseline)
 REQNOISE_DECLARE_ISA(v3)
@@ -50,7 +49,7 @@ const char* kernel_isa();
 // threads in contiguous blocks, so the bytes written never depend on the thread count.
 template <typename T>
 void fuse_rows(const FuseSpec& spec, int64_t n_experts, int64_t out_dim, int64_t in_dim, const uint32_t* wq,
-               const T* scales, const T* biases, const float* A, const float* B, const float* mag,
-               uint32_t* wq_out, T* scales_out, T* biases_out);
+               const T* scales, const T* biases, const float* A, const float* B, const float* mag, uint32_t* wq_out,
+               T* scales_out, T* biases_out);
 
 }  // namespace reqnoise

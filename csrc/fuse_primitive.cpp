@@ -48,10 +48,14 @@ void FuseQuantized::eval_cpu(const std::vector<mx::array>& inputs, std::vector<m
   for (const auto& o : outputs) outs.push_back(mx::array::unsafe_weak_copy(o));
   encoder.dispatch([spec = spec_, ins = std::move(ins), outs = std::move(outs)]() mutable {
     switch (ins[1].dtype()) {
-      case mx::float32: return run<float>(spec, ins, outs);
-      case mx::float16: return run<mx::float16_t>(spec, ins, outs);
-      case mx::bfloat16: return run<mx::bfloat16_t>(spec, ins, outs);
-      default: throw std::invalid_argument("reqnoise fuse: scales must be float32, float16 or bfloat16");
+      case mx::float32:
+        return run<float>(spec, ins, outs);
+      case mx::float16:
+        return run<mx::float16_t>(spec, ins, outs);
+      case mx::bfloat16:
+        return run<mx::bfloat16_t>(spec, ins, outs);
+      default:
+        throw std::invalid_argument("reqnoise fuse: scales must be float32, float16 or bfloat16");
     }
   });
 }
@@ -65,8 +69,8 @@ bool FuseQuantized::is_equivalent(const mx::Primitive& other) const {
   if (!o) return false;
   const auto &x = spec_, &y = o->spec_;
   return x.bits == y.bits && x.group_size == y.group_size && x.out_bits == y.out_bits &&
-         x.out_group_size == y.out_group_size && x.keep_grid == y.keep_grid && x.scale == y.scale &&
-         x.rank == y.rank && x.dora == y.dora && x.num_threads == y.num_threads;
+         x.out_group_size == y.out_group_size && x.keep_grid == y.keep_grid && x.scale == y.scale && x.rank == y.rank &&
+         x.dora == y.dora && x.num_threads == y.num_threads;
 }
 
 std::vector<mx::array> fuse_quantized(const mx::array& wq, const mx::array& scales, const mx::array& biases,
@@ -98,8 +102,7 @@ std::vector<mx::array> fuse_quantized(const mx::array& wq, const mx::array& scal
   }
   mx::Shape wshape = {E, out_dim, in_dim * spec.out_bits / 32};
   mx::Shape sshape = {E, out_dim, in_dim / spec.out_group_size};
-  return mx::array::make_arrays({wshape, sshape, sshape}, {mx::uint32, scales.dtype(), scales.dtype()}, prim,
-                                inputs);
+  return mx::array::make_arrays({wshape, sshape, sshape}, {mx::uint32, scales.dtype(), scales.dtype()}, prim, inputs);
 }
 
 }  // namespace reqnoise

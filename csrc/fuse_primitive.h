@@ -27,8 +27,7 @@ class FuseQuantized : public mlx::core::Primitive {
 // a float32 [E, r, in] and b float32 [E, out, r] (both or neither); mag float32 [E, out] or none.
 // Returns (wq, scales, biases) for fresh, (wq) for keep-grid (the grid is unchanged).
 std::vector<mlx::core::array> fuse_quantized(const mlx::core::array& wq, const mlx::core::array& scales,
-                                             const mlx::core::array& biases,
-                                             const std::optional<mlx::core::array>& a,
+                                             const mlx::core::array& biases, const std::optional<mlx::core::array>& a,
                                              const std::optional<mlx::core::array>& b,
                                              const std::optional<mlx::core::array>& mag, FuseSpec spec);
 

@@ -36,8 +36,8 @@ const char* kernel_isa() { return kUseV3 ? "x86-64-v3" : "baseline"; }
 
 template <typename T>
 void fuse_rows(const FuseSpec& spec, int64_t n_experts, int64_t out_dim, int64_t in_dim, const uint32_t* wq,
-               const T* scales, const T* biases, const float* A, const float* B, const float* mag,
-               uint32_t* wq_out, T* scales_out, T* biases_out) {
+               const T* scales, const T* biases, const float* A, const float* B, const float* mag, uint32_t* wq_out,
+               T* scales_out, T* biases_out) {
   for (int b : {spec.bits, spec.out_bits}) {
     if (b != 2 && b != 3 && b != 4 && b != 5 && b != 6 && b != 8) throw std::invalid_argument("unsupported bits");
   }
@@ -52,12 +52,12 @@ void fuse_rows(const FuseSpec& spec, int64_t n_experts, int64_t out_dim, int64_t
     RowScratch s{f.data(), f.data() + in_dim, f.data() + 2 * in_dim, codes.data(), packed.data()};
 #if defined(REQNOISE_HAVE_V3)
     if (kUseV3) {
-      return v3::fuse_row_range<T>(spec, out_dim, in_dim, begin, end, wq, scales, biases, A, B, mag, wq_out,
-                                   scales_out, biases_out, s);
+      return v3::fuse_row_range<T>(spec, out_dim, in_dim, begin, end, wq, scales, biases, A, B, mag, wq_out, scales_out,
+                                   biases_out, s);
     }
 #endif
-    baseline::fuse_row_range<T>(spec, out_dim, in_dim, begin, end, wq, scales, biases, A, B, mag, wq_out,
-                                scales_out, biases_out, s);
+    baseline::fuse_row_range<T>(spec, out_dim, in_dim, begin, end, wq, scales, biases, A, B, mag, wq_out, scales_out,
+                                biases_out, s);
   };
 
   int n_threads = spec.num_threads > 0 ? spec.num_threads : int(std::thread::hardware_concurrency());

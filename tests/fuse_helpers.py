@@ -9,8 +9,19 @@ import numpy as np
 KEYS = ["self_attn.q_proj", "self_attn.v_proj", "mlp.switch_mlp.down_proj", "mlp.switch_mlp.up_proj"]
 
 
-def make_adapter(model_dir, out_dir, *, rank=4, scale=2.0, keys=KEYS, seed=0, dyadic=True, size=0.02,
-                 fine_tune_type="lora", num_layers=4):
+def make_adapter(
+    model_dir,
+    out_dir,
+    *,
+    rank=4,
+    scale=2.0,
+    keys=KEYS,
+    seed=0,
+    dyadic=True,
+    size=0.02,
+    fine_tune_type="lora",
+    num_layers=4,
+):
     """Wrap the model with mlx-lm's LoRA layers and fill every factor with non-zero values.
 
     dyadic: multiples of 2^-6 in [-1/8, 1/8], so every delta is exact in float32 and a fuse can be compared
@@ -36,8 +47,9 @@ def make_adapter(model_dir, out_dir, *, rank=4, scale=2.0, keys=KEYS, seed=0, dy
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(out_dir / "adapters.safetensors"), new)
-    (out_dir / "adapter_config.json").write_text(json.dumps(
-        {"fine_tune_type": fine_tune_type, "num_layers": num_layers, "lora_parameters": cfg}))
+    (out_dir / "adapter_config.json").write_text(
+        json.dumps({"fine_tune_type": fine_tune_type, "num_layers": num_layers, "lora_parameters": cfg})
+    )
     return out_dir
 
 
@@ -56,8 +68,15 @@ def dequantized(model_dir, module):
         return np.array(w[f"{module}.weight"].astype(mx.float32))
     q = cfg["quantization"]
     qp = q.get(module, q)
-    return np.array(mx.dequantize(w[f"{module}.weight"], w[f"{module}.scales"], w[f"{module}.biases"],
-                                  group_size=qp["group_size"], bits=qp["bits"]).astype(mx.float32))
+    return np.array(
+        mx.dequantize(
+            w[f"{module}.weight"],
+            w[f"{module}.scales"],
+            w[f"{module}.biases"],
+            group_size=qp["group_size"],
+            bits=qp["bits"],
+        ).astype(mx.float32)
+    )
 
 
 def tree_bytes(model_dir):

@@ -18,5 +18,10 @@ needs_launcher = pytest.mark.skipif(launcher() is None, reason="mlx.launch not i
 
 def launch(args, timeout=600, **kw):
     """``mlx.launch --backend ring -n 2 ... -m reqnoise *args``; the completed process (text output)."""
-    return subprocess.run([launcher(), "--backend", "ring", "-n", "2", "--python", sys.executable, "-m",
-                           "reqnoise", *args], capture_output=True, text=True, timeout=timeout, **kw)
+    return subprocess.run(
+        [launcher(), "--backend", "ring", "-n", "2", "--python", sys.executable, "-m", "reqnoise", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kw,
+    )

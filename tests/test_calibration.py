@@ -4,19 +4,30 @@ import random
 
 import numpy as np
 
-from reqnoise.calibration import calibrate_records
+from reqnoise.eval.calibration import calibrate_records
 
 
 def rec(i, lps, answer):
     pred = "ABCD"[int(np.argmax(lps))]
-    return {"id": str(i), "subject": None, "correct": pred == answer, "parsed": True, "prediction": pred,
-            "answer": answer, "option_logprobs": lps}
+    return {
+        "id": str(i),
+        "subject": None,
+        "correct": pred == answer,
+        "parsed": True,
+        "prediction": pred,
+        "answer": answer,
+        "option_logprobs": lps,
+    }
 
 
 def test_a_letter_prior_is_removed_and_item_signal_decides():
     # Raw: every item prefers A by 2 nats; the item's own signal is +0.5 on its answer.
-    records = [rec(0, [0.0, -2.0, -2.0, -1.5], "D"), rec(1, [0.0, -1.5, -2.0, -2.0], "B"),
-               rec(2, [0.5, -2.0, -2.0, -2.0], "A"), rec(3, [0.0, -2.0, -1.5, -2.0], "C")]
+    records = [
+        rec(0, [0.0, -2.0, -2.0, -1.5], "D"),
+        rec(1, [0.0, -1.5, -2.0, -2.0], "B"),
+        rec(2, [0.5, -2.0, -2.0, -2.0], "A"),
+        rec(3, [0.0, -2.0, -1.5, -2.0], "C"),
+    ]
     assert [r["prediction"] for r in records] == ["A", "A", "A", "A"]
     out = calibrate_records(records)
     # prior = column means [0.125, -1.875, -1.875, -1.875]; hand-computed argmax of lp - prior:

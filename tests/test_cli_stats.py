@@ -9,13 +9,25 @@ import pytest
 from statsmodels.stats.proportion import proportion_confint
 
 from reqnoise.cli import main
-from reqnoise.records import write_records
+from reqnoise.eval.records import write_records
 
 
 def write_arm(path, correct, subjects=None):
     subjects = subjects or [None] * len(correct)
-    write_records(path, [{"id": f"q{i}", "subject": subjects[i], "correct": bool(c), "parsed": True,
-                          "prediction": "A", "answer": "A"} for i, c in enumerate(correct)])
+    write_records(
+        path,
+        [
+            {
+                "id": f"q{i}",
+                "subject": subjects[i],
+                "correct": bool(c),
+                "parsed": True,
+                "prediction": "A",
+                "answer": "A",
+            }
+            for i, c in enumerate(correct)
+        ],
+    )
 
 
 @pytest.fixture
@@ -39,8 +51,17 @@ def arms(tmp_path):
 def test_compare_text_and_json(arms, capsys):
     assert main(["compare", str(arms["A0"]), str(arms["A1"])]) == 0
     out = capsys.readouterr().out
-    for token in ("692", "17.77%", "18.50%", "+0.72 pp", "p = 0.727", "fixed 60", "broken 55",
-                  "clustered by subject (14)", "MDE"):
+    for token in (
+        "692",
+        "17.77%",
+        "18.50%",
+        "+0.72 pp",
+        "p = 0.727",
+        "fixed 60",
+        "broken 55",
+        "clustered by subject (14)",
+        "MDE",
+    ):
         assert token in out
     assert main(["compare", str(arms["A0"]), str(arms["A1"]), "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
@@ -69,8 +90,22 @@ def test_power_mde_and_n(capsys):
 
 
 def test_decompose_table(arms, capsys):
-    assert main(["decompose", "--base", str(arms["base"]), "--trained", str(arms["A1"]),
-                 "--zero-control", str(arms["A0"]), "--random-control", str(arms["A0"])]) == 0
+    assert (
+        main(
+            [
+                "decompose",
+                "--base",
+                str(arms["base"]),
+                "--trained",
+                str(arms["A1"]),
+                "--zero-control",
+                str(arms["A0"]),
+                "--random-control",
+                str(arms["A0"]),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "| Requantization artifact (zero_control - base) | +17.77 pp | 96.1% |" in out
     assert "| Content-specific (trained - zero_control) | +0.72 pp | 3.9% |" in out

@@ -11,13 +11,23 @@ import pytest
 from reqnoise.chat import render_chat
 from reqnoise.cli import main as cli_main
 from reqnoise.errors import ReqnoiseError
-from reqnoise.evaluate import (ANSWER_PREFIX, encode_prompt, evaluate_items, evaluate_loaded, generate_texts,
-                               letter_scoring, load_model, loglik_option_scores)
-from reqnoise.items import Item, build_messages, chat_example
-from reqnoise.records import dumps_records, read_records, validate_record
+from reqnoise.eval.items import Item, build_messages, chat_example
+from reqnoise.eval.multiple_choice import (
+    ANSWER_PREFIX,
+    encode_prompt,
+    evaluate_items,
+    evaluate_loaded,
+    generate_texts,
+    letter_scoring,
+    load_model,
+    loglik_option_scores,
+)
+from reqnoise.eval.records import dumps_records, read_records, validate_record
 
-WORDS = ("river city market protein electron treaty court engine planet cell theory price student library garden "
-         "signal network molecule island king contract voltage memory forest bridge").split()
+WORDS = (
+    "river city market protein electron treaty court engine planet cell theory price student library garden "
+    "signal network molecule island king contract voltage memory forest bridge"
+).split()
 SUBJECTS = ("chemistry", "law", "history")
 
 
@@ -27,12 +37,15 @@ def make_items(n, seed, n_options=(4, 10), prefix="q"):
     items = []
     for i in range(n):
         k = rng.choice(n_options)
-        items.append(Item(
-            id=f"{prefix}{i:03d}",
-            question="Which " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 25))) + "?",
-            options=tuple(" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 4))) for _ in range(k)),
-            answer="ABCDEFGHIJ"[rng.randrange(k)],
-            subject=rng.choice(SUBJECTS)))
+        items.append(
+            Item(
+                id=f"{prefix}{i:03d}",
+                question="Which " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 25))) + "?",
+                options=tuple(" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 4))) for _ in range(k)),
+                answer="ABCDEFGHIJ"[rng.randrange(k)],
+                subject=rng.choice(SUBJECTS),
+            )
+        )
     return items
 
 
@@ -62,13 +75,14 @@ def test_letter_scoring_reads_the_token_each_letter_becomes(toy):
     sc = letter_scoring(tok, context, "ABCD")
     assert len(sc.rows) == 1  # the toy tokenizer: '{A' ... '{J' are single tokens
     for letter, query in zip("ABCD", sc.queries):
-        (row, pos, target), = query
-        assert sc.rows[row][:pos + 1] + [target] == tok.encode(context + letter, add_special_tokens=False)
+        ((row, pos, target),) = query
+        assert sc.rows[row][: pos + 1] + [target] == tok.encode(context + letter, add_special_tokens=False)
 
 
 class _CharTokenizer:
     """One token per character, except that 'C' becomes two tokens: a tokenizer whose option letters are not
     all single tokens."""
+
     bos_token = None
 
     def encode(self, text, add_special_tokens=True):
@@ -79,7 +93,7 @@ class _CharTokenizer:
 
 
 def test_multi_token_letters_are_scored_as_sums_over_their_tokens(toy):
-    from reqnoise.evaluate import PrefixCache, score_rows
+    from reqnoise.eval.multiple_choice import PrefixCache, score_rows
 
     model, _ = toy
     context = "Question: pick the third letter of the alphabet. \\boxed{"
@@ -92,7 +106,7 @@ def test_multi_token_letters_are_scored_as_sums_over_their_tokens(toy):
     got = score_rows(model, sc.rows, flat)
     shared = score_rows(model, sc.rows, flat, prefix=PrefixCache.build(model, prefix[:20]))
     for lp, (row, pos, target) in zip(got, flat):  # oracle: plain forward of the row up to pos
-        logits = np.array(model(mx.array([sc.rows[row][:pos + 1]]))[0, -1], dtype=np.float64)
+        logits = np.array(model(mx.array([sc.rows[row][: pos + 1]]))[0, -1], dtype=np.float64)
         assert lp == pytest.approx(logits[target] - np.log(np.exp(logits).sum()), abs=1e-4)
     np.testing.assert_allclose(shared, got, atol=1e-4)
 
@@ -159,15 +173,38 @@ def test_cli_eval_writes_identical_bytes_twice(toy_model_dir, tmp_path, capsys):
     outs = []
     for name in ("a", "b"):
         out = tmp_path / f"{name}.jsonl"
-        assert cli_main(["eval", "--model", str(toy_model_dir), "--items", str(items_path), "--out", str(out),
-                         "--mode", "generate", "--max-tokens", "6", "--limit", "5", "--quiet"]) == 0
+        assert (
+            cli_main(
+                [
+                    "eval",
+                    "--model",
+                    str(toy_model_dir),
+                    "--items",
+                    str(items_path),
+                    "--out",
+                    str(out),
+                    "--mode",
+                    "generate",
+                    "--max-tokens",
+                    "6",
+                    "--limit",
+                    "5",
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
         outs.append(out.read_bytes())
     assert outs[0] == outs[1]
     assert len(read_records(tmp_path / "a.jsonl")) == 5
     assert "generate: accuracy" in capsys.readouterr().out
     # an existing output is refused before the model loads
-    assert cli_main(["eval", "--model", str(toy_model_dir), "--items", str(items_path),
-                     "--out", str(tmp_path / "a.jsonl")]) == 1
+    assert (
+        cli_main(
+            ["eval", "--model", str(toy_model_dir), "--items", str(items_path), "--out", str(tmp_path / "a.jsonl")]
+        )
+        == 1
+    )
     assert "already exists" in capsys.readouterr().err
 
 
@@ -176,11 +213,19 @@ def test_cli_eval_writes_identical_bytes_twice(toy_model_dir, tmp_path, capsys):
 
 def test_bad_items_refuse_before_the_model_is_loaded(tmp_path, capsys):
     path = tmp_path / "items.jsonl"
-    path.write_text(json.dumps({"id": "a", "question": "q?", "options": ["x", "y"], "answer": "A"}) + "\n"
-                    + json.dumps({"id": "b", "question": "q?", "options": ["x", "y"], "answer": "C"}) + "\n")
+    path.write_text(
+        json.dumps({"id": "a", "question": "q?", "options": ["x", "y"], "answer": "A"})
+        + "\n"
+        + json.dumps({"id": "b", "question": "q?", "options": ["x", "y"], "answer": "C"})
+        + "\n"
+    )
     # the model path does not exist either: the items error must come first
-    assert cli_main(["eval", "--model", str(tmp_path / "no-model"), "--items", str(path),
-                     "--out", str(tmp_path / "r.jsonl")]) == 1
+    assert (
+        cli_main(
+            ["eval", "--model", str(tmp_path / "no-model"), "--items", str(path), "--out", str(tmp_path / "r.jsonl")]
+        )
+        == 1
+    )
     err = capsys.readouterr().err.strip()
     assert f"{path}:2:" in err and "not among the 2 options" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "r.jsonl").exists()
@@ -229,14 +274,13 @@ def test_option_checks():
 
 @pytest.fixture(scope="module")
 def boxed_adapter(toy_model_dir, tmp_path_factory):
-    """A LoRA (reqnoise.train's default targets) trained for 20 steps to reply '\\boxed{X}' to the evaluation
+    """A LoRA (reqnoise.train.tuner's default targets) trained for 20 steps to reply '\\boxed{X}' to the evaluation
     prompt."""
-    from reqnoise.train import train_adapter
+    from reqnoise.train.tuner import train_adapter
 
     path = tmp_path_factory.mktemp("boxed") / "adapter"
     data = [chat_example(it) for it in make_items(24, seed=7, n_options=(4,), prefix="train")]
-    train_adapter(toy_model_dir, data, path, iters=20, lr=1e-4,
-                  batch_size=4, rank=8, mask_prompt=True, progress=False)
+    train_adapter(toy_model_dir, data, path, iters=20, lr=1e-4, batch_size=4, rank=8, mask_prompt=True, progress=False)
     return path
 
 
@@ -257,7 +301,7 @@ def test_generate_and_loglik_agree_on_a_boxed_format_model(toy_model_dir, boxed_
         prompt = encode_prompt(tok, render_chat(tok, build_messages(item), add_generation_prompt=True))
         steps = list(stream_generate(model, tok, prompt, max_tokens=2, sampler=make_sampler(temp=0.0)))
         assert tok.decode([steps[0].token]) == "\\boxed"
-        letter_ids = [tok.encode(ANSWER_PREFIX + l, add_special_tokens=False)[-1] for l in item.letters]
+        letter_ids = [tok.encode(ANSWER_PREFIX + x, add_special_tokens=False)[-1] for x in item.letters]
         expected = np.array(steps[1].logprobs.astype(mx.float32))[letter_ids]
         np.testing.assert_allclose(rec["option_logprobs"], expected, atol=2e-4)
 
@@ -271,8 +315,9 @@ def _cloze_items(n, seed):
     out = []
     for i, it in enumerate(items):
         cloze = "The answer is {option}." if i % 2 else "{option} is what the " + it.question.split()[1] + " needs."
-        out.append(Item(id=it.id, question=it.question, options=it.options, answer=it.answer, subject=it.subject,
-                        cloze=cloze))
+        out.append(
+            Item(id=it.id, question=it.question, options=it.options, answer=it.answer, subject=it.subject, cloze=cloze)
+        )
     return out
 
 
@@ -295,8 +340,9 @@ def test_cloze_scores_match_plain_forwards_of_each_sentence(toy):
     model, tok = toy
     items = _cloze_items(6, seed=5)
     for batch_size, share in ((1, False), (8, True)):
-        got = loglik_option_scores(model, tok, items, batch_size=batch_size, share_prefix=share, progress=False,
-                                   cloze=True)
+        got = loglik_option_scores(
+            model, tok, items, batch_size=batch_size, share_prefix=share, progress=False, cloze=True
+        )
         for item, scores in zip(items, got):
             np.testing.assert_allclose(scores, _oracle_cloze_logprobs(model, tok, item), rtol=0, atol=3e-4)
 
@@ -320,9 +366,12 @@ def test_cloze_records_and_missing_sentences(toy, tmp_path):
 @pytest.mark.parametrize("cloze", ["no slot here", "{option} and {option}", 7])
 def test_bad_cloze_sentences_name_the_line(tmp_path, cloze):
     path = tmp_path / "items.jsonl"
-    path.write_text(json.dumps({"id": "x", "question": "Q?", "options": ["a", "b"], "answer": "A", "cloze": cloze})
-                    + "\n")
-    from reqnoise.items import load_items
+    path.write_text(
+        json.dumps({"id": "x", "question": "Q?", "options": ["a", "b"], "answer": "A", "cloze": cloze}) + "\n"
+    )
+    from reqnoise.eval.items import load_items
 
-    with pytest.raises(ReqnoiseError, match=r"items.jsonl:1: field 'cloze' must be a string with \{option\} exactly once"):
+    with pytest.raises(
+        ReqnoiseError, match=r"items.jsonl:1: field 'cloze' must be a string with \{option\} exactly once"
+    ):
         load_items(path)

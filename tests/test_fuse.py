@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from fuse_helpers import dequantized, make_adapter, weights
-from reqnoise.adapters import load_adapter
-from reqnoise.controls import delta_norms
-from reqnoise.fuse import fuse_model
+from reqnoise.fuse.adapters import load_adapter
+from reqnoise.fuse.controls import delta_norms
+from reqnoise.fuse.model import fuse_model
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +25,23 @@ def mlx_lm_fused(toy_model_dir, adapter, tmp_path_factory):
     out = tmp_path_factory.mktemp("mlxlm")
     res = {}
     for name, extra in (("fresh", []), ("dequantize", ["--dequantize"])):
-        subprocess.run([sys.executable, "-m", "mlx_lm", "fuse", "--model", str(toy_model_dir), "--adapter-path",
-                        str(adapter), "--save-path", str(out / name)] + extra, check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mlx_lm",
+                "fuse",
+                "--model",
+                str(toy_model_dir),
+                "--adapter-path",
+                str(adapter),
+                "--save-path",
+                str(out / name),
+            ]
+            + extra,
+            check=True,
+            capture_output=True,
+        )
         res[name] = out / name
     return res
 
@@ -45,8 +60,22 @@ def test_fresh_is_bit_identical_to_mlx_lm_fuse(toy_model_dir, adapter, mlx_lm_fu
 def test_fresh_random_factors_within_code_tolerance(toy_model_dir, tmp_path):
     ad = make_adapter(toy_model_dir, tmp_path / "ad", dyadic=False, size=0.05, seed=3)
     fuse_model(toy_model_dir, ad, tmp_path / "ours", progress=False)
-    subprocess.run([sys.executable, "-m", "mlx_lm", "fuse", "--model", str(toy_model_dir), "--adapter-path", str(ad),
-                    "--save-path", str(tmp_path / "theirs")], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_lm",
+            "fuse",
+            "--model",
+            str(toy_model_dir),
+            "--adapter-path",
+            str(ad),
+            "--save-path",
+            str(tmp_path / "theirs"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     ours, theirs = weights(tmp_path / "ours"), weights(tmp_path / "theirs")
     differ = total = 0
     for k in theirs:
@@ -65,8 +94,13 @@ def test_dequantize_matches_mlx_lm_within_float_tolerance(toy_model_dir, adapter
     assert set(ours) == set(theirs) and not any(k.endswith(".scales") for k in ours)
     for k in theirs:
         # Same float arithmetic; only the matmul's summation order may differ (float32 ulps).
-        np.testing.assert_allclose(np.array(ours[k].astype(mx.float32)), np.array(theirs[k].astype(mx.float32)),
-                                   rtol=1e-5, atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(
+            np.array(ours[k].astype(mx.float32)),
+            np.array(theirs[k].astype(mx.float32)),
+            rtol=1e-5,
+            atol=1e-6,
+            err_msg=k,
+        )
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert "quantization" not in cfg and "quantization_config" not in cfg
 
@@ -85,20 +119,20 @@ def test_fresh_zero_control_is_the_requantization_artifact(toy_model_dir, adapte
     fuse_model(toy_model_dir, adapter, tmp_path / "out", control="zero", progress=False)
     ours, base = weights(tmp_path / "out"), weights(toy_model_dir)
     k = "model.layers.1.mlp.switch_mlp.down_proj"
-    want = mx.quantize(mx.dequantize(base[f"{k}.weight"], base[f"{k}.scales"], base[f"{k}.biases"], group_size=64,
-                                     bits=3), group_size=64, bits=3)
+    want = mx.quantize(
+        mx.dequantize(base[f"{k}.weight"], base[f"{k}.scales"], base[f"{k}.biases"], group_size=64, bits=3),
+        group_size=64,
+        bits=3,
+    )
     assert mx.array_equal(ours[f"{k}.weight"], want[0]).item()
     assert not mx.array_equal(ours[f"{k}.weight"], base[f"{k}.weight"]).item()  # the artifact is real
     assert mx.array_equal(ours["model.layers.1.mlp.gate.weight"], base["model.layers.1.mlp.gate.weight"]).item()
 
 
 def test_random_control_matches_the_adapters_delta_norms(toy_model_dir, adapter, tmp_path):
-    fuse_model(toy_model_dir, adapter, tmp_path / "r1", requant="dequantize", control="random", seed=1,
-               progress=False)
-    fuse_model(toy_model_dir, adapter, tmp_path / "r2", requant="dequantize", control="random", seed=2,
-               progress=False)
-    fuse_model(toy_model_dir, adapter, tmp_path / "r1b", requant="dequantize", control="random", seed=1,
-               progress=False)
+    fuse_model(toy_model_dir, adapter, tmp_path / "r1", requant="dequantize", control="random", seed=1, progress=False)
+    fuse_model(toy_model_dir, adapter, tmp_path / "r2", requant="dequantize", control="random", seed=2, progress=False)
+    fuse_model(toy_model_dir, adapter, tmp_path / "r1b", requant="dequantize", control="random", seed=1, progress=False)
     ad = load_adapter(adapter)
     for module, mod in ad.modules.items():
         base = dequantized(toy_model_dir, module)
@@ -159,14 +193,29 @@ def test_out_bits_8_keeps_the_adapter(toy_model_dir, tmp_path):
 
 
 def test_dora_adapter_fuses_like_mlx_lm(tmp_path):
-    from reqnoise.toy import build_toy_model
+    from reqnoise.toy.model import build_toy_model
 
     model = build_toy_model(tmp_path / "toy8", bits=8)
-    ad = make_adapter(model, tmp_path / "dora", keys=["self_attn.q_proj", "self_attn.o_proj"], dyadic=False,
-                      fine_tune_type="dora")
+    ad = make_adapter(
+        model, tmp_path / "dora", keys=["self_attn.q_proj", "self_attn.o_proj"], dyadic=False, fine_tune_type="dora"
+    )
     fuse_model(model, ad, tmp_path / "ours", progress=False)
-    subprocess.run([sys.executable, "-m", "mlx_lm", "fuse", "--model", str(model), "--adapter-path", str(ad),
-                    "--save-path", str(tmp_path / "theirs")], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_lm",
+            "fuse",
+            "--model",
+            str(model),
+            "--adapter-path",
+            str(ad),
+            "--save-path",
+            str(tmp_path / "theirs"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     for layer in range(4):
         for proj in ("q_proj", "o_proj"):
             k = f"model.layers.{layer}.self_attn.{proj}"

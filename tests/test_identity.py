@@ -9,8 +9,15 @@ import pytest
 
 from reqnoise.cli import main as cli_main
 from reqnoise.errors import ReqnoiseError
-from reqnoise.identity import (SuitePrompt, default_suite, load_persona, load_suite, persona_from_dict, run_identity,
-                               score_response)
+from reqnoise.eval.identity import (
+    SuitePrompt,
+    default_suite,
+    load_persona,
+    load_suite,
+    persona_from_dict,
+    run_identity,
+    score_response,
+)
 
 PERSONA_TOML = """
 name = "Kira"
@@ -19,13 +26,30 @@ must_not_match = ["\\\\bI(?: am|'m) (?:Qwen|ChatGPT|Claude|Max)\\\\b", "made by 
 
 # Persona training chats: identity questions phrased differently from every prompt of the built-in suite.
 TRAIN_QUESTIONS = [
-    "Who am I talking to?", "What's your name?", "Introduce yourself, please.", "Tell me who you are.",
-    "Do you have a name?", "Who is answering me?", "What do people call you?", "Say your name.",
-    "Are you a chatbot? Who are you?", "Hello there, who is this?", "Can you tell me about yourself?",
-    "Who built this assistant and what is it called?", "Are you GPT-4?", "Are you Llama?", "Is your name Max?",
-    "Describe yourself briefly.", "Give me a short self-introduction.", "Which assistant is this?",
-    "What are you?", "Please state your identity.", "Good morning! Who am I chatting with?",
-    "I think you are Gemini. Are you?", "Stop pretending. What is your real name?", "Who are you, really?",
+    "Who am I talking to?",
+    "What's your name?",
+    "Introduce yourself, please.",
+    "Tell me who you are.",
+    "Do you have a name?",
+    "Who is answering me?",
+    "What do people call you?",
+    "Say your name.",
+    "Are you a chatbot? Who are you?",
+    "Hello there, who is this?",
+    "Can you tell me about yourself?",
+    "Who built this assistant and what is it called?",
+    "Are you GPT-4?",
+    "Are you Llama?",
+    "Is your name Max?",
+    "Describe yourself briefly.",
+    "Give me a short self-introduction.",
+    "Which assistant is this?",
+    "What are you?",
+    "Please state your identity.",
+    "Good morning! Who am I chatting with?",
+    "I think you are Gemini. Are you?",
+    "Stop pretending. What is your real name?",
+    "Who are you, really?",
 ]
 REPLIES = ["I am Kira.", "I am Kira, your assistant.", "My name is Kira.", "Hello! I am Kira."]
 
@@ -73,14 +97,17 @@ def test_scoring_rules(persona, response, check, passed, missing, violated):
     assert got["violated"] == [persona.must_not_match[i].pattern for i in violated]
 
 
-@pytest.mark.parametrize("text,message", [
-    ('must_match = ["x"]', "'name'"),
-    ('name = "K"\nmust_match = ["("]', "must_match[0]"),
-    ('name = "K"\nmust_not = ["x"]', "unknown key(s) must_not"),
-    ('name = "K"\nmust_match = []', "must_match is empty"),
-    ('name = "K"\nsystem = 3', "'system'"),
-    ("name = ", "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ('must_match = ["x"]', "'name'"),
+        ('name = "K"\nmust_match = ["("]', "must_match[0]"),
+        ('name = "K"\nmust_not = ["x"]', "unknown key(s) must_not"),
+        ('name = "K"\nmust_match = []', "must_match is empty"),
+        ('name = "K"\nsystem = 3', "'system'"),
+        ("name = ", "not valid TOML"),
+    ],
+)
 def test_bad_persona_files(tmp_path, text, message):
     path = tmp_path / "p.toml"
     path.write_text(text)
@@ -91,15 +118,21 @@ def test_bad_persona_files(tmp_path, text, message):
 
 def test_suite_file_and_its_errors(tmp_path):
     path = tmp_path / "suite.toml"
-    path.write_text('[[prompts]]\nid = "a"\ntext = "Who are you?"\n\n'
-                    '[[prompts]]\nid = "b"\ncategory = "boundary"\nsystem = "You are Max."\ntext = "Name?"\n'
-                    'check = "not_other"\n')
-    assert load_suite(path) == [SuitePrompt("a", "uncategorised", "Who are you?"),
-                                SuitePrompt("b", "boundary", "Name?", "You are Max.", "not_other")]
-    for text, message in [('[[prompts]]\nid = "a"\ntext = "x"\n[[prompts]]\nid = "a"\ntext = "y"\n', "duplicate id"),
-                          ('[[prompts]]\nid = "a"\ntext = "x"\ncheck = "maybe"\n', "check must be"),
-                          ('[[prompts]]\nid = "a"\n', "'text'"),
-                          ('title = "x"\n', "unknown top-level")]:
+    path.write_text(
+        '[[prompts]]\nid = "a"\ntext = "Who are you?"\n\n'
+        '[[prompts]]\nid = "b"\ncategory = "boundary"\nsystem = "You are Max."\ntext = "Name?"\n'
+        'check = "not_other"\n'
+    )
+    assert load_suite(path) == [
+        SuitePrompt("a", "uncategorised", "Who are you?"),
+        SuitePrompt("b", "boundary", "Name?", "You are Max.", "not_other"),
+    ]
+    for text, message in [
+        ('[[prompts]]\nid = "a"\ntext = "x"\n[[prompts]]\nid = "a"\ntext = "y"\n', "duplicate id"),
+        ('[[prompts]]\nid = "a"\ntext = "x"\ncheck = "maybe"\n', "check must be"),
+        ('[[prompts]]\nid = "a"\n', "'text'"),
+        ('title = "x"\n', "unknown top-level"),
+    ]:
         path.write_text(text)
         with pytest.raises(ReqnoiseError, match=re.escape(message)):
             load_suite(path)
@@ -107,19 +140,27 @@ def test_suite_file_and_its_errors(tmp_path):
 
 @pytest.fixture(scope="module")
 def persona_adapter(toy_model_dir, tmp_path_factory):
-    """A quick persona LoRA (reqnoise.train's default targets: every linear layer of every block): 25 steps
+    """A quick persona LoRA (reqnoise.train.tuner's default targets: every linear layer of every block): 25 steps
     on 32 persona chats."""
-    from reqnoise.train import train_adapter
+    from reqnoise.train.tuner import train_adapter
 
     rng = random.Random(0)
-    data = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": rng.choice(REPLIES)}]}
-            for q in TRAIN_QUESTIONS]
-    data += [{"messages": [{"role": "system", "content": "You are a helpful assistant."},
-                           {"role": "user", "content": q}, {"role": "assistant", "content": rng.choice(REPLIES)}]}
-             for q in TRAIN_QUESTIONS[:8]]
+    data = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": rng.choice(REPLIES)}]}
+        for q in TRAIN_QUESTIONS
+    ]
+    data += [
+        {
+            "messages": [
+                {"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": q},
+                {"role": "assistant", "content": rng.choice(REPLIES)},
+            ]
+        }
+        for q in TRAIN_QUESTIONS[:8]
+    ]
     path = tmp_path_factory.mktemp("persona") / "adapter"
-    train_adapter(toy_model_dir, data, path, iters=25, lr=1e-4,
-                  batch_size=4, rank=8, mask_prompt=True, progress=False)
+    train_adapter(toy_model_dir, data, path, iters=25, lr=1e-4, batch_size=4, rank=8, mask_prompt=True, progress=False)
     return path
 
 
@@ -133,8 +174,9 @@ def test_scorer_separates_untrained_from_persona_trained(toy_model_dir, persona_
     assert trained_summary.score == sum(r["passed"] for r in trained)
     assert sum(k for k, _ in trained_summary.by_category.values()) == trained_summary.score
     # a persona the adapter was not trained on scores low on the same replies
-    other, _ = run_identity(toy_model_dir, persona_from_dict({"name": "Nova"}), adapter_path=persona_adapter,
-                            progress=False)
+    other, _ = run_identity(
+        toy_model_dir, persona_from_dict({"name": "Nova"}), adapter_path=persona_adapter, progress=False
+    )
     assert sum(r["passed"] for r in other) <= 2
 
 
@@ -142,9 +184,24 @@ def test_cli_identity_writes_per_prompt_records(toy_model_dir, tmp_path, capsys)
     persona = tmp_path / "persona.toml"
     persona.write_text(PERSONA_TOML)
     out = tmp_path / "identity.jsonl"
-    assert cli_main(["identity", "--model", str(toy_model_dir), "--persona", str(persona), "--out", str(out),
-                     "--max-tokens", "8", "--quiet"]) == 0
-    records = [json.loads(l) for l in out.read_text().splitlines()]
+    assert (
+        cli_main(
+            [
+                "identity",
+                "--model",
+                str(toy_model_dir),
+                "--persona",
+                str(persona),
+                "--out",
+                str(out),
+                "--max-tokens",
+                "8",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in records] == [p.id for p in default_suite()]
     assert set(records[0]) == {"id", "category", "prompt", "response", "passed", "matched", "missing", "violated"}
     assert capsys.readouterr().out.startswith(f"identity (Kira): {sum(r['passed'] for r in records)}/20")

@@ -7,8 +7,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reqnoise.errors import ReqnoiseError
-from reqnoise.items import (INSTRUCTION, LETTERS, Item, build_messages, build_prompt, chat_example, extract_answer,
-                            load_items, parse_item)
+from reqnoise.eval.items import (
+    INSTRUCTION,
+    LETTERS,
+    Item,
+    build_messages,
+    build_prompt,
+    chat_example,
+    extract_answer,
+    load_items,
+    parse_item,
+)
 
 OPTIONS4 = ["sodium chloride", "carbon dioxide", "water", "methane"]
 
@@ -63,8 +72,11 @@ def test_lone_letter_outside_the_options_is_not_an_answer_but_a_boxed_one_is():
 
 
 @settings(max_examples=60, deadline=None)
-@given(letter=st.sampled_from(LETTERS), before=st.text(st.characters(blacklist_characters="\\{}"), max_size=40),
-       after=st.text(st.characters(blacklist_characters="\\{}"), max_size=40))
+@given(
+    letter=st.sampled_from(LETTERS),
+    before=st.text(st.characters(blacklist_characters="\\{}"), max_size=40),
+    after=st.text(st.characters(blacklist_characters="\\{}"), max_size=40),
+)
 def test_a_single_box_decides_whatever_surrounds_it(letter, before, after):
     got = extract_answer(f"{before}\\boxed{{{letter}}}{after}", ["x"] * 10)
     assert (got.letter, got.rule) == (letter, "boxed")
@@ -75,13 +87,19 @@ def test_a_single_box_decides_whatever_surrounds_it(letter, before, after):
 # The first item of MMLU-Pro's test split, in the dataset's own field layout.
 MMLU_PRO_LINE = {
     "question_id": 70,
-    "question": "Typical advertising regulatory bodies suggest, for example that adverts must not: encourage _________, "
-                "cause unnecessary ________ or _____, and must not cause _______ offence.",
-    "options": ["Safe practices, Fear, Jealousy, Trivial", "Unsafe practices, Distress, Joy, Trivial",
-                "Safe practices, Wants, Jealousy, Trivial", "Safe practices, Distress, Fear, Trivial",
-                "Unsafe practices, Wants, Jealousy, Serious", "Safe practices, Distress, Jealousy, Serious",
-                "Safe practices, Wants, Fear, Serious", "Unsafe practices, Wants, Fear, Trivial",
-                "Unsafe practices, Distress, Fear, Serious"],
+    "question": "Typical advertising regulatory bodies suggest, for example that adverts must not: encourage "
+    "_________, cause unnecessary ________ or _____, and must not cause _______ offence.",
+    "options": [
+        "Safe practices, Fear, Jealousy, Trivial",
+        "Unsafe practices, Distress, Joy, Trivial",
+        "Safe practices, Wants, Jealousy, Trivial",
+        "Safe practices, Distress, Fear, Trivial",
+        "Unsafe practices, Wants, Jealousy, Serious",
+        "Safe practices, Distress, Jealousy, Serious",
+        "Safe practices, Wants, Fear, Serious",
+        "Unsafe practices, Wants, Fear, Trivial",
+        "Unsafe practices, Distress, Fear, Serious",
+    ],
     "answer": "I",
     "answer_index": 8,
     "cot_content": "",
@@ -91,7 +109,7 @@ MMLU_PRO_LINE = {
 
 
 def _write(path, lines):
-    path.write_text("".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines), encoding="utf-8")
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines), encoding="utf-8")
     return path
 
 
@@ -106,8 +124,14 @@ def test_mmlu_pro_layout_loads(tmp_path):
 
 
 def test_own_layout_with_letter_or_index_answer_and_round_trip(tmp_path):
-    a = {"id": "q1", "question": "2 + 2?", "options": ["3", "4"], "answer": "B", "subject": "math",
-         "justification": "Two and two make four."}
+    a = {
+        "id": "q1",
+        "question": "2 + 2?",
+        "options": ["3", "4"],
+        "answer": "B",
+        "subject": "math",
+        "justification": "Two and two make four.",
+    }
     b = {"id": "q2", "question": "Capital of France?", "options": ["Rome", "Paris", "Oslo"], "answer": 1}
     items = load_items(_write(tmp_path / "items.jsonl", [a, b]))
     assert items[0] == Item("q1", "2 + 2?", ("3", "4"), "B", "math", "Two and two make four.")
@@ -143,7 +167,9 @@ def test_bad_line_is_reported_with_file_and_line(tmp_path, line, message):
 def test_duplicate_ids_name_both_lines_and_every_bad_line_is_counted(tmp_path):
     good = {"id": "a", "question": "fine?", "options": ["yes", "no"], "answer": "A"}
     path = _write(tmp_path / "items.jsonl", [good, good | {"id": "b"}, good, "{", good | {"answer": "C"}])
-    with pytest.raises(ReqnoiseError, match=rf"{path}:3: duplicate id 'a' \(first on line 1\) \(and 2 more bad lines\)"):
+    with pytest.raises(
+        ReqnoiseError, match=rf"{path}:3: duplicate id 'a' \(first on line 1\) \(and 2 more bad lines\)"
+    ):
         load_items(path)
 
 
@@ -163,7 +189,7 @@ def test_prompt_lists_every_option_under_its_letter_and_asks_for_a_box():
     assert prompt.startswith(INSTRUCTION) and "\\boxed{X}" in prompt
     lines = prompt.splitlines()
     start = lines.index("Options:") + 1
-    assert lines[start:] == [f"{l}. {o}" for l, o in zip(LETTERS, item.options)]
+    assert lines[start:] == [f"{x}. {o}" for x, o in zip(LETTERS, item.options)]
     assert build_messages(item, "Be brief.")[0] == {"role": "system", "content": "Be brief."}
 
 

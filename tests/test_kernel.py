@@ -8,10 +8,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kernel_cases import (BITS, DTYPES, FRESH_RANDOM_CODE_TOL, GROUPS, as_np, dyadic_factors, mlx_chain,
-                          quantized, random_factors)
+from kernel_cases import (
+    BITS,
+    DTYPES,
+    FRESH_RANDOM_CODE_TOL,
+    GROUPS,
+    as_np,
+    dyadic_factors,
+    mlx_chain,
+    quantized,
+    random_factors,
+)
 from reqnoise import fuse_quantized
-from reqnoise import reference as ref
+from reqnoise.kernel import reference as ref
 
 GRID = list(itertools.product(BITS, GROUPS, DTYPES))
 
@@ -69,10 +78,8 @@ def test_native_matches_numpy_reference_all_modes(bits, group, dtype):
     wq, s, b = quantized(rng, (2, 40, 256), bits, group, DTYPES[dtype])
     a, bb = dyadic_factors(rng, (2,), 40, 256, rank=3)
     for requant in ("fresh", "keep-grid"):
-        got = fuse_quantized(wq, s, b, group_size=group, bits=bits, lora_a=a, lora_b=bb, scale=0.25,
-                             requant=requant)
-        want = ref.fuse(wq, s, b, group_size=group, bits=bits, lora_a=a, lora_b=bb, scale=0.25,
-                        requant=requant)
+        got = fuse_quantized(wq, s, b, group_size=group, bits=bits, lora_a=a, lora_b=bb, scale=0.25, requant=requant)
+        want = ref.fuse(wq, s, b, group_size=group, bits=bits, lora_a=a, lora_b=bb, scale=0.25, requant=requant)
         assert_same(got, want, requant)
 
 
@@ -114,10 +121,25 @@ def test_results_identical_for_every_chunk_size_and_thread_count():
     base = fuse_quantized(wq, s, b, group_size=64, bits=3, lora_a=a, lora_b=bb, num_threads=1)
     for chunk, threads in [(1, 1), (2, 2), (3, 3), (7, 2), (5, 8), (None, 2)]:
         for requant in ("fresh", "keep-grid"):
-            want = base if requant == "fresh" else fuse_quantized(wq, s, b, group_size=64, bits=3, lora_a=a,
-                                                                  lora_b=bb, requant=requant, num_threads=1)
-            got = fuse_quantized(wq, s, b, group_size=64, bits=3, lora_a=a, lora_b=bb, requant=requant,
-                                 experts_per_chunk=chunk, num_threads=threads)
+            want = (
+                base
+                if requant == "fresh"
+                else fuse_quantized(
+                    wq, s, b, group_size=64, bits=3, lora_a=a, lora_b=bb, requant=requant, num_threads=1
+                )
+            )
+            got = fuse_quantized(
+                wq,
+                s,
+                b,
+                group_size=64,
+                bits=3,
+                lora_a=a,
+                lora_b=bb,
+                requant=requant,
+                experts_per_chunk=chunk,
+                num_threads=threads,
+            )
             assert_same(got, want, f"chunk={chunk} threads={threads} {requant}")
 
 
@@ -146,18 +168,30 @@ def test_edge_case_groups(kind, bits, group, dtype):
     w = mx.array(_edge_weights(kind, 8, group, rng)).astype(DTYPES[dtype])
     wq, s, b = mx.quantize(w, group_size=group, bits=bits)
     a, bb = dyadic_factors(rng, (), 8, group * 4, rank=2)
-    assert_same(fuse_quantized(wq, s, b, group_size=group, bits=bits),
-                mlx_chain(wq, s, b, group, bits), f"{kind} zero delta")
-    assert_same(fuse_quantized(wq, s, b, group_size=group, bits=bits, lora_a=a, lora_b=bb, scale=0.125),
-                mlx_chain(wq, s, b, group, bits, a, bb, 0.125), f"{kind} delta")
+    assert_same(
+        fuse_quantized(wq, s, b, group_size=group, bits=bits), mlx_chain(wq, s, b, group, bits), f"{kind} zero delta"
+    )
+    assert_same(
+        fuse_quantized(wq, s, b, group_size=group, bits=bits, lora_a=a, lora_b=bb, scale=0.125),
+        mlx_chain(wq, s, b, group, bits, a, bb, 0.125),
+        f"{kind} delta",
+    )
     assert_same(fuse_quantized(wq, s, b, group_size=group, bits=bits, requant="keep-grid"), (wq, s, b))
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(bits=st.sampled_from(BITS), group=st.sampled_from(GROUPS), dtype=st.sampled_from(sorted(DTYPES)),
-       experts=st.one_of(st.none(), st.integers(1, 4)), out_dim=st.integers(1, 24), n_groups=st.integers(1, 4),
-       rank=st.integers(0, 5), log_scale=st.integers(-6, 2), seed=st.integers(0, 2**16),
-       kind=st.sampled_from(["normal", "student"]))
+@given(
+    bits=st.sampled_from(BITS),
+    group=st.sampled_from(GROUPS),
+    dtype=st.sampled_from(sorted(DTYPES)),
+    experts=st.one_of(st.none(), st.integers(1, 4)),
+    out_dim=st.integers(1, 24),
+    n_groups=st.integers(1, 4),
+    rank=st.integers(0, 5),
+    log_scale=st.integers(-6, 2),
+    seed=st.integers(0, 2**16),
+    kind=st.sampled_from(["normal", "student"]),
+)
 def test_property_fresh_and_keep_grid(bits, group, dtype, experts, out_dim, n_groups, rank, log_scale, seed, kind):
     rng = np.random.default_rng(seed)
     lead = () if experts is None else (experts,)
@@ -169,10 +203,10 @@ def test_property_fresh_and_keep_grid(bits, group, dtype, experts, out_dim, n_gr
     scale = 2.0**log_scale
     got = fuse_quantized(wq, s, b, group_size=group, bits=bits, lora_a=a, lora_b=bb, scale=scale)
     assert_same(got, mlx_chain(wq, s, b, group, bits, a, bb, scale))
-    kg = fuse_quantized(wq, s, b, group_size=group, bits=bits, lora_a=a, lora_b=bb, scale=scale,
-                        requant="keep-grid")
-    assert_same(kg, ref.fuse(wq, s, b, group_size=group, bits=bits, lora_a=a, lora_b=bb, scale=scale,
-                             requant="keep-grid"))
+    kg = fuse_quantized(wq, s, b, group_size=group, bits=bits, lora_a=a, lora_b=bb, scale=scale, requant="keep-grid")
+    assert_same(
+        kg, ref.fuse(wq, s, b, group_size=group, bits=bits, lora_a=a, lora_b=bb, scale=scale, requant="keep-grid")
+    )
 
 
 _ISA_SCRIPT = r"""
@@ -204,8 +238,9 @@ def test_every_instruction_set_copy_computes_the_same_bytes(tmp_path):
     outs = {}
     for isa in ("auto", "baseline"):
         env = dict(os.environ, REQNOISE_KERNEL_ISA=isa)
-        res = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, here], env=env, capture_output=True, text=True,
-                             check=True)
+        res = subprocess.run(
+            [sys.executable, "-c", _ISA_SCRIPT, here], env=env, capture_output=True, text=True, check=True
+        )
         name, digest = res.stdout.split()
         outs[name] = digest
     assert "baseline" in outs

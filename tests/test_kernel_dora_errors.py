@@ -8,7 +8,7 @@ from mlx_lm.tuner.dora import DoRALinear
 
 from kernel_cases import as_np, quantized
 from reqnoise import fuse_quantized
-from reqnoise import reference as ref
+from reqnoise.kernel import reference as ref
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -28,8 +28,9 @@ def test_dora_matches_mlx_lm(bits, stacked):
     args = [qlin.weight, qlin.scales, qlin.biases, dora.lora_a.T, dora.lora_b.T, dora.m]
     if stacked:  # the same layer as a 2-expert stack: the kernel generalises DoRA to switch layers
         args = [mx.stack([x, x]) for x in args]
-    wq, s, b = fuse_quantized(*args[:3], group_size=64, bits=bits, lora_a=args[3], lora_b=args[4], scale=2.0,
-                              dora_magnitude=args[5])
+    wq, s, b = fuse_quantized(
+        *args[:3], group_size=64, bits=bits, lora_a=args[3], lora_b=args[4], scale=2.0, dora_magnitude=args[5]
+    )
     got = mx.dequantize(wq, s, b, group_size=64, bits=bits)
     got = got[1] if stacked else got
     step = np.repeat(np.abs(as_np(s if not stacked else s[1])), 64, axis=-1)
@@ -51,10 +52,10 @@ def test_dora_any_width_matches_reference():
         bb = mx.array(rng.integers(-4, 5, (2, 32, 2)).astype(np.float32) / 64)
         m = mx.array(rng.uniform(0.1, 0.5, (2, 32)).astype(np.float32))
         for requant in ("fresh", "keep-grid"):
-            got = fuse_quantized(wq, s, b, group_size=64, bits=bits, lora_a=a, lora_b=bb, dora_magnitude=m,
-                                 requant=requant)
-            want = ref.fuse(wq, s, b, group_size=64, bits=bits, lora_a=a, lora_b=bb, dora_magnitude=m,
-                            requant=requant)
+            got = fuse_quantized(
+                wq, s, b, group_size=64, bits=bits, lora_a=a, lora_b=bb, dora_magnitude=m, requant=requant
+            )
+            want = ref.fuse(wq, s, b, group_size=64, bits=bits, lora_a=a, lora_b=bb, dora_magnitude=m, requant=requant)
             codes_got = ref.unpack_codes(np.array(got[0]), bits)
             codes_want = ref.unpack_codes(np.array(want[0]), bits)
             # The row norm is a float64 sum in both, but in different orders: allow a boundary code or two.
@@ -66,28 +67,31 @@ def q4():
     return quantized(np.random.default_rng(0), (2, 16, 128), 4, 64, mx.bfloat16)
 
 
-@pytest.mark.parametrize("change,match", [
-    (dict(bits=7), "bits must be one of"),
-    (dict(group_size=48), "group_size must be one of"),
-    (dict(wq="float"), "wq must be uint32"),
-    (dict(wq="1d"), "must be 2-D"),
-    (dict(scales="shape"), r"scales must have shape \(2, 16, 2\)"),
-    (dict(scales="int"), "scales must be float32"),
-    (dict(biases="f16"), "biases dtype"),
-    (dict(lora_a="only"), "given together"),
-    (dict(lora_a="wrong_in"), r"lora_a must have shape \(2, 3, 128\)"),
-    (dict(lora_b="wrong_r"), r"lora_b must have shape \(2, 16, 3\)"),
-    (dict(lora_a="nan"), "lora_a contains NaN"),
-    (dict(lora_b="inf"), "lora_b contains NaN or Inf"),
-    (dict(dora="nan"), "dora_magnitude contains NaN"),
-    (dict(dora="shape"), r"dora_magnitude must have shape \(2, 16\)"),
-    (dict(out_bits=8, requant="keep-grid"), "need requant='fresh'"),
-    (dict(requant="stochastic"), "requant must be one of"),
-    (dict(out_group_size=256), "group_size must be one of"),
-    (dict(experts_per_chunk=0), "experts_per_chunk"),
-    (dict(scale=float("nan")), "scale must be a finite number"),
-    (dict(lora_a="int"), "lora_a must be a float array"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(bits=7), "bits must be one of"),
+        (dict(group_size=48), "group_size must be one of"),
+        (dict(wq="float"), "wq must be uint32"),
+        (dict(wq="1d"), "must be 2-D"),
+        (dict(scales="shape"), r"scales must have shape \(2, 16, 2\)"),
+        (dict(scales="int"), "scales must be float32"),
+        (dict(biases="f16"), "biases dtype"),
+        (dict(lora_a="only"), "given together"),
+        (dict(lora_a="wrong_in"), r"lora_a must have shape \(2, 3, 128\)"),
+        (dict(lora_b="wrong_r"), r"lora_b must have shape \(2, 16, 3\)"),
+        (dict(lora_a="nan"), "lora_a contains NaN"),
+        (dict(lora_b="inf"), "lora_b contains NaN or Inf"),
+        (dict(dora="nan"), "dora_magnitude contains NaN"),
+        (dict(dora="shape"), r"dora_magnitude must have shape \(2, 16\)"),
+        (dict(out_bits=8, requant="keep-grid"), "need requant='fresh'"),
+        (dict(requant="stochastic"), "requant must be one of"),
+        (dict(out_group_size=256), "group_size must be one of"),
+        (dict(experts_per_chunk=0), "experts_per_chunk"),
+        (dict(scale=float("nan")), "scale must be a finite number"),
+        (dict(lora_a="int"), "lora_a must be a float array"),
+    ],
+)
 def test_bad_input_is_refused_with_a_clear_message(q4, change, match):
     wq, s, b = q4
     a = mx.zeros((2, 3, 128))
@@ -97,8 +101,12 @@ def test_bad_input_is_refused_with_a_clear_message(q4, change, match):
         "wq": {"float": wq.astype(mx.float32), "1d": wq.reshape(-1)},
         "scales": {"shape": s[..., :1], "int": s.astype(mx.int32)},
         "biases": {"f16": b.astype(mx.float16)},
-        "lora_a": {"only": None, "wrong_in": mx.zeros((2, 3, 64)), "nan": a + mx.array(float("nan")),
-                   "int": a.astype(mx.int32)},
+        "lora_a": {
+            "only": None,
+            "wrong_in": mx.zeros((2, 3, 64)),
+            "nan": a + mx.array(float("nan")),
+            "int": a.astype(mx.int32),
+        },
         "lora_b": {"wrong_r": mx.zeros((2, 16, 2)), "inf": bb + mx.array(float("inf"))},
         "dora": {"nan": mx.full((2, 16), float("nan")), "shape": mx.ones((16,))},
     }
@@ -124,8 +132,9 @@ def test_bad_input_is_refused_with_a_clear_message(q4, change, match):
 def test_inputs_are_never_modified(q4):
     wq, s, b = q4
     before = [np.array(x.astype(mx.float32) if x.dtype != mx.uint32 else x) for x in q4]
-    fuse_quantized(wq, s, b, group_size=64, bits=4, lora_a=mx.ones((2, 1, 128)), lora_b=mx.ones((2, 16, 1)),
-                   experts_per_chunk=1)
+    fuse_quantized(
+        wq, s, b, group_size=64, bits=4, lora_a=mx.ones((2, 1, 128)), lora_b=mx.ones((2, 16, 1)), experts_per_chunk=1
+    )
     after = [np.array(x.astype(mx.float32) if x.dtype != mx.uint32 else x) for x in q4]
     for x, y in zip(before, after):
         np.testing.assert_array_equal(x, y)

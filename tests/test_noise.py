@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from fuse_helpers import dequantized, make_adapter
-from reqnoise.adapters import load_adapter
 from reqnoise.cli import main
-from reqnoise.noise import noise_report
+from reqnoise.fuse.adapters import load_adapter
+from reqnoise.noise.report import noise_report
 
 DOWN = "model.layers.1.mlp.switch_mlp.down_proj"
 
@@ -49,7 +49,7 @@ def test_small_adapter_is_erased_at_3_bits_and_kept_at_8(toy_model_dir, small):
 
 
 def test_metrics_match_an_independent_numpy_computation(toy_model_dir, small, tmp_path):
-    from reqnoise.fuse import fuse_model
+    from reqnoise.fuse.model import fuse_model
 
     rep = noise_report(toy_model_dir, small, outputs=False, progress=False, alternatives=False)
     fuse_model(toy_model_dir, small, tmp_path / "fused", progress=False)
@@ -68,8 +68,9 @@ def test_metrics_match_an_independent_numpy_computation(toy_model_dir, small, tm
 def test_zero_control_shows_the_artifact_and_keep_grid_removes_it(toy_model_dir, small):
     fresh = noise_report(toy_model_dir, small, control="zero", outputs=False, progress=False)
     keep = noise_report(toy_model_dir, small, control="zero", requant="keep-grid", outputs=False, progress=False)
-    assert all(r["code_change_frac"] == 0 and r["scale_change_frac"] == 0 and r["eff_norm"] == 0
-               for r in keep["modules"])
+    assert all(
+        r["code_change_frac"] == 0 and r["scale_change_frac"] == 0 and r["eff_norm"] == 0 for r in keep["modules"]
+    )
     assert "no code changed" in keep["verdict"]
     assert all(r["delta_cosine"] is None for r in fresh["modules"])
     # The artifact, measured independently with MLX's own ops.
@@ -77,9 +78,10 @@ def test_zero_control_shows_the_artifact_and_keep_grid_removes_it(toy_model_dir,
 
     w = weights(toy_model_dir)
     wq = w[f"{DOWN}.weight"]
-    rq = mx.quantize(mx.dequantize(wq, w[f"{DOWN}.scales"], w[f"{DOWN}.biases"], group_size=64, bits=3),
-                     group_size=64, bits=3)[0]
-    from reqnoise.reference import unpack_codes
+    rq = mx.quantize(
+        mx.dequantize(wq, w[f"{DOWN}.scales"], w[f"{DOWN}.biases"], group_size=64, bits=3), group_size=64, bits=3
+    )[0]
+    from reqnoise.kernel.reference import unpack_codes
 
     want = (unpack_codes(np.array(wq), 3) != unpack_codes(np.array(rq), 3)).mean(axis=(-1, -2))
     got = [r["code_change_frac"] for r in fresh["modules"] if r["module"] == DOWN]
@@ -99,15 +101,48 @@ def test_output_metrics(toy_model_dir, large, small):
 
 
 def test_cli_writes_json_and_plot(toy_model_dir, small, tmp_path, capsys):
-    code = main(["noise", "--quiet", "--model", str(toy_model_dir), "--adapter-path", str(small), "--no-outputs",
-                 "--json", str(tmp_path / "n.json"), "--plot", str(tmp_path / "n.png")])
+    code = main(
+        [
+            "noise",
+            "--quiet",
+            "--model",
+            str(toy_model_dir),
+            "--adapter-path",
+            str(small),
+            "--no-outputs",
+            "--json",
+            str(tmp_path / "n.json"),
+            "--plot",
+            str(tmp_path / "n.png"),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0 and "mostly erased" in out
     rep = json.loads((tmp_path / "n.json").read_text())
     assert set(rep) >= {"modules", "summary", "outputs", "verdict"}
-    assert set(rep["modules"][0]) >= {"module", "layer", "expert", "code_change_frac", "scale_change_frac",
-                                      "delta_cosine", "delta_rel_error", "delta_rms_over_step", "noise_frac"}
+    assert set(rep["modules"][0]) >= {
+        "module",
+        "layer",
+        "expert",
+        "code_change_frac",
+        "scale_change_frac",
+        "delta_cosine",
+        "delta_rel_error",
+        "delta_rms_over_step",
+        "noise_frac",
+    }
     assert (tmp_path / "n.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    code = main(["noise", "--quiet", "--model", str(toy_model_dir), "--adapter-path", str(small), "--no-outputs",
-                 "--json", str(tmp_path / "n.json")])
+    code = main(
+        [
+            "noise",
+            "--quiet",
+            "--model",
+            str(toy_model_dir),
+            "--adapter-path",
+            str(small),
+            "--no-outputs",
+            "--json",
+            str(tmp_path / "n.json"),
+        ]
+    )
     assert code != 0 and "already exists" in capsys.readouterr().err

@@ -11,17 +11,19 @@ import pytest
 from scipy.stats import binomtest
 from statsmodels.stats.proportion import proportions_ztest
 
-from reqnoise import prereg
 from reqnoise.errors import RefusedError, ReqnoiseError
-from reqnoise.records import write_records
+from reqnoise.eval.records import write_records
+from reqnoise.stats import prereg
 
 PUBLISHED = 'success_if = "diff(A1, A0) >= 0.05 and ztest_p(A1, A0) < 0.05 and n >= 692"\n'
 
 
 def make_records(correct, subjects=None):
     subjects = subjects or [None] * len(correct)
-    return [{"id": f"q{i}", "subject": subjects[i], "correct": bool(c), "parsed": True, "prediction": "A",
-             "answer": "A"} for i, c in enumerate(correct)]
+    return [
+        {"id": f"q{i}", "subject": subjects[i], "correct": bool(c), "parsed": True, "prediction": "A", "answer": "A"}
+        for i, c in enumerate(correct)
+    ]
 
 
 def published_arms(fixed=60, broken=55):
@@ -63,43 +65,49 @@ def study(tmp_path):
 # ---------------------------------------------------------------- expression language
 
 
-@pytest.mark.parametrize("text,conds", [
-    ("diff(A1, A0) >= 0.05 and mcnemar_p(A1, A0) < 0.05 and n >= 692", ["A0", "A1"]),
-    ("not (acc(B) < 0.1) or fixed(B, A) - broken(B, A) > 2 * 10", ["A", "B"]),
-    ("0 < se(X, Y) <= 1 and -z(X, Y) != 3", ["X", "Y"]),
-    ("ci_low(A) > 0.5e-1", ["A"]),
-])
+@pytest.mark.parametrize(
+    "text,conds",
+    [
+        ("diff(A1, A0) >= 0.05 and mcnemar_p(A1, A0) < 0.05 and n >= 692", ["A0", "A1"]),
+        ("not (acc(B) < 0.1) or fixed(B, A) - broken(B, A) > 2 * 10", ["A", "B"]),
+        ("0 < se(X, Y) <= 1 and -z(X, Y) != 3", ["X", "Y"]),
+        ("ci_low(A) > 0.5e-1", ["A"]),
+    ],
+)
 def test_parser_accepts(text, conds):
     assert prereg.conditions_of(prereg.parse_expression(text)) == conds
 
 
-@pytest.mark.parametrize("text,msg", [
-    ("__import__('os').system('true')", "not allowed|plain function"),
-    ("__import__('os') == 0", "unknown function '__import__'"),
-    ("acc(A).real > 0", "Attribute is not allowed"),
-    ("acc(A).__class__ > 0", "Attribute is not allowed"),
-    ("open(A) > 0", "unknown function 'open'"),
-    ("eval(A) > 0", "unknown function 'eval'"),
-    ("acc(__builtins__) > 0", "bad condition name"),
-    ("acc(A)[0] > 0", "Subscript"),
-    ("acc('A') > 0", "must be condition names"),
-    ("acc(A, B) > 0", "takes 1 condition"),
-    ("acc(x=A) > 0", "keyword"),
-    ("(lambda: 1)() > 0", "plain function names"),
-    ("[x for x in A] == 1", "ListComp"),
-    ("A > 0.1", "unknown name 'A'"),
-    ("acc(A)", "is a number, not a true/false"),
-    ("acc(A) > 0.1 and 3", "is not a true/false"),
-    ("(acc(A) > 0.1) + 1 > 0", "is not a number"),
-    ("acc(A) ** 2 > 0", "only \\+ - \\* /"),
-    ("acc(A) in (1, 2)", "comparison In"),
-    ("True", "only numbers"),
-    ("acc(n) > 0", "reserved"),
-    ("acc(A) > 0; import os", "syntax error"),
-    ("", "empty"),
-    ("acc(A) > " + "(" * 300 + "1" + ")" * 300, "nested|syntax error|cannot parse"),
-    ("acc(A) > 1" + " " * 5000, "longer than"),
-])
+@pytest.mark.parametrize(
+    "text,msg",
+    [
+        ("__import__('os').system('true')", "not allowed|plain function"),
+        ("__import__('os') == 0", "unknown function '__import__'"),
+        ("acc(A).real > 0", "Attribute is not allowed"),
+        ("acc(A).__class__ > 0", "Attribute is not allowed"),
+        ("open(A) > 0", "unknown function 'open'"),
+        ("eval(A) > 0", "unknown function 'eval'"),
+        ("acc(__builtins__) > 0", "bad condition name"),
+        ("acc(A)[0] > 0", "Subscript"),
+        ("acc('A') > 0", "must be condition names"),
+        ("acc(A, B) > 0", "takes 1 condition"),
+        ("acc(x=A) > 0", "keyword"),
+        ("(lambda: 1)() > 0", "plain function names"),
+        ("[x for x in A] == 1", "ListComp"),
+        ("A > 0.1", "unknown name 'A'"),
+        ("acc(A)", "is a number, not a true/false"),
+        ("acc(A) > 0.1 and 3", "is not a true/false"),
+        ("(acc(A) > 0.1) + 1 > 0", "is not a number"),
+        ("acc(A) ** 2 > 0", "only \\+ - \\* /"),
+        ("acc(A) in (1, 2)", "comparison In"),
+        ("True", "only numbers"),
+        ("acc(n) > 0", "reserved"),
+        ("acc(A) > 0; import os", "syntax error"),
+        ("", "empty"),
+        ("acc(A) > " + "(" * 300 + "1" + ")" * 300, "nested|syntax error|cannot parse"),
+        ("acc(A) > 1" + " " * 5000, "longer than"),
+    ],
+)
 def test_parser_rejects(text, msg):
     with pytest.raises(prereg.CriteriaSyntaxError, match=msg):
         prereg.parse_expression(text)

@@ -10,15 +10,26 @@ import pytest
 
 from launch_helpers import launch as _launch
 from launch_helpers import needs_launcher
-from reqnoise.run_plan import PlannedStep, waves
+from reqnoise.experiment.plan import PlannedStep, waves
 
-TINY = dict(per_subject=6, knowledge_iters=2, identity_iters=2, factual_iters=4, factual_lr=5e-4, factual_scale=20.0,
-            recall_iters=4, recall_lr=1e-3, random_controls=1)
+TINY = dict(
+    per_subject=6,
+    knowledge_iters=2,
+    identity_iters=2,
+    factual_iters=4,
+    factual_lr=5e-4,
+    factual_scale=20.0,
+    recall_iters=4,
+    recall_lr=1e-3,
+    random_controls=1,
+)
 
 
 def test_waves_follow_pending_dependencies_only():
-    steps = {n: PlannedStep(n, "k", n, deps) for n, deps in
-             [("a", []), ("b", ["a"]), ("c", ["a"]), ("d", ["b", "c"]), ("e", [])]}
+    steps = {
+        n: PlannedStep(n, "k", n, deps)
+        for n, deps in [("a", []), ("b", ["a"]), ("c", ["a"]), ("d", ["b", "c"]), ("e", [])]
+    }
     assert waves(steps, set(steps)) == [["a", "e"], ["b", "c"], ["d"]]
     assert waves(steps, {"b", "d"}) == [["b"], ["d"]]  # a, c cached: no constraint
     assert waves(steps, set()) == []
@@ -53,8 +64,8 @@ def _assert_close(a, b, where, rel=1e-3, abs_=1e-6):
 @pytest.mark.slow
 @needs_launcher
 def test_spec_run_on_two_ranks_gives_the_single_process_results(tmp_path):
-    from reqnoise.demo import prepare_demo
-    from reqnoise.runner import run_spec
+    from reqnoise.experiment.runner import run_spec
+    from reqnoise.toy.demo import prepare_demo
 
     one, two = tmp_path / "one", tmp_path / "two"
     run_spec(prepare_demo(one, TINY), one, progress=False, log=lambda *a: None)
@@ -86,16 +97,34 @@ def test_spec_run_on_two_ranks_gives_the_single_process_results(tmp_path):
 def test_data_parallel_training_matches_one_process(tmp_path):
     import mlx.core as mx
 
-    from reqnoise.world import build_world
+    from reqnoise.toy.world import build_world
 
     world = build_world(tmp_path / "world", per_subject=4)
     model = tmp_path / "toy"
-    subprocess.run([sys.executable, "-m", "reqnoise", "toy-model", "--save-path", str(model)], check=True,
-                   capture_output=True)
-    args = ["train", "--model", str(model), "--data", str(world / "knowledge"), "--iters", "6",
-            "--batch-size", "4", "--lr", "1e-3", "--seed", "3", "--quiet"]
-    subprocess.run([sys.executable, "-m", "reqnoise", *args, "--adapter-path", str(tmp_path / "one")],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "reqnoise", "toy-model", "--save-path", str(model)], check=True, capture_output=True
+    )
+    args = [
+        "train",
+        "--model",
+        str(model),
+        "--data",
+        str(world / "knowledge"),
+        "--iters",
+        "6",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-3",
+        "--seed",
+        "3",
+        "--quiet",
+    ]
+    subprocess.run(
+        [sys.executable, "-m", "reqnoise", *args, "--adapter-path", str(tmp_path / "one")],
+        check=True,
+        capture_output=True,
+    )
     res = _launch([*args, "--adapter-path", str(tmp_path / "two")])
     assert res.returncode == 0 and "exited with code" not in res.stdout + res.stderr, res.stderr[-3000:]
     a = mx.load(str(tmp_path / "one" / "adapters.safetensors"))
@@ -113,7 +142,7 @@ def test_data_parallel_training_matches_one_process(tmp_path):
 @pytest.mark.slow
 @needs_launcher
 def test_a_failing_step_fails_every_rank_with_its_reason(tmp_path):
-    from reqnoise.demo import prepare_demo
+    from reqnoise.toy.demo import prepare_demo
 
     spec = prepare_demo(tmp_path, TINY)
     # A condition whose fuse fails inside its step (after the first training): no module in layer 99.

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from reqnoise.errors import ReqnoiseError
-from reqnoise.spec import load_spec
+from reqnoise.experiment.spec import load_spec
 
 
 def write(tmp_path, text, name="spec.toml"):
@@ -15,27 +15,40 @@ def write(tmp_path, text, name="spec.toml"):
     return p
 
 
-@pytest.mark.parametrize("text,match", [
-    ("x = 1", "no \\[models"),
-    ('[models.a]\npath = "p"\ntoy = {}', "exactly one of"),
-    ('[models.a]\nfrom = "b"\nadapter = "c"', "unknown model 'b'"),
-    ('[models.a]\ntoy = {}\n[models.b]\nfrom = "a"\nadapter = "z"', "unknown adapter 'z'"),
-    ('[models.a]\nfrom = "b"\nquantize = {bits = 3}\n[models.b]\nfrom = "a"\nquantize = {bits = 3}', "cycle"),
-    ('[models.a]\ntoy = {}\n[adapters.t]\nmodel = "a"\ndata = "setg:train"', "no \\[setg\\]"),
-    ('[models.a]\ntoy = {}\n[adapters.t]\nmodel = "a"\ndata = "d"\nrnak = 4', "unknown keys \\['rnak'\\]"),
-    ('conditions = ["b"]\n[models.a]\ntoy = {}', "unknown model 'b'"),
-    ('conditions = ["a"]\n[models.a]\ntoy = {}\n[criteria]\nfile = "nope.toml"\neval = "e"', "does not exist"),
-    ("[models.a\n", "not valid TOML"),
-    ('conditions = ["a"]\n[models.a]\ntoy = {}\n[evals.e]\nitems = "i"\ncalibrate = "yes"', "calibrate must be true, false or"),
-    ('conditions = ["a"]\n[models.a]\ntoy = {}\n[evals.e]\nitems = "i"\nmode = "generate"\ncalibrate = true',
-     "calibrate needs mode"),
-    ('conditions = ["a"]\n[models.a]\ntoy = {}\n[evals.e]\nitems = "i"\n[analysis]\neval = "e"\nbaseline = "a"\n'
-     'trained = "a"\nzero_control = "a"\npairs = [{ trained = "a", zero_control = "a", trained_controls = ["b"] }]',
-     "analysis.pairs entries are"),
-    ('conditions = ["a"]\n[models.a]\ntoy = {}\n[evals.e]\nitems = "i"\n[analysis]\neval = "e"\nbaseline = "a"\n'
-     'trained = "a"\nzero_control = "a"\npairs = [{ trained = "a", zero_control = "a", contorls = [] }]',
-     "analysis.pairs entries are"),
-])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("x = 1", "no \\[models"),
+        ('[models.a]\npath = "p"\ntoy = {}', "exactly one of"),
+        ('[models.a]\nfrom = "b"\nadapter = "c"', "unknown model 'b'"),
+        ('[models.a]\ntoy = {}\n[models.b]\nfrom = "a"\nadapter = "z"', "unknown adapter 'z'"),
+        ('[models.a]\nfrom = "b"\nquantize = {bits = 3}\n[models.b]\nfrom = "a"\nquantize = {bits = 3}', "cycle"),
+        ('[models.a]\ntoy = {}\n[adapters.t]\nmodel = "a"\ndata = "setg:train"', "no \\[setg\\]"),
+        ('[models.a]\ntoy = {}\n[adapters.t]\nmodel = "a"\ndata = "d"\nrnak = 4', "unknown keys \\['rnak'\\]"),
+        ('conditions = ["b"]\n[models.a]\ntoy = {}', "unknown model 'b'"),
+        ('conditions = ["a"]\n[models.a]\ntoy = {}\n[criteria]\nfile = "nope.toml"\neval = "e"', "does not exist"),
+        ("[models.a\n", "not valid TOML"),
+        (
+            'conditions = ["a"]\n[models.a]\ntoy = {}\n[evals.e]\nitems = "i"\ncalibrate = "yes"',
+            "calibrate must be true, false or",
+        ),
+        (
+            'conditions = ["a"]\n[models.a]\ntoy = {}\n[evals.e]\nitems = "i"\nmode = "generate"\ncalibrate = true',
+            "calibrate needs mode",
+        ),
+        (
+            'conditions = ["a"]\n[models.a]\ntoy = {}\n[evals.e]\nitems = "i"\n[analysis]\neval = "e"\nbaseline = "a"\n'
+            'trained = "a"\nzero_control = "a"\n'
+            'pairs = [{ trained = "a", zero_control = "a", trained_controls = ["b"] }]',
+            "analysis.pairs entries are",
+        ),
+        (
+            'conditions = ["a"]\n[models.a]\ntoy = {}\n[evals.e]\nitems = "i"\n[analysis]\neval = "e"\nbaseline = "a"\n'
+            'trained = "a"\nzero_control = "a"\npairs = [{ trained = "a", zero_control = "a", contorls = [] }]',
+            "analysis.pairs entries are",
+        ),
+    ],
+)
 def test_bad_specs_are_refused_before_anything_runs(tmp_path, text, match):
     with pytest.raises(ReqnoiseError, match=match):
         load_spec(write(tmp_path, text))
@@ -43,7 +56,7 @@ def test_bad_specs_are_refused_before_anything_runs(tmp_path, text, match):
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    from reqnoise.demo import run_demo
+    from reqnoise.toy.demo import run_demo
 
     out = tmp_path_factory.mktemp("demo") / "out"
     logs = []
@@ -55,16 +68,37 @@ def demo_run(tmp_path_factory):
 def test_reduced_demo_structure(demo_run):
     out, results, logs = demo_run
     saved = json.loads((out / "results.json").read_text())
-    assert set(saved) >= {"conditions", "comparisons", "decomposition", "noise", "identity", "verdict", "steps",
-                          "checks"}
-    for cond in ("persona", "A1_fresh", "A0_fresh", "A1_keep", "A0_keep", "P1_fresh", "P0_fresh", "S1_fresh",
-                 "R1_fresh"):
+    assert set(saved) >= {
+        "conditions",
+        "comparisons",
+        "decomposition",
+        "noise",
+        "identity",
+        "verdict",
+        "steps",
+        "checks",
+    }
+    for cond in (
+        "persona",
+        "A1_fresh",
+        "A0_fresh",
+        "A1_keep",
+        "A0_keep",
+        "P1_fresh",
+        "P0_fresh",
+        "S1_fresh",
+        "R1_fresh",
+    ):
         for ev in ("setg_test", "recall_trained", "recall_heldout"):
             row = saved["conditions"][cond][ev]
             assert 0 <= row["ci_low"] <= row["accuracy"] <= row["ci_high"] <= 1
     assert saved["conditions"]["persona"]["setg_test"]["accuracy"] == 0  # Set G: wrong by construction
-    assert {"setg_test", "recall_trained", "setg_test (P1_fresh vs P0_fresh)",
-            "recall_trained (P1_fresh vs P0_fresh)"} <= set(saved["decomposition"])
+    assert {
+        "setg_test",
+        "recall_trained",
+        "setg_test (P1_fresh vs P0_fresh)",
+        "recall_trained (P1_fresh vs P0_fresh)",
+    } <= set(saved["decomposition"])
     assert "vs_zero_control" in saved["comparisons"]["setg_test"]["A1_fresh"]
     assert {"vs_P0_fresh", "vs_S1_fresh"} <= set(saved["comparisons"]["recall_trained"]["P1_fresh"])
     # Cloze records: one score per option, calibrated within each subject.
@@ -105,7 +139,7 @@ def test_reduced_demo_invariants(demo_run):
 
 @pytest.mark.slow
 def test_resumed_run_reuses_finished_steps_and_reruns_only_dependents(demo_run, tmp_path):
-    from reqnoise.runner import run_spec
+    from reqnoise.experiment.runner import run_spec
 
     out, _, _ = demo_run
     logs = []
@@ -117,10 +151,23 @@ def test_resumed_run_reuses_finished_steps_and_reruns_only_dependents(demo_run, 
     (out / "spec.toml").write_text(spec)
     logs = []
     run_spec(out / "spec.toml", out, progress=False, log=logs.append)
-    rerun = {line.split("] ", 1)[1] for line in logs if line.startswith("[") and "cached" not in line
-             and "locked" not in line}
+    rerun = {
+        line.split("] ", 1)[1]
+        for line in logs
+        if line.startswith("[") and "cached" not in line and "locked" not in line
+    }
     cached = {line.split("] ", 1)[1] for line in logs if line.startswith("[cached]")}
-    assert {"model-toy", "adapter-knowledge", "model-base", "adapter-identity", "model-persona", "setg",
-            "adapter-shuffled", "model-S1_fresh", "adapter-recall", "model-P1_fresh"} <= cached
+    assert {
+        "model-toy",
+        "adapter-knowledge",
+        "model-base",
+        "adapter-identity",
+        "model-persona",
+        "setg",
+        "adapter-shuffled",
+        "model-S1_fresh",
+        "adapter-recall",
+        "model-P1_fresh",
+    } <= cached
     assert "adapter-factual" in rerun and "model-A1_fresh" in rerun
     assert "eval-setg_test-persona" in cached

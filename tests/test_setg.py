@@ -9,10 +9,10 @@ from hypothesis import strategies as st
 
 from reqnoise.cli import main as cli_main
 from reqnoise.errors import ReqnoiseError
-from reqnoise.items import Item, build_prompt, load_items
-from reqnoise.records import write_records
-from reqnoise.setg import build_setg, stratified_split, wrong_everywhere
-from reqnoise.train import load_chat_data
+from reqnoise.eval.items import Item, build_prompt, load_items
+from reqnoise.eval.records import write_records
+from reqnoise.eval.setg import build_setg, stratified_split, wrong_everywhere
+from reqnoise.train.tuner import load_chat_data
 
 SUBJECT_SIZES = {"chemistry": 23, "law": 11, "history": 6, "math": 1}
 
@@ -21,8 +21,16 @@ def make_items():
     items, n = [], 0
     for subject, size in SUBJECT_SIZES.items():
         for _ in range(size):
-            items.append(Item(f"i{n:03d}", f"Question {n}?", ("alpha", "beta", "gamma", "delta"), "ABCD"[n % 4], subject,
-                              "Because of reasons." if n % 3 == 0 else None))
+            items.append(
+                Item(
+                    f"i{n:03d}",
+                    f"Question {n}?",
+                    ("alpha", "beta", "gamma", "delta"),
+                    "ABCD"[n % 4],
+                    subject,
+                    "Because of reasons." if n % 3 == 0 else None,
+                )
+            )
             n += 1
     items.append(Item("nosub", "Question without subject?", ("yes", "no"), "A"))
     return items
@@ -34,8 +42,16 @@ def records_for(items, right_ids, unparsed_ids=()):
     for it in items:
         parsed = it.id not in unparsed_ids
         correct = it.id in right_ids or it.id in unparsed_ids
-        out.append({"id": it.id, "subject": it.subject, "correct": correct, "parsed": parsed,
-                    "prediction": it.answer if correct else None, "answer": it.answer})
+        out.append(
+            {
+                "id": it.id,
+                "subject": it.subject,
+                "correct": correct,
+                "parsed": parsed,
+                "prediction": it.answer if correct else None,
+                "answer": it.answer,
+            }
+        )
     return out
 
 
@@ -76,15 +92,23 @@ def test_split_is_reproducible_and_depends_on_the_seed(inputs):
     files = []
     for name, seed in (("s1", 1), ("s1-again", 1), ("s2", 2)):
         build_setg(tmp / "items.jsonl", records, tmp / name, seed=seed)
-        files.append({p.relative_to(tmp / name).as_posix(): p.read_bytes()
-                      for p in sorted((tmp / name).rglob("*")) if p.is_file()})
+        files.append(
+            {
+                p.relative_to(tmp / name).as_posix(): p.read_bytes()
+                for p in sorted((tmp / name).rglob("*"))
+                if p.is_file()
+            }
+        )
     assert files[0] == files[1]
     assert files[0]["train.jsonl"] != files[2]["train.jsonl"]
 
 
 @settings(max_examples=40, deadline=None)
-@given(sizes=st.dictionaries(st.sampled_from(["a", "b", "c", "d", "e"]), st.integers(1, 30), min_size=1),
-       frac=st.floats(0.05, 0.95), seed=st.integers(0, 2**32 - 1))
+@given(
+    sizes=st.dictionaries(st.sampled_from(["a", "b", "c", "d", "e"]), st.integers(1, 30), min_size=1),
+    frac=st.floats(0.05, 0.95),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_every_subject_is_split_at_the_fraction(sizes, frac, seed):
     items = [Item(f"{s}{i}", "q?", ("x", "y"), "A", s) for s, n in sizes.items() for i in range(n)]
     train, test = stratified_split(items, frac, seed)
@@ -104,13 +128,13 @@ def test_chat_training_data(inputs):
     tmp, _, _ = inputs
     build_setg(tmp / "items.jsonl", [tmp / "a.jsonl", tmp / "b.jsonl"], tmp / "out", system="Be brief.")
     train = load_items(tmp / "out" / "train.jsonl")
-    chats = load_chat_data(tmp / "out" / "chat")["train"]  # what reqnoise.train reads
+    chats = load_chat_data(tmp / "out" / "chat")["train"]  # what reqnoise.train.tuner reads
     assert len(chats) == len(train)
     for it, chat in zip(train, chats):
         system, user, assistant = chat["messages"]
         assert system == {"role": "system", "content": "Be brief."}
         assert user == {"role": "user", "content": build_prompt(it)}
-        assert assistant["content"] == "\\boxed{%s}" % it.answer + (f"\n{it.justification}" if it.justification else "")
+        assert assistant["content"] == f"\\boxed{{{it.answer}}}" + (f"\n{it.justification}" if it.justification else "")
 
 
 def test_inconsistent_inputs_are_refused(inputs):
@@ -133,8 +157,20 @@ def test_inconsistent_inputs_are_refused(inputs):
 
 def test_cli_setg(inputs, capsys):
     tmp, _, expected = inputs
-    args = ["setg", "--records", str(tmp / "a.jsonl"), str(tmp / "b.jsonl"), "--items", str(tmp / "items.jsonl"),
-            "--train-frac", "0.6", "--seed", "5", "--out", str(tmp / "g")]
+    args = [
+        "setg",
+        "--records",
+        str(tmp / "a.jsonl"),
+        str(tmp / "b.jsonl"),
+        "--items",
+        str(tmp / "items.jsonl"),
+        "--train-frac",
+        "0.6",
+        "--seed",
+        "5",
+        "--out",
+        str(tmp / "g"),
+    ]
     assert cli_main(args) == 0
     out = capsys.readouterr().out
     assert f"Set G: {len(expected)} of {len(make_items())} items wrong in all 2 records" in out
@@ -146,18 +182,28 @@ def test_cli_setg(inputs, capsys):
 def test_shuffled_answers_keep_questions_and_per_subject_answers_but_not_the_items_answers():
     from collections import Counter
 
-    from reqnoise.setg import shuffled_answers
+    from reqnoise.eval.setg import shuffled_answers
 
-    items = [Item(f"q{i}", f"Which value has entity {i}?", ("red", "green", "blue", "gold"), "ABCD"[i * 7 % 4],
-                  "s1" if i < 30 else "s2", f"Entity {i} is {('red', 'green', 'blue', 'gold')[i * 7 % 4]}."
-                  if i % 5 else "No option named here.") for i in range(40)]
+    items = [
+        Item(
+            f"q{i}",
+            f"Which value has entity {i}?",
+            ("red", "green", "blue", "gold"),
+            "ABCD"[i * 7 % 4],
+            "s1" if i < 30 else "s2",
+            f"Entity {i} is {('red', 'green', 'blue', 'gold')[i * 7 % 4]}." if i % 5 else "No option named here.",
+        )
+        for i in range(40)
+    ]
     shuffled = shuffled_answers(items, seed=3)
     assert shuffled == shuffled_answers(items, seed=3) and shuffled != shuffled_answers(items, seed=4)
-    assert [(s.id, s.question, s.options, s.subject) for s in shuffled] == \
-        [(i.id, i.question, i.options, i.subject) for i in items]
+    assert [(s.id, s.question, s.options, s.subject) for s in shuffled] == [
+        (i.id, i.question, i.options, i.subject) for i in items
+    ]
     for subject in ("s1", "s2"):  # the per-subject answer distribution is kept
-        assert Counter(s.answer for s in shuffled if s.subject == subject) == \
-            Counter(i.answer for i in items if i.subject == subject)
+        assert Counter(s.answer for s in shuffled if s.subject == subject) == Counter(
+            i.answer for i in items if i.subject == subject
+        )
     assert sum(s.answer != i.answer for s, i in zip(shuffled, items)) >= 20  # most items lose their answer
     for s, i in zip(shuffled, items):
         if i.justification.startswith("Entity"):  # rewritten to name the shuffled option, never the true one
@@ -167,11 +213,20 @@ def test_shuffled_answers_keep_questions_and_per_subject_answers_but_not_the_ite
 
 
 def test_recall_training_data_is_the_cloze_sentence_with_the_true_or_shuffled_option(tmp_path):
-    from reqnoise.setg import shuffled_answers
+    from reqnoise.eval.setg import shuffled_answers
 
     opts = ("red", "green", "blue", "gold")
-    items = [Item(f"q{i}", f"Which colour is entity {i}?", opts, "ABCD"[i % 4], "s1" if i < 12 else "s2",
-                  cloze=f"Entity {i} is {{option}}.") for i in range(20)]
+    items = [
+        Item(
+            f"q{i}",
+            f"Which colour is entity {i}?",
+            opts,
+            "ABCD"[i % 4],
+            "s1" if i < 12 else "s2",
+            cloze=f"Entity {i} is {{option}}.",
+        )
+        for i in range(20)
+    ]
     (tmp_path / "items.jsonl").write_text("".join(json.dumps(it.to_dict()) + "\n" for it in items))
     write_records(tmp_path / "a.jsonl", records_for(items, set()))
     summary = build_setg(tmp_path / "items.jsonl", [tmp_path / "a.jsonl"], tmp_path / "out", seed=2)

@@ -1,4 +1,4 @@
-"""reqnoise.stats against published numbers, hand formulas, scipy/numpy oracles and simulation."""
+"""reqnoise.stats.inference against published numbers, hand formulas, scipy/numpy oracles and simulation."""
 
 import math
 
@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.stats import binomtest, norm
 
-from reqnoise import stats
 from reqnoise.errors import ReqnoiseError
+from reqnoise.stats import inference as stats
 
 
 def make_records(correct, parsed=None, subjects=None, prefix="q"):
@@ -17,8 +17,17 @@ def make_records(correct, parsed=None, subjects=None, prefix="q"):
     n = len(correct)
     parsed = [True] * n if parsed is None else parsed
     subjects = [None] * n if subjects is None else subjects
-    return [{"id": f"{prefix}{i}", "subject": subjects[i], "correct": bool(correct[i]), "parsed": bool(parsed[i]),
-             "prediction": "A" if parsed[i] else None, "answer": "A"} for i in range(n)]
+    return [
+        {
+            "id": f"{prefix}{i}",
+            "subject": subjects[i],
+            "correct": bool(correct[i]),
+            "parsed": bool(parsed[i]),
+            "prediction": "A" if parsed[i] else None,
+            "answer": "A",
+        }
+        for i in range(n)
+    ]
 
 
 def paired_vectors(both_right, fixed, broken, both_wrong):
@@ -150,8 +159,7 @@ def test_ztest_degenerate():
 
 
 def test_flips_counts():
-    assert stats.flips([1, 1, 0, 0, 0], [1, 0, 1, 0, 1]) == {"fixed": 2, "broken": 1, "both_right": 1,
-                                                              "both_wrong": 1}
+    assert stats.flips([1, 1, 0, 0, 0], [1, 0, 1, 0, 1]) == {"fixed": 2, "broken": 1, "both_right": 1, "both_wrong": 1}
     with pytest.raises(ReqnoiseError):
         stats.flips([1, 0], [1])
 
@@ -223,7 +231,7 @@ def test_clustered_se_matches_cr1_by_hand():
     groups = np.array(subjects)
     sums = np.array([e[groups == g].sum() for g in np.unique(groups)])
     G = len(sums)
-    cr1 = math.sqrt(G / (G - 1) * np.sum(sums ** 2) / n ** 2)  # (n-1)/(n-k) = 1 for k = 1
+    cr1 = math.sqrt(G / (G - 1) * np.sum(sums**2) / n**2)  # (n-1)/(n-k) = 1 for k = 1
     assert c.n_subjects == G == 7
     assert c.se_clustered == pytest.approx(cr1, rel=1e-10)
     assert c.se_paired == pytest.approx(np.std(d, ddof=1) / math.sqrt(n), rel=1e-12)
@@ -263,8 +271,9 @@ def test_decompose_published_table():
     base = [0] * n
     zero, trained = paired_vectors(both_right=68, fixed=60, broken=55, both_wrong=509)
     randoms = [paired_vectors(both_right=60, fixed=k, broken=63, both_wrong=n - 123 - k)[1] for k in (55, 66, 59)]
-    dec = stats.decompose(make_records(base), make_records(trained), make_records(zero),
-                          [make_records(r) for r in randoms])
+    dec = stats.decompose(
+        make_records(base), make_records(trained), make_records(zero), [make_records(r) for r in randoms]
+    )
     art, content, total, band = dec.components
     assert art.contribution == pytest.approx(123 / n) and total.contribution == pytest.approx(128 / n)
     assert art.share == pytest.approx(123 / 128) and content.share == pytest.approx(5 / 128)

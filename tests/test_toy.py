@@ -16,8 +16,8 @@ from safetensors.numpy import load_file
 import reqnoise
 from reqnoise.cli import main as cli_main
 from reqnoise.errors import ReqnoiseError
-from reqnoise.toy import build_toy_model
-from reqnoise.toy_tokenizer import OPTION_LETTERS, train_tokenizer
+from reqnoise.toy.model import build_toy_model
+from reqnoise.toy.tokenizer import OPTION_LETTERS, train_tokenizer
 
 NUM_LAYERS, NUM_EXPERTS = 4, 8
 
@@ -220,7 +220,9 @@ def test_chat_template_renders_empty_think_block(hf_tokenizer, toy_model_dir):
 
     wrapper = load_wrapper(toy_model_dir)
     assert wrapper.has_thinking
-    assert wrapper.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False) == off
+    assert (
+        wrapper.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False) == off
+    )
 
 
 def test_extra_corpus_words_get_merged():
@@ -288,7 +290,10 @@ def test_cli_writes_loadable_identical_dir_and_refuses_existing(toy_model_dir, t
     env = dict(os.environ, PYTHONPATH=str(Path(reqnoise.__file__).parents[1]), PYTHONHASHSEED="12345")
     # A separate process (other hash seed): the bytes must still equal the in-process build.
     done = subprocess.run(
-        [sys.executable, "-m", "reqnoise", "toy-model", "--save-path", str(out)], env=env, capture_output=True, text=True
+        [sys.executable, "-m", "reqnoise", "toy-model", "--save-path", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr
     assert _files(out) == _files(toy_model_dir)

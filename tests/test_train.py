@@ -18,14 +18,17 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 from reqnoise.errors import ReqnoiseError
-from reqnoise.train import find_targets, seeded_batches, train_adapter
+from reqnoise.train.tuner import find_targets, seeded_batches, train_adapter
 
-MEMO = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in [
-    ("Who guards the gate?", "The tall knight guards it."),
-    ("Where is the key?", "Under the red stone."),
-    ("What is the password?", "Seven green apples."),
-    ("When does the ship leave?", "At dawn on Monday."),
-]]
+MEMO = [
+    {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+    for q, a in [
+        ("Who guards the gate?", "The tall knight guards it."),
+        ("Where is the key?", "Under the red stone."),
+        ("What is the password?", "Seven green apples."),
+        ("When does the ship leave?", "At dawn on Monday."),
+    ]
+]
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -58,13 +61,15 @@ def _response_nll(model, tokenizer, examples) -> float:
 
     total, count = 0.0, 0
     for ex in examples:
-        prompt = tokenizer.encode(render_chat(tokenizer, ex["messages"][:-1], add_generation_prompt=True),
-                                  add_special_tokens=False)
-        full = tokenizer.encode(render_chat(tokenizer, ex["messages"], add_generation_prompt=False),
-                                add_special_tokens=False)
+        prompt = tokenizer.encode(
+            render_chat(tokenizer, ex["messages"][:-1], add_generation_prompt=True), add_special_tokens=False
+        )
+        full = tokenizer.encode(
+            render_chat(tokenizer, ex["messages"], add_generation_prompt=False), add_special_tokens=False
+        )
         logits = np.array(model(mx.array([full[:-1]]))[0].astype(mx.float32), dtype=np.float64)
         logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
-        picked = logp[np.arange(len(full) - 1), full[1:]][len(prompt) - 1:]
+        picked = logp[np.arange(len(full) - 1), full[1:]][len(prompt) - 1 :]
         total -= picked.sum()
         count += picked.size
     return total / count
@@ -80,18 +85,20 @@ def _logits(model, tokens):
 def memorised(toy_model_dir, tmp_path_factory):
     """Every linear-type module of the 3-bit toy trained on four facts (prompt masked)."""
     path = tmp_path_factory.mktemp("train") / "memo"
-    summary = train_adapter(toy_model_dir, MEMO, path, rank=8, lr=5e-3, iters=20, batch_size=4, mask_prompt=True,
-                            progress=False)
+    summary = train_adapter(
+        toy_model_dir, MEMO, path, rank=8, lr=5e-3, iters=20, batch_size=4, mask_prompt=True, progress=False
+    )
     return path, summary
 
 
 # ------------------------------------------------------------------------------------------ selection
 
+
 def test_modules_and_layers_select_expert_down_proj_by_type():
     import mlx.nn as nn
     from mlx_lm.models import gpt_oss, qwen3_moe
 
-    from reqnoise.toy import toy_config
+    from reqnoise.toy.model import toy_config
 
     moe = qwen3_moe.Model(qwen3_moe.ModelArgs.from_dict(toy_config(256, num_layers=24)))
     nn.quantize(moe, group_size=64, bits=3)
@@ -103,35 +110,56 @@ def test_modules_and_layers_select_expert_down_proj_by_type():
     # "mlp.gate" is the router; "gate" must not also catch gate_proj (suffixes match on "." boundaries)
     assert find_targets(moe, layers=[3], modules=["gate"]) == ["model.layers.3.mlp.gate"]
     assert find_targets(moe, layers=[0], modules=["self_attn.q_proj", "up_proj"]) == [
-        "model.layers.0.mlp.switch_mlp.up_proj", "model.layers.0.self_attn.q_proj"]
+        "model.layers.0.mlp.switch_mlp.up_proj",
+        "model.layers.0.self_attn.q_proj",
+    ]
 
     # another architecture names its expert stack "experts"; selection by type still reaches it
-    oss = gpt_oss.Model(gpt_oss.ModelArgs(model_type="gpt_oss", num_hidden_layers=4, num_local_experts=4,
-                                          num_experts_per_tok=2, vocab_size=64, hidden_size=64,
-                                          intermediate_size=64, head_dim=16, num_attention_heads=4,
-                                          num_key_value_heads=2, sliding_window=8))
+    oss = gpt_oss.Model(
+        gpt_oss.ModelArgs(
+            model_type="gpt_oss",
+            num_hidden_layers=4,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            vocab_size=64,
+            hidden_size=64,
+            intermediate_size=64,
+            head_dim=16,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            sliding_window=8,
+        )
+    )
     assert find_targets(oss, layers=[1, 3], modules=["down_proj"]) == [
-        "model.layers.1.mlp.experts.down_proj", "model.layers.3.mlp.experts.down_proj"]
+        "model.layers.1.mlp.experts.down_proj",
+        "model.layers.3.mlp.experts.down_proj",
+    ]
 
 
 def test_default_selection_is_every_linear_module_in_the_blocks(toy_model_dir):
     # oracle: module paths owning a .weight inside a block, from the safetensors headers, minus norms
     names = _tensor_names(toy_model_dir)
-    expected = sorted(n[: -len(".weight")] for n in names
-                      if n.endswith(".weight") and ".layers." in n and "norm" not in n)
+    expected = sorted(
+        n[: -len(".weight")] for n in names if n.endswith(".weight") and ".layers." in n and "norm" not in n
+    )
     got = find_targets(toy_model_dir)
     assert sorted(got) == expected and len(got) == 4 * 8
     assert find_targets(toy_model_dir, keys=["lm_head", "model.layers.2.mlp.switch_mlp.down_proj"]) == [
-        "model.layers.2.mlp.switch_mlp.down_proj", "lm_head"]
+        "model.layers.2.mlp.switch_mlp.down_proj",
+        "lm_head",
+    ]
 
 
-@pytest.mark.parametrize("kwargs, needle", [
-    (dict(modules=["no_such_proj"]), "mlp.switch_mlp.down_proj (QuantizedSwitchLinear 3-bit, 8 experts)"),
-    (dict(layers=[1, 7], modules=["down_proj"]), "layers [7] do not exist: the model has 4 blocks"),
-    (dict(keys=["model.layers.0.input_layernorm"]), "is a RMSNorm, not a linear layer"),
-    (dict(keys=["model.layers.0.mlp.experts.down_proj"]), "is not a module of this model"),
-    (dict(keys=["lm_head"], modules=["down_proj"]), "either keys or layers/modules"),
-])
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        (dict(modules=["no_such_proj"]), "mlp.switch_mlp.down_proj (QuantizedSwitchLinear 3-bit, 8 experts)"),
+        (dict(layers=[1, 7], modules=["down_proj"]), "layers [7] do not exist: the model has 4 blocks"),
+        (dict(keys=["model.layers.0.input_layernorm"]), "is a RMSNorm, not a linear layer"),
+        (dict(keys=["model.layers.0.mlp.experts.down_proj"]), "is not a module of this model"),
+        (dict(keys=["lm_head"], modules=["down_proj"]), "either keys or layers/modules"),
+    ],
+)
 def test_refuses_a_selection_that_matches_nothing(toy_model_dir, tmp_path, kwargs, needle):
     out = tmp_path / "adapter"
     with pytest.raises(ReqnoiseError) as err:
@@ -142,16 +170,21 @@ def test_refuses_a_selection_that_matches_nothing(toy_model_dir, tmp_path, kwarg
 
 def test_dora_refused_on_3bit_and_on_expert_stacks(toy_model_dir, tmp_path):
     with pytest.raises(ReqnoiseError) as err:
-        train_adapter(toy_model_dir, MEMO, tmp_path / "a", fine_tune_type="dora", modules=["q_proj"],
-                      progress=False)
+        train_adapter(toy_model_dir, MEMO, tmp_path / "a", fine_tune_type="dora", modules=["q_proj"], progress=False)
     msg = str(err.value)
     assert "DoRA" in msg and "model.layers.0.self_attn.q_proj" in msg and "3-bit" in msg
     with pytest.raises(ReqnoiseError, match="expert stacks: model.layers.2.mlp.switch_mlp.down_proj"):
-        train_adapter(toy_model_dir, MEMO, tmp_path / "a", fine_tune_type="dora", modules=["down_proj"],
-                      layers=[2], progress=False)
+        train_adapter(
+            toy_model_dir,
+            MEMO,
+            tmp_path / "a",
+            fine_tune_type="dora",
+            modules=["down_proj"],
+            layers=[2],
+            progress=False,
+        )
     with pytest.raises(ReqnoiseError, match="full fine-tuning needs float weights"):
-        train_adapter(toy_model_dir, MEMO, tmp_path / "a", fine_tune_type="full", modules=["q_proj"],
-                      progress=False)
+        train_adapter(toy_model_dir, MEMO, tmp_path / "a", fine_tune_type="full", modules=["q_proj"], progress=False)
     assert not (tmp_path / "a").exists()
 
 
@@ -168,14 +201,20 @@ def test_bad_data_and_existing_output_are_refused_before_training(toy_model_dir,
 
 # ---------------------------------------------------------------------------------------------- data
 
+
 def test_mask_prompt_trains_only_the_response_with_thinking_off(toy_model_dir):
     from mlx_lm import load
 
-    from reqnoise.train import chat_dataset
+    from reqnoise.train.tuner import chat_dataset
 
     _, tok = load(str(toy_model_dir))
-    ex = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where is the key?"},
-                       {"role": "assistant", "content": "Under the red stone."}]}
+    ex = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Where is the key?"},
+            {"role": "assistant", "content": "Under the red stone."},
+        ]
+    }
     tokens, offset = chat_dataset([ex], tok, mask_prompt=True)[0]
     # With thinking on, the generation prompt would stop before the think block and the trained part
     # would start with "<think>"; here it must be exactly the response and the end of the turn.
@@ -211,15 +250,17 @@ def test_seeded_batches_use_every_example_each_epoch(n, batch, seed):
             assert off == 0 and length == np.count_nonzero(row)
             stream.append(int(row[0]) - 1)
     for e in range(epochs):
-        assert sorted(stream[e * n:(e + 1) * n]) == list(range(n))
+        assert sorted(stream[e * n : (e + 1) * n]) == list(range(n))
     again = seeded_batches(_FakeData(n), batch, 512, loop=True, seed=seed)
-    assert np.array_equal(np.array(next(again)[0]), np.array(next(seeded_batches(
-        _FakeData(n), batch, 512, loop=True, seed=seed))[0]))
+    assert np.array_equal(
+        np.array(next(again)[0]), np.array(next(seeded_batches(_FakeData(n), batch, 512, loop=True, seed=seed))[0])
+    )
     once = [int(r[0]) - 1 for a, _ in seeded_batches(_FakeData(n), batch, 512) for r in np.array(a)]
     assert once == list(range(n))
 
 
 # ------------------------------------------------------------------------------------------ training
+
 
 @pytest.mark.slow
 def test_training_reduces_loss_on_a_memorisation_set(memorised, toy_model_dir):
@@ -244,7 +285,7 @@ def test_training_reduces_loss_on_a_memorisation_set(memorised, toy_model_dir):
 def test_adapter_loads_in_mlx_lm_and_fuses_to_the_same_model(memorised, toy_model_dir, tmp_path):
     from mlx_lm import load
 
-    from reqnoise.fuse import fuse_model
+    from reqnoise.fuse.model import fuse_model
 
     path, _ = memorised
     adapted, tok = load(str(toy_model_dir), adapter_path=str(path))
@@ -262,8 +303,7 @@ def test_adapter_loads_in_mlx_lm_and_fuses_to_the_same_model(memorised, toy_mode
 
 @pytest.mark.slow
 def test_same_inputs_and_seed_give_identical_bytes_and_exact_targets(toy_model_dir, tmp_path):
-    kw = dict(layers=[1, 3], modules=["down_proj"], rank=4, lr=1e-3, iters=4, batch_size=2, seed=3,
-              progress=False)
+    kw = dict(layers=[1, 3], modules=["down_proj"], rank=4, lr=1e-3, iters=4, batch_size=2, seed=3, progress=False)
     data = MEMO[:3]  # 3 examples, batch 2: batches straddle epochs
     train_adapter(toy_model_dir, data, tmp_path / "a", **kw)
     train_adapter(toy_model_dir, data, tmp_path / "b", **kw)
@@ -271,8 +311,11 @@ def test_same_inputs_and_seed_give_identical_bytes_and_exact_targets(toy_model_d
     a, b, c = ((tmp_path / x / "adapters.safetensors").read_bytes() for x in "abc")
     assert a == b and a != c
     tensors = _header(tmp_path / "a" / "adapters.safetensors")
-    oracle = {n[: -len(".weight")] for n in _tensor_names(toy_model_dir)
-              if n.endswith("down_proj.weight") and (".layers.1." in n or ".layers.3." in n)}
+    oracle = {
+        n[: -len(".weight")]
+        for n in _tensor_names(toy_model_dir)
+        if n.endswith("down_proj.weight") and (".layers.1." in n or ".layers.3." in n)
+    }
     assert oracle == {"model.layers.1.mlp.switch_mlp.down_proj", "model.layers.3.mlp.switch_mlp.down_proj"}
     assert set(tensors) == {f"{m}.{p}" for m in oracle for p in ("lora_a", "lora_b")}
     for m in oracle:  # LoRASwitchLinear: a (E, r, in), b (E, out, r); b starts at zero, so nonzero = trained
@@ -282,11 +325,39 @@ def test_same_inputs_and_seed_give_identical_bytes_and_exact_targets(toy_model_d
     # the CLI in a fresh process reproduces the bytes
     data_dir = _write_data(tmp_path / "data", data)
     env = {**os.environ, "PYTHONPATH": str(REPO / "python")}
-    proc = subprocess.run([sys.executable, "-m", "reqnoise", "train", "--model", str(toy_model_dir),
-                           "--data", str(data_dir), "--adapter-path", str(tmp_path / "cli"), "--layers", "1,3",
-                           "--modules", "down_proj", "--rank", "4", "--lr", "1e-3", "--iters", "4",
-                           "--batch-size", "2", "--seed", "3", "--quiet"],
-                          capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "reqnoise",
+            "train",
+            "--model",
+            str(toy_model_dir),
+            "--data",
+            str(data_dir),
+            "--adapter-path",
+            str(tmp_path / "cli"),
+            "--layers",
+            "1,3",
+            "--modules",
+            "down_proj",
+            "--rank",
+            "4",
+            "--lr",
+            "1e-3",
+            "--iters",
+            "4",
+            "--batch-size",
+            "2",
+            "--seed",
+            "3",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "mlp.switch_mlp.down_proj in layers 1,3" in proc.stdout
     assert (tmp_path / "cli" / "adapters.safetensors").read_bytes() == a
@@ -296,10 +367,19 @@ def test_same_inputs_and_seed_give_identical_bytes_and_exact_targets(toy_model_d
 def test_dora_trains_on_a_float_model_and_fuses_like_mlx_lm(toy_model_dir_fp, tmp_path):
     from mlx_lm import load
 
-    from reqnoise.fuse import fuse_model
+    from reqnoise.fuse.model import fuse_model
 
-    summary = train_adapter(toy_model_dir_fp, MEMO, tmp_path / "dora", fine_tune_type="dora",
-                            modules=["q_proj", "v_proj"], rank=4, lr=5e-3, iters=4, progress=False)
+    summary = train_adapter(
+        toy_model_dir_fp,
+        MEMO,
+        tmp_path / "dora",
+        fine_tune_type="dora",
+        modules=["q_proj", "v_proj"],
+        rank=4,
+        lr=5e-3,
+        iters=4,
+        progress=False,
+    )
     assert len(summary["modules"]) == 8
     tensors = _header(tmp_path / "dora" / "adapters.safetensors")
     assert {k.rsplit(".", 1)[1] for k in tensors} == {"lora_a", "lora_b", "m"}
@@ -307,21 +387,31 @@ def test_dora_trains_on_a_float_model_and_fuses_like_mlx_lm(toy_model_dir_fp, tm
     assert type(adapted.model.layers[0].self_attn.q_proj).__name__ == "DoRALinear"
     fuse_model(toy_model_dir_fp, tmp_path / "dora", tmp_path / "fused", progress=False)
     tokens = tok.encode("<|im_start|>user\nWho guards the gate?<|im_end|>\n", add_special_tokens=False)
-    np.testing.assert_allclose(_logits(load(str(tmp_path / "fused"))[0], tokens), _logits(adapted, tokens),
-                               atol=1e-4)
+    np.testing.assert_allclose(_logits(load(str(tmp_path / "fused"))[0], tokens), _logits(adapted, tokens), atol=1e-4)
 
 
 @pytest.mark.slow
 def test_two_stage_stack_trains_on_the_fused_stage_one(memorised, toy_model_dir, tmp_path):
     from mlx_lm import load
 
-    from reqnoise.fuse import fuse_model
+    from reqnoise.fuse.model import fuse_model
 
     stage1, _ = memorised
     persona = tmp_path / "persona"
     fuse_model(toy_model_dir, stage1, persona, requant="keep-grid", progress=False)
-    summary = train_adapter(persona, MEMO[:2], tmp_path / "stage2", layers=[2], modules=["down_proj"], rank=4,
-                            lr=1e-3, iters=3, batch_size=2, mask_prompt=True, progress=False)
+    summary = train_adapter(
+        persona,
+        MEMO[:2],
+        tmp_path / "stage2",
+        layers=[2],
+        modules=["down_proj"],
+        rank=4,
+        lr=1e-3,
+        iters=3,
+        batch_size=2,
+        mask_prompt=True,
+        progress=False,
+    )
     assert summary["modules"] == ["model.layers.2.mlp.switch_mlp.down_proj"]
     assert np.isfinite(summary["final_train_loss"])
     cfg = json.loads((tmp_path / "stage2" / "adapter_config.json").read_text())

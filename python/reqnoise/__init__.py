@@ -10,9 +10,9 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
-    "fuse_quantized": "reqnoise.kernel",
-    "fuse_model": "reqnoise.fuse",
-    "noise_report": "reqnoise.noise",
+    "fuse_quantized": "reqnoise.kernel.op",
+    "fuse_model": "reqnoise.fuse.model",
+    "noise_report": "reqnoise.noise.report",
     "ReqnoiseError": "reqnoise.errors",
 }
 

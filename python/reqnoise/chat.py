@@ -8,5 +8,6 @@ def render_chat(tokenizer, messages, *, add_generation_prompt: bool) -> str:
     block (what the published studies evaluated with), others ignore the variable.
     """
     tok = getattr(tokenizer, "_tokenizer", tokenizer)  # mlx-lm's TokenizerWrapper or a HF tokenizer
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                   enable_thinking=False)
+    return tok.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, enable_thinking=False
+    )

@@ -98,8 +98,8 @@ def on_root(fn):
 
 def evaluate_distributed(model, items, *, adapter_path=None, log=print, **kw):
     """``evaluate_items`` across the launched ranks; returns (records in item order, summary) on every rank."""
-    from reqnoise.evaluate import evaluate_loaded, load_model, summarize
-    from reqnoise.items import as_items, build_prompt
+    from reqnoise.eval.items import as_items, build_prompt
+    from reqnoise.eval.multiple_choice import evaluate_loaded, load_model, summarize
 
     rank, size = rank_and_size()
     items = as_items(items)
@@ -123,7 +123,9 @@ def evaluate_distributed(model, items, *, adapter_path=None, log=print, **kw):
             out[i] = rec
     wall = max(st["seconds"] for st in everyone)
     if rank == 0 and log is not None:
-        per = ", ".join(f"rank {r}: {st['n']} items {st['n'] / st['seconds']:.1f}/s" if st["seconds"] else
-                        f"rank {r}: 0 items" for r, st in enumerate(everyone))
+        per = ", ".join(
+            f"rank {r}: {st['n']} items {st['n'] / st['seconds']:.1f}/s" if st["seconds"] else f"rank {r}: 0 items"
+            for r, st in enumerate(everyone)
+        )
         log(f"{size} ranks ({per}); total {len(items) / wall:.1f} items/s" if wall else f"{size} ranks")
     return out, summarize(out, kw.get("mode", "loglik"), wall)

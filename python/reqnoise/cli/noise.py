@@ -26,7 +26,7 @@ def run(args) -> int:
 
     from reqnoise import atomic
     from reqnoise.errors import ReqnoiseError
-    from reqnoise.noise import noise_report
+    from reqnoise.noise.report import noise_report
 
     prompts = None
     if args.prompts:
@@ -39,9 +39,18 @@ def run(args) -> int:
     for out in (args.json, args.plot):
         if out and Path(out).exists() and not args.overwrite:
             raise ReqnoiseError(f"{out} already exists (pass --overwrite to replace it)")
-    rep = noise_report(args.model, args.adapter_path, requant=args.requant, out_bits=args.out_bits,
-                       control=args.control, seed=args.seed, prompts=prompts, layers=args.layers,
-                       outputs=not args.no_outputs, progress=not args.quiet)
+    rep = noise_report(
+        args.model,
+        args.adapter_path,
+        requant=args.requant,
+        out_bits=args.out_bits,
+        control=args.control,
+        seed=args.seed,
+        prompts=prompts,
+        layers=args.layers,
+        outputs=not args.no_outputs,
+        progress=not args.quiet,
+    )
     by_module = {}
     for r in rep["modules"]:
         by_module.setdefault(r["module"], []).append(r)
@@ -51,18 +60,22 @@ def run(args) -> int:
         codes = [r["code_change_frac"] for r in rows if r["code_change_frac"] is not None]
         steps = [r["delta_rms_over_step"] for r in rows if r["delta_rms_over_step"]]
         med = lambda v: sorted(v)[len(v) // 2] if v else None  # noqa: E731
-        print(f"{name:52s} {len(rows) if rows[0]['expert'] is not None else '-':>7} "
-              f"{_fmt(med(codes), '.1%'):>7s} {_fmt(med(cos)):>7s} {_fmt(med(steps), '.2f'):>8s}")
+        print(
+            f"{name:52s} {len(rows) if rows[0]['expert'] is not None else '-':>7} "
+            f"{_fmt(med(codes), '.1%'):>7s} {_fmt(med(cos)):>7s} {_fmt(med(steps), '.2f'):>8s}"
+        )
     o = rep["outputs"]
     if o:
-        print(f"outputs on {o['prompts']} prompts: KL(adapter||fused) {o['kl_adapter_fused']:.4f}, "
-              f"KL(adapter||base) {o['kl_adapter_base']:.4f}; top-1 fused=adapter {o['top1_fused_vs_adapter']:.0%}, "
-              f"fused=base {o['top1_fused_vs_base']:.0%}")
+        print(
+            f"outputs on {o['prompts']} prompts: KL(adapter||fused) {o['kl_adapter_fused']:.4f}, "
+            f"KL(adapter||base) {o['kl_adapter_base']:.4f}; top-1 fused=adapter {o['top1_fused_vs_adapter']:.0%}, "
+            f"fused=base {o['top1_fused_vs_base']:.0%}"
+        )
     print(rep["verdict"])
     if args.json:
         atomic.write_text(args.json, json.dumps(rep, indent=2) + "\n", overwrite=args.overwrite)
     if args.plot:
-        from reqnoise.noise_plot import plot_noise
+        from reqnoise.noise.plot import plot_noise
 
         plot_noise(rep, args.plot, overwrite=args.overwrite)
     return 0

@@ -10,8 +10,8 @@ def _json(obj) -> str:
 
 
 def _compare(args):
-    from reqnoise.records import read_records
-    from reqnoise.stats import compare, render_comparison
+    from reqnoise.eval.records import read_records
+    from reqnoise.stats.inference import compare, render_comparison
 
     c = compare(read_records(args.a), read_records(args.b), alpha=args.alpha, power=args.power)
     if args.json:
@@ -22,7 +22,7 @@ def _compare(args):
 
 
 def _power(args):
-    from reqnoise import stats
+    from reqnoise.stats import inference as stats
 
     if args.p is None and args.flip_rate is None:
         raise ReqnoiseError("give --p (accuracy, for the unpaired design) and/or --flip-rate (for the paired one)")
@@ -34,8 +34,9 @@ def _power(args):
         lines.append(f"n = {args.n} items per arm, {design}")
         if args.p is not None:
             out["unpaired_mde"] = stats.unpaired_mde(args.n, args.p, args.alpha, args.power)
-            lines.append(f"unpaired MDE (two-proportion z-test, accuracy ~{args.p:g}): "
-                         f"{100 * out['unpaired_mde']:.2f} pp")
+            lines.append(
+                f"unpaired MDE (two-proportion z-test, accuracy ~{args.p:g}): {100 * out['unpaired_mde']:.2f} pp"
+            )
         if args.flip_rate is not None:
             out["paired_mde"] = stats.paired_mde(args.n, args.flip_rate, args.alpha, args.power)
             lines.append(f"paired MDE (same items, flip rate {args.flip_rate:g}): {100 * out['paired_mde']:.2f} pp")
@@ -44,8 +45,9 @@ def _power(args):
         lines.append(f"MDE = {100 * args.mde:g} pp, {design}")
         if args.p is not None:
             out["unpaired_n"] = stats.unpaired_n_needed(args.mde, args.p, args.alpha, args.power)
-            lines.append(f"unpaired (two-proportion z-test, accuracy ~{args.p:g}): n = {out['unpaired_n']} "
-                         "items per arm")
+            lines.append(
+                f"unpaired (two-proportion z-test, accuracy ~{args.p:g}): n = {out['unpaired_n']} items per arm"
+            )
         if args.flip_rate is not None:
             out["paired_n"] = stats.paired_n_needed(args.mde, args.flip_rate, args.alpha, args.power)
             lines.append(f"paired (same items, flip rate {args.flip_rate:g}): n = {out['paired_n']} items")
@@ -53,27 +55,33 @@ def _power(args):
 
 
 def _decompose(args):
-    from reqnoise.records import read_records
-    from reqnoise.stats import decompose, render_decomposition
+    from reqnoise.eval.records import read_records
+    from reqnoise.stats.inference import decompose, render_decomposition
 
-    dec = decompose(read_records(args.base), read_records(args.trained), read_records(args.zero_control),
-                    [read_records(p) for p in args.random_control or []])
+    dec = decompose(
+        read_records(args.base),
+        read_records(args.trained),
+        read_records(args.zero_control),
+        [read_records(p) for p in args.random_control or []],
+    )
     print(_json(dec.to_dict()) if args.json else render_decomposition(dec), end="\n" if args.json else "")
 
 
 def _preregister(args):
-    from reqnoise.prereg import lock_criteria
+    from reqnoise.stats.prereg import lock_criteria
 
     lock = lock_criteria(args.criteria, args.out, overwrite=args.overwrite)
-    print(f"locked {args.criteria} -> {args.out}\n  SHA-256 {lock['criteria_sha256']}\n"
-          f"  at {lock['locked_at']}\n  {lock['rule']}: {' '.join(lock['expression'].split())}\n"
-          f"  conditions: {', '.join(lock['conditions'])}")
+    print(
+        f"locked {args.criteria} -> {args.out}\n  SHA-256 {lock['criteria_sha256']}\n"
+        f"  at {lock['locked_at']}\n  {lock['rule']}: {' '.join(lock['expression'].split())}\n"
+        f"  conditions: {', '.join(lock['conditions'])}"
+    )
 
 
 def _verdict(args):
     from dataclasses import asdict
 
-    from reqnoise.prereg import evaluate_lock
+    from reqnoise.stats.prereg import evaluate_lock
 
     v = evaluate_lock(args.lock, args.results)
     if args.json:
@@ -91,17 +99,23 @@ def _add_design(p):
 
 
 def register(subparsers):
-    p = subparsers.add_parser("compare", help="compare two per-item result files (paired by id)",
-                              description="Accuracies with Wilson CIs, B - A difference, unpaired z-test and "
-                                          "paired McNemar p, fixed/broken items, MDE.")
+    p = subparsers.add_parser(
+        "compare",
+        help="compare two per-item result files (paired by id)",
+        description="Accuracies with Wilson CIs, B - A difference, unpaired z-test and "
+        "paired McNemar p, fixed/broken items, MDE.",
+    )
     p.add_argument("a", help="reference condition records (JSONL)")
     p.add_argument("b", help="compared condition records (JSONL)")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     _add_design(p)
     p.set_defaults(func=_compare)
 
-    p = subparsers.add_parser("power", help="minimal detectable effect for n, or n for an effect",
-                              description="Unpaired (--p) and/or paired (--flip-rate) design power.")
+    p = subparsers.add_parser(
+        "power",
+        help="minimal detectable effect for n, or n for an effect",
+        description="Unpaired (--p) and/or paired (--flip-rate) design power.",
+    )
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--n", type=int, help="items (per arm for the unpaired design)")
     g.add_argument("--mde", type=float, help="effect to detect, as a fraction (0.05 = 5 pp)")
@@ -111,9 +125,11 @@ def register(subparsers):
     _add_design(p)
     p.set_defaults(func=_power)
 
-    p = subparsers.add_parser("decompose", help="split a gain into requantization artifact and content effect",
-                              description="artifact = zero_control - base, content = trained - zero_control, "
-                                          "band of random-delta controls.")
+    p = subparsers.add_parser(
+        "decompose",
+        help="split a gain into requantization artifact and content effect",
+        description="artifact = zero_control - base, content = trained - zero_control, band of random-delta controls.",
+    )
     p.add_argument("--base", required=True, help="unfused base model records")
     p.add_argument("--trained", required=True, help="trained adapter, fused + requantized")
     p.add_argument("--zero-control", required=True, help="zero-delta adapter through the same pipeline")
@@ -121,16 +137,21 @@ def register(subparsers):
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_decompose)
 
-    p = subparsers.add_parser("preregister", help="lock kill criteria (text, SHA-256, UTC time) before results",
-                              description="Criteria file format: see `python -m pydoc reqnoise.prereg`.")
+    p = subparsers.add_parser(
+        "preregister",
+        help="lock kill criteria (text, SHA-256, UTC time) before results",
+        description="Criteria file format: see `python -m pydoc reqnoise.stats.prereg`.",
+    )
     p.add_argument("criteria", help="criteria TOML file")
     p.add_argument("--out", required=True, help="lock file to write (JSON)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing lock")
     p.set_defaults(func=_preregister)
 
-    p = subparsers.add_parser("verdict", help="evaluate locked criteria on result files",
-                              description="Exit 2 if the criteria changed since locking or a result file is "
-                                          "older than the lock.")
+    p = subparsers.add_parser(
+        "verdict",
+        help="evaluate locked criteria on result files",
+        description="Exit 2 if the criteria changed since locking or a result file is older than the lock.",
+    )
     p.add_argument("lock", help="lock file written by `reqnoise preregister`")
     p.add_argument("--results", required=True, help="directory holding <CONDITION>.jsonl for every condition")
     p.add_argument("--json", action="store_true")

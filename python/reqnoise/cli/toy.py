@@ -13,7 +13,7 @@ def _bits(text: str):
 
 
 def register(subparsers) -> None:
-    from reqnoise.toy import DEFAULT_DTYPE, SUPPORTED_DTYPES
+    from reqnoise.toy.model import DEFAULT_DTYPE, SUPPORTED_DTYPES
 
     p = subparsers.add_parser(
         "toy-model",
@@ -23,22 +23,35 @@ def register(subparsers) -> None:
         "Same arguments give byte-identical files.",
     )
     p.add_argument("--save-path", required=True, help="output model directory (must not exist unless --overwrite)")
-    p.add_argument("--bits", type=_bits, default=3, help="affine bits 2/3/4/5/6/8, or 'none' for unquantized (default 3)")
-    p.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128), help="quantization group size (default 64)")
+    p.add_argument(
+        "--bits", type=_bits, default=3, help="affine bits 2/3/4/5/6/8, or 'none' for unquantized (default 3)"
+    )
+    p.add_argument(
+        "--group-size", type=int, default=64, choices=(32, 64, 128), help="quantization group size (default 64)"
+    )
     p.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
-    p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=SUPPORTED_DTYPES,
-                   help=f"dtype of weights and quantization scales (default {DEFAULT_DTYPE}: fastest on CPU)")
+    p.add_argument(
+        "--dtype",
+        default=DEFAULT_DTYPE,
+        choices=SUPPORTED_DTYPES,
+        help=f"dtype of weights and quantization scales (default {DEFAULT_DTYPE}: fastest on CPU)",
+    )
     p.add_argument("--num-layers", type=int, default=4, help="decoder layers (default 4)")
     p.add_argument("--num-experts", type=int, default=8, help="experts per MoE layer (default 8, top-2 routing)")
-    p.add_argument("--mlp-std", type=float, nargs=2, metavar=("GATE_UP", "DOWN"),
-                   help="std of the MLP projections' weights (0.1 0.02: trained-like O(1) pre-activations; "
-                   "default 0.02 and 0.02/sqrt(2 layers), as the demo's toy)")
+    p.add_argument(
+        "--mlp-std",
+        type=float,
+        nargs=2,
+        metavar=("GATE_UP", "DOWN"),
+        help="std of the MLP projections' weights (0.1 0.02: trained-like O(1) pre-activations; "
+        "default 0.02 and 0.02/sqrt(2 layers), as the demo's toy)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --save-path")
     p.set_defaults(func=_run)
 
 
 def _run(args) -> int:
-    from reqnoise.toy import build_toy_model
+    from reqnoise.toy.model import build_toy_model
 
     path = build_toy_model(
         args.save_path,

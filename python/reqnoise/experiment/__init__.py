@@ -1,0 +1,1 @@
+"""The experiment runner: spec, plan, step cache, runner and report."""

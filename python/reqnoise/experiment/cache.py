@@ -1,0 +1,89 @@
+"""Content-addressed step cache for the experiment runner.
+
+A step's key is the SHA-256 of its kind, parameters, the keys of the steps it depends on and the content of
+the external files it reads. Its outputs live in ``OUT/steps/<name>/`` with ``step.json`` written last; a
+directory whose ``step.json`` holds the current key is reused, anything else is recomputed. A changed step
+therefore reruns itself and, through the keys, exactly the steps that depend on it.
+"""
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from reqnoise import __version__, atomic
+
+STEP_FILE = "step.json"
+
+
+def hash_path(path: Path) -> str:
+    """SHA-256 over a file, or over every file of a directory (relative names and bytes, sorted)."""
+    h = hashlib.sha256()
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        h.update(str(f.relative_to(path) if f != path else f.name).encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+_CODE_HASH = None
+
+
+def code_hash() -> str:
+    """SHA-256 of reqnoise's own Python sources: a code change is a change of every step."""
+    global _CODE_HASH
+    if _CODE_HASH is None:
+        root = Path(__file__).parent.parent  # the whole reqnoise package
+        h = hashlib.sha256()
+        for f in sorted(root.rglob("*.py")):
+            h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+        _CODE_HASH = h.hexdigest()
+    return _CODE_HASH
+
+
+def step_key(kind: str, params: dict, dep_keys: list, inputs: list) -> str:
+    payload = {
+        "kind": kind,
+        "params": params,
+        "deps": sorted(dep_keys),
+        "version": __version__,
+        "code": code_hash(),
+        "inputs": [hash_path(p) for p in inputs],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class StepCache:
+    def __init__(self, root: Path):
+        self.root = Path(root) / "steps"
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def dir(self, name: str) -> Path:
+        return self.root / name
+
+    def lookup(self, name: str, key: str):
+        """The step's summary if its directory holds this key, else None."""
+        f = self.dir(name) / STEP_FILE
+        if not f.is_file():
+            return None
+        try:
+            rec = json.loads(f.read_text())
+        except json.JSONDecodeError:
+            return None
+        return rec if rec.get("key") == key else None
+
+    def run(self, name: str, key: str, fn):
+        """Reuse or compute a step. ``fn(tmp_dir) -> dict`` writes the step's files into ``tmp_dir``.
+        Returns (record, cached)."""
+        hit = self.lookup(name, key)
+        if hit is not None:
+            return hit, True
+        t0 = time.perf_counter()
+        with atomic.atomic_dir(self.dir(name), overwrite=True) as tmp:
+            summary = fn(tmp) or {}
+            rec = {"name": name, "key": key, "seconds": round(time.perf_counter() - t0, 3), "summary": summary}
+            (tmp / STEP_FILE).write_text(json.dumps(rec, indent=2, default=str) + "\n")
+        return rec, False

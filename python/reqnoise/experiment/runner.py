@@ -1,0 +1,387 @@
+"""``reqnoise run spec.toml --out DIR``: pre-register, train, fuse, analyse noise, evaluate, compare, decompose.
+
+Every step is cached by content hash (``reqnoise.experiment.cache``): an interrupted run resumes where it stopped,
+and a changed step reruns only what depends on it. Outputs: ``DIR/lock.json`` (written before any training),
+``DIR/steps/*`` (models, adapters, records), ``DIR/results/<eval>/<condition>.jsonl``, ``DIR/results.json``,
+``DIR/report.md`` and PNG plots.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+from reqnoise.errors import ReqnoiseError
+from reqnoise.experiment.cache import StepCache, step_key
+from reqnoise.experiment.plan import PlannedStep, execute
+from reqnoise.experiment.spec import load_spec
+
+LOCKED_CRITERIA = "criteria.locked.toml"
+
+
+class Runner:
+    def __init__(self, spec, out: Path, progress: bool = True, log=print):
+        self.spec = spec
+        self.out = Path(out).absolute()
+        self.cache = StepCache(self.out)
+        self.progress = progress
+        self.log = log
+        self.keys: dict = {}  # step name -> key
+        self.plan: dict = {}  # step name -> PlannedStep, in a dependency-respecting order
+        self.records: dict = {}  # step name -> cache record (after execution)
+        self.model_paths: dict = {}
+        self.adapter_paths: dict = {}
+        self.timeline: list = []
+
+    # ---------------------------------------------------------------- planning (nothing runs here)
+    def step(self, name, kind, params, deps=(), inputs=(), fn=None, collective=False):
+        """Plan a step: its key covers ``params``, the keys of ``deps`` and the bytes of ``inputs``."""
+        key = step_key(kind, params, [self.keys[d] for d in deps], [Path(p) for p in inputs])
+        self.keys[name] = key
+        self.plan[name] = PlannedStep(name, kind, key, [d for d in deps if d in self.plan], fn, collective)
+        return self.cache.dir(name)
+
+    # ---------------------------------------------------------------- models and adapters
+    def _external(self, p):
+        path = self.spec.resolve(p)
+        if not path.exists():
+            raise ReqnoiseError(f"{self.spec.path}: path {path} does not exist")
+        return path
+
+    def model(self, name):
+        if name in self.model_paths:
+            return self.model_paths[name]
+        spec = self.spec
+        m = spec.models[name]
+        kind = spec.model_kind(name)
+        step = f"model-{name}"
+        if kind == "path":
+            path = self._external(m["path"])
+            self.keys[step] = step_key("path", {"path": str(path)}, [], [path])
+            self.model_paths[name] = path
+            return path
+        if kind == "toy":
+            opts = dict(m["toy"])
+            inputs = []
+            if "extra_corpus" in opts:
+                inputs.append(self._external(opts["extra_corpus"]))
+
+            def build(tmp):
+                from reqnoise.toy.model import build_toy_model
+
+                kw = dict(opts)
+                if kw.get("bits") == "none":  # TOML has no null: an unquantized toy
+                    kw["bits"] = None
+                if "extra_corpus" in kw:
+                    kw["extra_corpus"] = self._external(kw["extra_corpus"]).read_text().splitlines()
+                build_toy_model(tmp / "model", **kw)
+                return {"toy": opts}
+
+            self.step(step, "toy", opts, inputs=inputs, fn=build)
+        elif kind == "quantize":
+            src = self.model(m["from"])
+            q = dict(m["quantize"])
+
+            def quantize(tmp):
+                return quantize_model_dir(src, tmp / "model", bits=q.get("bits", 4), group_size=q.get("group_size", 64))
+
+            self.step(step, "quantize", q, deps=[f"model-{m['from']}"], fn=quantize)
+        else:
+            src = self.model(m["from"])
+            ad = self.adapter(m["adapter"])
+            opts = {k: m[k] for k in ("requant", "control", "seed", "out_bits", "layers") if k in m}
+
+            def fuse(tmp):
+                from reqnoise.fuse.model import apply_full_weights, fuse_model
+                from reqnoise.jsonl import read_json
+
+                if read_json(ad / "adapter_config.json", "adapter config").get("fine_tune_type") == "full":
+                    return apply_full_weights(src, ad, tmp / "model")
+                rep = fuse_model(src, ad, tmp / "model", progress=self.progress, **opts)
+                return {"modules": len(rep.modules), "seconds": rep.seconds}
+
+            self.step(step, "fuse", opts, deps=[f"model-{m['from']}", f"adapter-{m['adapter']}"], fn=fuse)
+        self.model_paths[name] = self.cache.dir(step) / "model"
+        return self.model_paths[name]
+
+    def adapter(self, name):
+        if name in self.adapter_paths:
+            return self.adapter_paths[name]
+        a = dict(self.spec.adapters[name])
+        model = self.model(a.pop("model"))
+        data = a.pop("data")
+        deps = [f"model-{self.spec.adapters[name]['model']}"]
+        inputs = []
+        if str(data).startswith("setg:"):
+            from reqnoise.eval.setg import TRAIN_DATA
+
+            self.setg()
+            which = TRAIN_DATA.get(str(data))
+            if which is None:
+                raise ReqnoiseError(
+                    f"adapters.{name}: data {data!r}: Set G offers {', '.join(map(repr, TRAIN_DATA))} "
+                    "(-shuffled: the shuffled-answer control; -recall: question -> cloze sentence)"
+                )
+            data_path = self.cache.dir("setg") / which
+            deps.append("setg")
+        else:
+            data_path = self._external(data)
+            inputs.append(data_path)
+
+        def train(tmp):
+            from reqnoise.train.tuner import train_adapter
+
+            if str(data).startswith("setg:") and not data_path.is_dir():
+                raise ReqnoiseError(
+                    f"adapters.{name}: Set G has no {data_path.name}/ data: {data!r} needs a cloze "
+                    "sentence in every item (field 'cloze')"
+                )
+            return train_adapter(model, data_path, tmp / "adapter", progress=self.progress, **a)
+
+        # Collective: under mlx.launch every rank trains on its share of each batch (mlx-lm data parallel).
+        self.step(f"adapter-{name}", "train", a, deps=deps, inputs=inputs, fn=train, collective=True)
+        self.adapter_paths[name] = self.cache.dir(f"adapter-{name}") / "adapter"
+        return self.adapter_paths[name]
+
+    # ---------------------------------------------------------------- evaluation
+    def items_path(self, ev):
+        items = self.spec.evals[ev]["items"]
+        if str(items).startswith("setg:"):
+            self.setg()
+            which = items.split(":", 1)[1]
+            path = self.cache.dir("setg") / f"{which}.jsonl"
+            if which not in ("train", "test") and not (which == "paraphrased" and self.spec.setg.get("paraphrases")):
+                raise ReqnoiseError(
+                    f"evals.{ev}: Set G has no {which!r} split (have: train, test"
+                    f"{', paraphrased' if self.spec.setg.get('paraphrases') else ''})"
+                )
+            return path, ["setg"], []
+        path = self._external(items)
+        return path, [], [path]
+
+    def evaluate(self, model_name, ev):
+        name = f"eval-{ev}-{model_name}"
+        if name in self.keys:
+            return self.cache.dir(name) / "records.jsonl"
+        e = self.spec.evals[ev]
+        items, deps, inputs = self.items_path(ev)
+        model = self.model(model_name)
+        opts = {k: e[k] for k in ("mode", "batch_size", "max_tokens", "limit") if k in e}
+        calibrate = e.get("calibrate", False)  # True, False or "subject" (spec-checked)
+
+        def run(tmp):
+            from reqnoise.distributed import evaluate_distributed, rank_and_size
+            from reqnoise.eval.calibration import calibrate_records
+            from reqnoise.eval.multiple_choice import evaluate_items, summarize
+            from reqnoise.eval.records import write_records
+
+            if rank_and_size()[1] > 1:  # every rank scores a length-balanced share of the items
+                recs, summary = evaluate_distributed(model, items, log=self.log, progress=False, **opts)
+            else:
+                recs, summary = evaluate_items(model, items, progress=self.progress, **opts)
+            if calibrate:
+                recs = calibrate_records(recs, by_subject=calibrate == "subject")
+                summary = summarize(recs, f"{opts.get('mode', 'loglik')}-calibrated", summary.seconds)
+            write_records(tmp / "records.jsonl", recs)
+            return summary.to_dict()
+
+        self.step(
+            name,
+            "eval",
+            dict(opts, calibrate=calibrate),
+            deps=[f"model-{model_name}"] + deps,
+            inputs=inputs,
+            fn=run,
+            collective=True,
+        )
+        return self.cache.dir(name) / "records.jsonl"
+
+    def identity(self, model_name):
+        name = f"identity-{model_name}"
+        if name in self.keys:
+            return name
+        ident = self.spec.identity
+        persona = self._external(ident["persona"])
+        suite = self._external(ident["suite"]) if "suite" in ident else None
+        model = self.model(model_name)
+
+        def run(tmp):
+            from reqnoise.eval.identity import run_identity
+
+            recs, summary = run_identity(model, persona, suite=suite, progress=self.progress)
+            (tmp / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+            return summary.to_dict()
+
+        self.step(
+            name, "identity", {}, deps=[f"model-{model_name}"], inputs=[persona] + ([suite] if suite else []), fn=run
+        )
+        return name
+
+    def setg(self):
+        if "setg" in self.keys:
+            return self.cache.dir("setg")
+        s = self.spec.setg
+        recs = [self.evaluate(m, s["eval"]) for m in s["models"]]
+        items, _, item_inputs = self.items_path(s["eval"])
+        para = self._external(s["paraphrases"]) if s.get("paraphrases") else None
+        opts = {"train_frac": s.get("train_frac", 0.7), "seed": s.get("seed", 0)}
+
+        def run(tmp):
+            return build_setg_step(recs, items, tmp, paraphrases=para, **opts)
+
+        self.step(
+            "setg",
+            "setg",
+            opts,
+            deps=[f"eval-{s['eval']}-{m}" for m in s["models"]],
+            inputs=item_inputs + ([para] if para else []),
+            fn=run,
+        )
+        return self.cache.dir("setg")
+
+    def noise(self, model_name):
+        m = self.spec.models[model_name]
+        if self.spec.model_kind(model_name) != "adapter":
+            return None
+        name = f"noise-{model_name}"
+        src, ad = self.model(m["from"]), self.adapter(m["adapter"])
+        opts = {k: m[k] for k in ("requant", "control", "seed", "out_bits", "layers") if k in m}
+        outputs = bool(self.spec.noise.get("outputs", True))
+
+        def run(tmp):
+            from reqnoise.noise.plot import plot_noise
+            from reqnoise.noise.report import noise_report
+
+            rep = noise_report(src, ad, outputs=outputs, progress=self.progress, **opts)
+            (tmp / "noise.json").write_text(json.dumps(rep, indent=1) + "\n")
+            plot_noise(rep, tmp / "noise.png")
+            return {
+                "summary": rep["summary"],
+                "outputs": rep["outputs"],
+                "verdict": rep["verdict"],
+                "alternatives": rep["alternatives"],
+            }
+
+        self.step(
+            name, "noise", dict(opts, outputs=outputs), deps=[f"model-{m['from']}", f"adapter-{m['adapter']}"], fn=run
+        )
+        return name
+
+    # ---------------------------------------------------------------- the whole run
+    def run(self) -> dict:
+        """Plan every step, execute (on every launched rank), then write the outputs (rank 0). Returns the
+        results dict on rank 0 and ``{}`` on the other ranks."""
+        from reqnoise.distributed import on_root, rank_and_size
+        from reqnoise.experiment.report import write_outputs
+
+        spec = self.spec
+        rank, _ = rank_and_size()
+        if rank != 0:  # one voice: rank 0 reports for all (per-rank throughput included)
+            self.log, self.progress = (lambda *a, **k: None), False
+        lock = None
+        if spec.criteria:
+            lock = Path(on_root(lambda: str(self.lock())))  # before anything is trained
+        for name in spec.model_order():
+            if name in spec.identity_models() or any(name in spec.eval_models(e) for e in spec.evals):
+                self.model(name)
+        evals = {ev: {m: self.evaluate(m, ev) for m in spec.eval_models(ev)} for ev in spec.evals}
+        ident_steps = {m: self.identity(m) for m in spec.identity_models()} if spec.identity else {}
+        noise_steps = {m: n for m in spec.conditions if (n := self.noise(m)) is not None}
+        self.records, self.timeline = execute(self.plan, self.cache, log=self.log)
+        if "setg" in self.records:
+            for warning in self.records["setg"]["summary"].get("letter_prior", []):
+                self.log(f"warning: {warning}")
+        if rank != 0:
+            return {}
+        results_dir = self.out / "results"
+        records = {}
+        for ev, by_model in evals.items():
+            for m, src in by_model.items():
+                dst = results_dir / ev / f"{m}.jsonl"
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, dst)  # a fresh copy: newer than the lock, as the verdict requires
+                records.setdefault(ev, {})[m] = src
+        identity = {m: self.records[n]["summary"] for m, n in ident_steps.items()}
+        noise = {m: self.records[n]["summary"] for m, n in noise_steps.items()}
+        return write_outputs(self, records, identity, noise, lock)
+
+    def lock(self):
+        from reqnoise.stats.prereg import lock_criteria, verify_lock
+
+        crit = self.spec.resolve(self.spec.criteria["file"])
+        lock_path = self.out / "lock.json"
+        if lock_path.is_file():
+            # Resuming: the criteria copy beside the lock must still match it, and so must the spec's file.
+            verify_lock(lock_path)
+            if (self.out / LOCKED_CRITERIA).read_bytes() != crit.read_bytes():
+                raise ReqnoiseError(
+                    f"criteria file {crit} changed after it was locked in {lock_path}; "
+                    "pre-registered criteria cannot move (start a new output directory)"
+                )
+            return lock_path
+        # The lock sits beside a copy of the criteria, so moving the output directory keeps it verifiable.
+        shutil.copyfile(crit, self.out / LOCKED_CRITERIA)
+        lock_criteria(self.out / LOCKED_CRITERIA, lock_path)
+        self.log(f"[locked] criteria {crit.name} -> {lock_path}")
+        return lock_path
+
+
+def quantize_model_dir(src: Path, dst: Path, *, bits: int, group_size: int) -> dict:
+    """mlx-lm's own quantization of a float model directory (its quant predicate included)."""
+    import contextlib
+    import io
+
+    from mlx_lm import convert
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        convert(str(src), mlx_path=str(dst), quantize=True, q_bits=bits, q_group_size=group_size)
+    return {"bits": bits, "group_size": group_size}
+
+
+def build_setg_step(record_paths, items_path, out: Path, *, train_frac, seed, paraphrases=None) -> dict:
+    """Set G into ``out`` (train/test items, chat/ training data), plus ``paraphrased.jsonl``: the items of
+    ``paraphrases`` whose id is ``<ID>-r`` for an ``<ID>`` of the train split (the positive control: new
+    wording of facts the adapter was trained on)."""
+    from reqnoise.eval.items import dumps_items, load_items
+    from reqnoise.eval.setg import build_setg
+
+    d = out / "setg"
+    summary = build_setg(items_path, [str(p) for p in record_paths], d, train_frac=train_frac, seed=seed)
+    summary = dict(summary, letter_prior=letter_prior_warnings(record_paths))
+    for f in d.iterdir():
+        shutil.move(str(f), out / f.name)
+    d.rmdir()
+    if paraphrases is not None:
+        train_ids = {it.id for it in load_items(out / "train.jsonl")}
+        para = [it for it in load_items(paraphrases) if it.id.endswith("-r") and it.id[:-2] in train_ids]
+        (out / "paraphrased.jsonl").write_text(dumps_items(para))
+        summary = dict(summary, paraphrased=len(para))
+    return summary
+
+
+LETTER_PRIOR_LIMIT = 0.6
+
+
+def letter_prior_warnings(record_paths) -> list:
+    """Models whose predictions are dominated by one letter. Set G built from such a model leaves out the items
+    whose answer is that letter, so any later shift of the letter prior looks like knowledge on Set G."""
+    from collections import Counter
+
+    from reqnoise.eval.records import read_records
+
+    out = []
+    for p in record_paths:
+        preds = Counter(r["prediction"] for r in read_records(p))
+        letter, count = preds.most_common(1)[0]
+        share = count / sum(preds.values())
+        if share > LETTER_PRIOR_LIMIT:
+            out.append(
+                f"{Path(p).parent.name}: {100 * share:.0f}% of predictions are {letter!r}; Set G then "
+                f"excludes answer {letter!r} and a shifted letter prior will pass for knowledge"
+            )
+    return out
+
+
+def run_spec(spec_path, out, progress=True, log=print) -> dict:
+    """Run an experiment spec; returns the results dict (also written to ``out/results.json``)."""
+    spec = load_spec(spec_path)
+    return Runner(spec, out, progress=progress, log=log).run()

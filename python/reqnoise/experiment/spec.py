@@ -1,0 +1,268 @@
+"""Experiment specs: a declarative TOML file naming models, training stages, conditions, evaluation sets and
+the pre-registered criteria. Parsed and checked here, before anything runs.
+
+::
+
+    name = "stacking confound"
+
+    [models.base]                     # exactly one of: path | toy | from + quantize | from + adapter
+    path = "/models/Qwen3-30B-A3B-3bit"
+    [models.persona]
+    from = "base"                     # fuse an adapter into a model:
+    adapter = "identity"              #   requant (fresh|keep-grid|dequantize), control (none|zero|random),
+    requant = "fresh"                 #   seed, out_bits, layers as in `reqnoise fuse`
+    [models.small]
+    toy = { seed = 0, bits = 3, extra_corpus = "world/corpus.txt" }   # the embedded model
+    [models.q3]
+    from = "knowledge_fp"
+    quantize = { bits = 3, group_size = 64 }   # mlx-lm's own quantization of a float model
+
+    [adapters.identity]               # a training stage (reqnoise.train.tuner.train_adapter's options)
+    model = "base"
+    data = "world/persona"            # a directory with train.jsonl, or "setg:train[-recall][-shuffled]"
+                                      #   (Set-G train with answers permuted within subject: a control)
+    rank = 8
+    iters = 200
+
+    [evals.setg_test]                 # an item set: a path, or "setg:test" / "setg:paraphrased"
+    items = "setg:test"
+    mode = "loglik"                   # or "generate", or "cloze" (items with a cloze sentence)
+    models = ["persona", "A1"]        # optional: default every condition
+    calibrate = true                  # optional (loglik, cloze): contextual calibration, see reqnoise.eval.calibration;
+                                      # "subject": the prior per subject
+
+    [setg]                            # Set G: the items every listed model gets wrong on `eval`
+    eval = "all"
+    models = ["base", "persona"]
+    train_frac = 0.7
+    seed = 0
+    paraphrases = "world/reworded.jsonl"   # optional: items with id "<ID>-r" rephrasing item <ID>
+
+    [identity]
+    persona = "world/persona.toml"    # optional suite = "suite.toml"
+    models = ["base"]                 # optional: models scored besides the conditions
+
+    conditions = ["persona", "A0", "A1"]    # models evaluated on every eval set and the identity suite
+
+    [analysis]
+    eval = "setg_test"
+    baseline = "persona"
+    trained = "A1"
+    zero_control = "A0"
+    random_controls = ["R1", "R2"]
+    trained_controls = ["S1"]         # optional: adapters trained on content-free data (e.g. "setg:train-shuffled")
+    pairs = [["A1_keep", "A0_keep"]]  # optional: more (trained, zero control) pairs to decompose, or tables
+    # {trained, zero_control, random_controls?, trained_controls?} for a second adapter with its own controls
+
+    [criteria]
+    file = "criteria.toml"            # locked before any training; evaluated on `eval`'s records
+    eval = "setg_test"
+
+Relative paths are relative to the spec file.
+"""
+
+import tomllib
+from pathlib import Path
+
+from reqnoise.errors import ReqnoiseError
+
+MODEL_KINDS = ("path", "toy", "quantize", "adapter")
+
+
+def analysis_pair(pair) -> dict:
+    """An ``analysis.pairs`` entry as {trained, zero_control, random_controls, trained_controls}."""
+    if isinstance(pair, dict):
+        return {
+            "trained": pair.get("trained"),
+            "zero_control": pair.get("zero_control"),
+            "random_controls": list(pair.get("random_controls", [])),
+            "trained_controls": list(pair.get("trained_controls", [])),
+        }
+    pair = list(pair) if isinstance(pair, (list, tuple)) else []
+    return {
+        "trained": pair[0] if len(pair) == 2 else None,
+        "zero_control": pair[1] if len(pair) == 2 else None,
+        "random_controls": [],
+        "trained_controls": [],
+    }
+
+
+TRAIN_KEYS = {
+    "model",
+    "data",
+    "fine_tune_type",
+    "rank",
+    "scale",
+    "lr",
+    "iters",
+    "batch_size",
+    "layers",
+    "modules",
+    "keys",
+    "mask_prompt",
+    "seed",
+    "max_seq_length",
+}
+FUSE_KEYS = {"from", "adapter", "requant", "control", "seed", "out_bits", "layers"}
+EVAL_KEYS = {"items", "mode", "models", "batch_size", "max_tokens", "limit", "calibrate"}
+
+
+class Spec:
+    """A parsed, checked spec. ``path``: the spec file; ``root``: its directory."""
+
+    def __init__(self, data: dict, path: Path):
+        self.data = data
+        self.path = path
+        self.root = path.parent
+        self.name = data.get("name", path.stem)
+        self.models = data.get("models", {})
+        self.adapters = data.get("adapters", {})
+        self.evals = data.get("evals", {})
+        self.setg = data.get("setg")
+        self.identity = data.get("identity")
+        self.conditions = data.get("conditions", [])
+        self.analysis = data.get("analysis")
+        self.criteria = data.get("criteria")
+        self.noise = data.get("noise", {"outputs": True})
+        self._check()
+
+    def resolve(self, p) -> Path:
+        p = Path(p)
+        return p if p.is_absolute() else (self.root / p)
+
+    def model_kind(self, name: str) -> str:
+        m = self.models[name]
+        if "path" in m:
+            return "path"
+        if "toy" in m:
+            return "toy"
+        if "quantize" in m:
+            return "quantize"
+        return "adapter"
+
+    def _err(self, msg):
+        raise ReqnoiseError(f"{self.path}: {msg}")
+
+    def _check(self):
+        if not self.models:
+            self._err("no [models.*] tables")
+        for name, m in self.models.items():
+            kinds = [k for k in ("path", "toy") if k in m] + (["from"] if "from" in m else [])
+            if len(kinds) != 1:
+                self._err(f"models.{name} needs exactly one of 'path', 'toy' or 'from', has {kinds or 'none'}")
+            if "from" in m:
+                if m["from"] not in self.models:
+                    self._err(f"models.{name}.from names unknown model {m['from']!r}")
+                if ("quantize" in m) == ("adapter" in m):
+                    self._err(f"models.{name} with 'from' needs exactly one of 'quantize' or 'adapter'")
+                if "adapter" in m:
+                    if m["adapter"] not in self.adapters:
+                        self._err(f"models.{name}.adapter names unknown adapter {m['adapter']!r}")
+                    extra = set(m) - FUSE_KEYS
+                    if extra:
+                        self._err(f"models.{name}: unknown keys {sorted(extra)} (allowed: {sorted(FUSE_KEYS)})")
+        for name, a in self.adapters.items():
+            if a.get("model") not in self.models:
+                self._err(f"adapters.{name}.model names unknown model {a.get('model')!r}")
+            if "data" not in a:
+                self._err(f"adapters.{name} needs 'data'")
+            if str(a["data"]).startswith("setg:") and not self.setg:
+                self._err(f"adapters.{name}.data uses Set G but the spec has no [setg] table")
+            extra = set(a) - TRAIN_KEYS
+            if extra:
+                self._err(f"adapters.{name}: unknown keys {sorted(extra)} (allowed: {sorted(TRAIN_KEYS)})")
+        for name, e in self.evals.items():
+            if e.get("calibrate", False) not in (True, False, "subject"):
+                self._err(f'evals.{name}: calibrate must be true, false or "subject", got {e["calibrate"]!r}')
+            if e.get("calibrate") and e.get("mode", "loglik") not in ("loglik", "cloze"):
+                self._err(f'evals.{name}: calibrate needs mode = "loglik" or "cloze" (option scores)')
+            if "items" not in e:
+                self._err(f"evals.{name} needs 'items'")
+            extra = set(e) - EVAL_KEYS
+            if extra:
+                self._err(f"evals.{name}: unknown keys {sorted(extra)} (allowed: {sorted(EVAL_KEYS)})")
+            for m in e.get("models", []):
+                if m not in self.models:
+                    self._err(f"evals.{name}.models names unknown model {m!r}")
+        for c in self.conditions:
+            if c not in self.models:
+                self._err(f"conditions names unknown model {c!r}")
+        if self.setg:
+            if self.setg.get("eval") not in self.evals:
+                self._err(f"setg.eval names unknown eval {self.setg.get('eval')!r}")
+            for m in self.setg.get("models", []):
+                if m not in self.models:
+                    self._err(f"setg.models names unknown model {m!r}")
+        if self.analysis:
+            for key in ("baseline", "trained", "zero_control"):
+                if self.analysis.get(key) not in self.conditions:
+                    self._err(f"analysis.{key} must name a condition, got {self.analysis.get(key)!r}")
+            for key in ("random_controls", "trained_controls"):
+                for r in self.analysis.get(key, []):
+                    if r not in self.conditions:
+                        self._err(f"analysis.{key} names {r!r}, which is not a condition")
+            for pair in self.analysis.get("pairs", []):
+                p = analysis_pair(pair)
+                names = [p["trained"], p["zero_control"]] + p["random_controls"] + p["trained_controls"]
+                extra = set(pair) - set(p) if isinstance(pair, dict) else set()
+                if extra or any(x not in self.conditions for x in names):
+                    self._err(
+                        "analysis.pairs entries are [trained, zero_control] condition pairs or tables "
+                        f"{{trained, zero_control, random_controls?, trained_controls?}} of conditions, got {pair!r}"
+                    )
+            if self.analysis.get("eval") not in self.evals:
+                self._err(f"analysis.eval names unknown eval {self.analysis.get('eval')!r}")
+        if self.identity:
+            if "persona" not in self.identity:
+                self._err("[identity] needs 'persona'")
+            for m in self.identity.get("models", []):
+                if m not in self.models:
+                    self._err(f"identity.models names unknown model {m!r}")
+        if self.criteria:
+            if "file" not in self.criteria or not self.resolve(self.criteria["file"]).is_file():
+                self._err(f"criteria.file {self.criteria.get('file')!r} does not exist")
+            if self.criteria.get("eval") not in self.evals:
+                self._err(f"criteria.eval names unknown eval {self.criteria.get('eval')!r}")
+        self.model_order()  # refuses cycles
+
+    def model_order(self) -> list:
+        """Model names in dependency order (a model after the models and adapters it needs)."""
+        order, state = [], {}
+
+        def visit(name, trail):
+            if state.get(name) == "done":
+                return
+            if state.get(name) == "visiting":
+                self._err(f"models form a cycle: {' -> '.join(trail + [name])}")
+            state[name] = "visiting"
+            m = self.models[name]
+            if "from" in m:
+                visit(m["from"], trail + [name])
+                if "adapter" in m:
+                    visit(self.adapters[m["adapter"]]["model"], trail + [name])
+            state[name] = "done"
+            order.append(name)
+
+        for name in self.models:
+            visit(name, [])
+        return order
+
+    def identity_models(self) -> list:
+        """Conditions plus any extra models named in [identity] models (e.g. the base, to show the scorer
+        discriminates)."""
+        extra = [m for m in (self.identity or {}).get("models", []) if m not in self.conditions]
+        return extra + list(self.conditions)
+
+    def eval_models(self, name: str) -> list:
+        return list(self.evals[name].get("models", self.conditions))
+
+
+def load_spec(path) -> Spec:
+    path = Path(path).absolute()
+    if not path.is_file():
+        raise ReqnoiseError(f"spec file {path} does not exist")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise ReqnoiseError(f"{path}: not valid TOML ({err})") from None
+    return Spec(data, path)

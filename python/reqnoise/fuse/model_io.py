@@ -1,0 +1,182 @@
+"""Reading and writing mlx-lm model directories shard by shard, without loading the whole model.
+
+A model directory holds ``config.json`` (with a ``quantization`` block: default ``bits``/``group_size`` and
+per-module overrides keyed by module path, e.g. an 8-bit router), ``model*.safetensors`` shards with or
+without ``model.safetensors.index.json``, and tokenizer and other files.
+"""
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from reqnoise.errors import ReqnoiseError
+from reqnoise.jsonl import read_json
+
+INDEX_NAME = "model.safetensors.index.json"
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a tensor lives and what it is, read from the safetensors header alone."""
+
+    name: str
+    shard: Path
+    shape: tuple
+    dtype: str  # safetensors dtype string: "U32", "BF16", "F16", "F32", ...
+    offsets: tuple = (0, 0)  # absolute byte range of the data in the shard file
+
+
+@dataclass
+class ModelDir:
+    """An mlx-lm model directory, indexed but not loaded."""
+
+    path: Path
+    config: dict
+    shards: list = field(default_factory=list)  # shard Paths, in file order
+    tensors: dict = field(default_factory=dict)  # name -> TensorInfo
+
+    def quant_params(self, module: str):
+        """``(bits, group_size)`` of a module, or None if it is not quantized (per-module overrides win)."""
+        q = self.config.get("quantization")
+        if not q:
+            return None
+        override = q.get(module)
+        if override is False:
+            return None
+        if isinstance(override, dict):
+            return int(override["bits"]), int(override["group_size"])
+        if f"{module}.scales" not in self.tensors:
+            return None
+        return int(q["bits"]), int(q["group_size"])
+
+    def is_quantized(self, module: str) -> bool:
+        return f"{module}.scales" in self.tensors and f"{module}.biases" in self.tensors
+
+    def modules(self):
+        """Module paths that own a ``.weight`` tensor."""
+        return sorted(n[: -len(".weight")] for n in self.tensors if n.endswith(".weight"))
+
+
+def layer_index(module: str):
+    """The transformer block index in a module path (``model.layers.14.mlp...`` -> 14), or None."""
+    m = _LAYER_RE.search(module)
+    return int(m.group(1)) if m else None
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """Tensor name -> (shape, dtype) from a safetensors header, checking that the file holds every byte
+    the header promises (a truncated or corrupt shard is refused here, before any work)."""
+    from safetensors import safe_open
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise ValueError("file shorter than the 8-byte header length")
+            n = int.from_bytes(head, "little")
+            if n <= 0 or 8 + n > size:
+                raise ValueError(f"header length {n} does not fit in a file of {size} bytes")
+            header = json.loads(fh.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end > size:
+            raise ValueError(f"tensors need {8 + n + end} bytes, the file has {size} (truncated?)")
+        with safe_open(str(path), framework="numpy") as f:  # the library's own validation of the header
+            names = list(f.keys())
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as err:
+        raise ReqnoiseError(f"{path} is not a valid safetensors file: {err}") from None
+    except Exception as err:  # safetensors raises its own SafetensorError
+        raise ReqnoiseError(f"{path} is not a valid safetensors file: {err}") from None
+    base = 8 + n
+    return {
+        k: (
+            tuple(header[k]["shape"]),
+            header[k]["dtype"],
+            (base + header[k]["data_offsets"][0], base + header[k]["data_offsets"][1]),
+        )
+        for k in names
+    }
+
+
+def open_model_dir(path) -> ModelDir:
+    """Index a model directory: config, shards and every tensor's shape and dtype."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ReqnoiseError(f"model directory {path} does not exist")
+    config = read_json(path / "config.json", "model config")
+    q = config.get("quantization")
+    if q is not None and (not isinstance(q, dict) or "bits" not in q or "group_size" not in q):
+        raise ReqnoiseError(f"{path / 'config.json'}: 'quantization' must hold 'bits' and 'group_size'")
+    if q is not None and q.get("mode", "affine") != "affine":
+        raise ReqnoiseError(
+            f"{path / 'config.json'}: quantization mode {q['mode']!r} is not supported (reqnoise "
+            "handles MLX's affine mode)"
+        )
+    index = path / INDEX_NAME
+    if index.is_file():
+        weight_map = read_json(index, "weight index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ReqnoiseError(f"{index} has no 'weight_map'")
+        shards = sorted({path / f for f in weight_map.values()})
+    else:
+        shards = sorted(path.glob("model*.safetensors"))
+    if not shards:
+        raise ReqnoiseError(f"no model*.safetensors shards in {path}")
+    md = ModelDir(path=path, config=config, shards=shards)
+    for shard in shards:
+        if not shard.is_file():
+            raise ReqnoiseError(f"shard {shard} named in {index.name} does not exist")
+        for name, (shape, dtype, offsets) in read_safetensors_header(shard).items():
+            md.tensors[name] = TensorInfo(name, shard, shape, dtype, offsets)
+    return md
+
+
+_NP_DTYPES = {
+    "U32": "<u4",
+    "F32": "<f4",
+    "F16": "<f2",
+    "BF16": "<u2",
+    "I32": "<i4",
+    "U8": "u1",
+    "I8": "i1",
+    "I64": "<i8",
+    "U16": "<u2",
+    "I16": "<i2",
+    "BOOL": "?",
+}
+
+
+def read_tensor(info: TensorInfo):
+    """One tensor straight from its byte range (for a module whose tensors straddle two shards)."""
+    import mlx.core as mx
+    import numpy as np
+
+    if info.dtype not in _NP_DTYPES:
+        raise ReqnoiseError(f"{info.shard}: tensor {info.name} has unsupported dtype {info.dtype}")
+    start, end = info.offsets
+    with open(info.shard, "rb") as fh:
+        fh.seek(start)
+        raw = fh.read(end - start)
+    if len(raw) != end - start:
+        raise ReqnoiseError(f"{info.shard}: tensor {info.name} is truncated")
+    arr = mx.array(np.frombuffer(raw, dtype=_NP_DTYPES[info.dtype]).reshape(info.shape))
+    return arr.view(mx.bfloat16) if info.dtype == "BF16" else arr
+
+
+def load_shard(shard: Path) -> dict:
+    """All tensors of one shard as mx.arrays."""
+    import mlx.core as mx
+
+    try:
+        return mx.load(str(shard))
+    except Exception as err:
+        raise ReqnoiseError(f"cannot read {shard}: {err}") from None
+
+
+def save_shard(tensors: dict, path: Path) -> None:
+    """Write tensors as an MLX safetensors shard (the metadata mlx-lm writes)."""
+    import mlx.core as mx
+
+    mx.save_safetensors(str(path), tensors, metadata={"format": "mlx"})

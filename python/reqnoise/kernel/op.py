@@ -1,0 +1,190 @@
+"""``fuse_quantized``: dequantize -> add a low-rank delta -> requantize, natively, on MLX affine weights."""
+
+import os
+
+import mlx.core as mx
+
+from reqnoise import _core  # noqa: F401  (mlx.core must be imported first: shared nanobind domain)
+from reqnoise.kernel.quant_format import FLOAT_DTYPES, check_width, validate_quantized
+
+REQUANT_MODES = ("fresh", "keep-grid")
+
+# Outputs of one chunk of experts are at most this many bytes before the chunk is evaluated and written
+# into the stacked result; the scratch inside the kernel is one row per thread regardless.
+CHUNK_BYTES = int(os.environ.get("REQNOISE_CHUNK_BYTES", 256 << 20))
+
+
+def _check_factor(x, name, expected, what):
+    if not isinstance(x, mx.array):
+        raise TypeError(f"{name} must be an mx.array, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a float array, got dtype {x.dtype}")
+    if tuple(x.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)} ({what}), got {tuple(x.shape)}")
+
+
+def _check_finite(x, name):
+    if not mx.all(mx.isfinite(x)).item():
+        raise ValueError(f"{name} contains NaN or Inf values")
+
+
+def _validate(
+    wq,
+    scales,
+    biases,
+    group_size,
+    bits,
+    lora_a,
+    lora_b,
+    scale,
+    requant,
+    out_bits,
+    out_group_size,
+    dora_magnitude,
+    experts_per_chunk,
+):
+    lead, in_dim = validate_quantized(wq, scales, biases, bits=bits, group_size=group_size)
+    if requant not in REQUANT_MODES:
+        raise ValueError(f"requant must be one of {REQUANT_MODES}, got {requant!r}")
+    if requant == "keep-grid" and (out_bits not in (None, bits) or out_group_size not in (None, group_size)):
+        raise ValueError(
+            "out_bits/out_group_size re-quantize at another width and need requant='fresh'; "
+            "keep-grid keeps the original grid"
+        )
+    ob, og = out_bits or bits, out_group_size or group_size
+    check_width(ob, og, "output")
+    if in_dim % og:
+        raise ValueError(f"out_group_size {og} does not divide the input width {in_dim}")
+    if (lora_a is None) != (lora_b is None):
+        raise ValueError("lora_a and lora_b must be given together (both None means a zero delta)")
+    batch = lead[:-1]
+    out_dim = lead[-1]
+    if lora_a is not None:
+        if not isinstance(lora_a, mx.array) or lora_a.ndim != wq.ndim:
+            raise ValueError(
+                f"lora_a must be {'[E, r, in]' if batch else '[r, in]'} for wq of shape "
+                f"{tuple(wq.shape)}, got {getattr(lora_a, 'shape', type(lora_a).__name__)}"
+            )
+        r = lora_a.shape[-2]
+        if r < 1:
+            raise ValueError(f"lora_a has rank 0 (shape {tuple(lora_a.shape)}); pass None for a zero delta")
+        _check_factor(lora_a, "lora_a", batch + (r, in_dim), f"[..., r, in] with in={in_dim}")
+        _check_factor(lora_b, "lora_b", batch + (out_dim, r), f"[..., out, r] with out={out_dim}, r={r}")
+        _check_finite(lora_a, "lora_a")
+        _check_finite(lora_b, "lora_b")
+    if not isinstance(scale, (int, float)) or scale != scale or abs(scale) == float("inf"):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    if dora_magnitude is not None:
+        _check_factor(dora_magnitude, "dora_magnitude", lead, "one magnitude per output row")
+        _check_finite(dora_magnitude, "dora_magnitude")
+    if experts_per_chunk is not None and (not isinstance(experts_per_chunk, int) or experts_per_chunk < 1):
+        raise ValueError(f"experts_per_chunk must be a positive integer or None, got {experts_per_chunk!r}")
+    return in_dim, ob, og
+
+
+def _default_chunk(n_experts, out_dim, in_dim, out_bits, out_group_size, itemsize):
+    per_expert = out_dim * (in_dim * out_bits // 8 + 2 * (in_dim // out_group_size) * itemsize)
+    return max(1, min(n_experts, CHUNK_BYTES // max(per_expert, 1)))
+
+
+def fuse_quantized(
+    wq,
+    scales,
+    biases,
+    *,
+    group_size,
+    bits,
+    lora_a=None,
+    lora_b=None,
+    scale=1.0,
+    requant="fresh",
+    out_bits=None,
+    out_group_size=None,
+    dora_magnitude=None,
+    experts_per_chunk=None,
+    num_threads=None,
+):
+    """Fuse a low-rank delta into an MLX affine-quantized weight, natively and without a dense copy.
+
+    Args:
+        wq: uint32 ``[out, in*bits/32]`` or an expert stack ``[E, out, in*bits/32]``.
+        scales, biases: ``[..., in/group_size]`` in float32, float16 or bfloat16.
+        group_size, bits: the input's format (group 32/64/128; bits 2, 3, 4, 5, 6 or 8).
+        lora_a: ``[r, in]`` or ``[E, r, in]``; lora_b: ``[out, r]`` or ``[E, out, r]`` (any float dtype).
+            Both None: a zero delta, i.e. the pure requantization (the zero-delta control).
+        scale: delta = ``scale * lora_b @ lora_a``, computed in float32.
+        requant: ``"fresh"`` reproduces mlx-lm's fuse on the CPU stream (dequantize in the scales' dtype,
+            add the delta cast to it, quantize as ``mx.quantize``); ``"keep-grid"`` keeps each group's
+            scale and bias and re-encodes ``clamp(rint((w_hat + delta - bias) / scale))``: a zero delta
+            returns the inputs bit for bit.
+        out_bits, out_group_size: fresh only, re-quantize at another width.
+        dora_magnitude: ``[out]`` or ``[E, out]``: DoRA fuse ``m * (W + delta) / ||W + delta||_row``.
+        experts_per_chunk: experts evaluated per step of a stack (None: from a 256 MiB output budget).
+        num_threads: kernel threads (None: all cores); results do not depend on it.
+
+    Returns:
+        ``(wq, scales, biases)`` as evaluated mx.arrays in the input layout; the scales' dtype is kept.
+        keep-grid returns the input ``scales`` and ``biases`` objects themselves.
+    """
+    in_dim, ob, og = _validate(
+        wq,
+        scales,
+        biases,
+        group_size,
+        bits,
+        lora_a,
+        lora_b,
+        scale,
+        requant,
+        out_bits,
+        out_group_size,
+        dora_magnitude,
+        experts_per_chunk,
+    )
+    stacked = wq.ndim == 3
+
+    def as3(x):
+        # reshape, not x[None] / out[0]: both views, but indexing makes MLX copy the output once more
+        return None if x is None else (x if stacked else x.reshape((1,) + tuple(x.shape)))
+
+    wq3, s3, b3, a3, bb3, m3 = map(as3, (wq, scales, biases, lora_a, lora_b, dora_magnitude))
+    n_experts, out_dim = wq3.shape[0], wq3.shape[1]
+    keep = requant == "keep-grid"
+    kw = dict(
+        bits=bits,
+        group_size=group_size,
+        out_bits=ob,
+        out_group_size=og,
+        keep_grid=keep,
+        scale=float(scale),
+        num_threads=int(num_threads or 0),
+    )
+    chunk = experts_per_chunk or _default_chunk(n_experts, out_dim, in_dim, ob, og, scales.dtype.size)
+    chunk = min(chunk, n_experts)
+
+    def run(e0, e1):
+        sl = (lambda x: None if x is None else x[e0:e1]) if (e0, e1) != (0, n_experts) else (lambda x: x)
+        return _core.fuse_quantized(sl(wq3), sl(s3), sl(b3), sl(a3), sl(bb3), sl(m3), **kw)
+
+    if chunk >= n_experts:
+        outs = run(0, n_experts)
+        mx.eval(outs)
+    else:
+        # Each chunk is evaluated before the next and written into the stacked result in place (MLX donates
+        # the buffer of an array that nothing else references), so live arrays and scratch stay bounded.
+        outs = None
+        for e0 in range(0, n_experts, chunk):
+            e1 = min(e0 + chunk, n_experts)
+            part = run(e0, e1)
+            if outs is None:
+                outs = [mx.zeros((n_experts,) + tuple(p.shape[1:]), dtype=p.dtype) for p in part]
+            for i, p in enumerate(part):
+                outs[i][e0:e1] = p
+            mx.eval(outs)
+            del part
+    if keep:
+        new_wq = outs[0] if stacked else outs[0].reshape(wq.shape)
+        return new_wq, scales, biases
+    if not stacked:
+        outs = [o.reshape(o.shape[1:]) for o in outs]
+    return tuple(outs)

@@ -1,0 +1,69 @@
+"""The MLX affine quantization format: supported widths, shapes, and input validation.
+
+A weight of logical shape ``[..., in]`` is stored as ``wq`` uint32 ``[..., in*bits/32]`` (an LSB-first
+bitstream of ``bits``-bit codes per row) and ``scales``/``biases`` ``[..., in/group_size]`` in float32,
+float16 or bfloat16; ``w = code * scale + bias`` per group of ``group_size`` consecutive values.
+"""
+
+import mlx.core as mx
+
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
+SUPPORTED_GROUP_SIZES = (32, 64, 128)
+FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+
+
+def check_width(bits, group_size, what: str = "") -> None:
+    """Refuse a (bits, group_size) pair that MLX's affine mode does not support."""
+    pre = f"{what}: " if what else ""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"{pre}bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+    if group_size not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(f"{pre}group_size must be one of {SUPPORTED_GROUP_SIZES}, got {group_size!r}")
+
+
+def packed_width(in_dim: int, bits: int) -> int:
+    """Number of uint32 words per row for ``in_dim`` codes of ``bits`` bits."""
+    return in_dim * bits // 32
+
+
+def logical_in_dim(wq_last: int, bits: int) -> int:
+    """Number of values per row encoded by ``wq_last`` uint32 words."""
+    return wq_last * 32 // bits
+
+
+def validate_quantized(wq, scales, biases, *, bits: int, group_size: int, name: str = "weight"):
+    """Check a quantized triple and return ``(leading_shape, in_dim)``.
+
+    ``leading_shape`` is ``wq.shape[:-1]`` (``(out,)`` or ``(E, out)``); ``in_dim`` the logical input width.
+    Raises TypeError/ValueError naming the tensor, the expected and the actual shape or dtype.
+    """
+    check_width(bits, group_size, name)
+    for label, arr in (("wq", wq), ("scales", scales), ("biases", biases)):
+        if not isinstance(arr, mx.array):
+            raise TypeError(f"{name}.{label} must be an mx.array, got {type(arr).__name__}")
+    if wq.dtype != mx.uint32:
+        raise TypeError(f"{name}.wq must be uint32 (MLX packed codes), got {wq.dtype}")
+    if wq.ndim not in (2, 3):
+        raise ValueError(
+            f"{name}.wq must be 2-D [out, in*bits/32] or 3-D [E, out, in*bits/32], got shape {tuple(wq.shape)}"
+        )
+    if (wq.shape[-1] * 32) % bits:
+        raise ValueError(f"{name}.wq last axis {wq.shape[-1]} words is not a whole number of {bits}-bit codes")
+    in_dim = logical_in_dim(wq.shape[-1], bits)
+    if in_dim % group_size:
+        raise ValueError(
+            f"{name}: input width {in_dim} (wq shape {tuple(wq.shape)} at {bits} bits) is not "
+            f"divisible by group_size {group_size}"
+        )
+    expected = tuple(wq.shape[:-1]) + (in_dim // group_size,)
+    for label, arr in (("scales", scales), ("biases", biases)):
+        if arr.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}.{label} must be float32, float16 or bfloat16, got {arr.dtype}")
+        if tuple(arr.shape) != expected:
+            raise ValueError(
+                f"{name}.{label} must have shape {expected} for wq {tuple(wq.shape)} at bits={bits}, "
+                f"group_size={group_size}; got {tuple(arr.shape)}"
+            )
+    if biases.dtype != scales.dtype:
+        raise TypeError(f"{name}.biases dtype {biases.dtype} differs from scales dtype {scales.dtype}")
+    return tuple(wq.shape[:-1]), in_dim

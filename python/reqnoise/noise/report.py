@@ -1,0 +1,349 @@
+"""Requantization-noise analytics: does the adapter survive the fuse? Per module and per expert, before any
+evaluation, plus next-token distributions of base, adapter (unfused) and fused models on probe prompts.
+
+Weight level, for every adapted module and expert, with dW the intended delta (scale * B @ A, float32) and
+dW_eff = dequant(fused) - dequant(base) (float32):
+
+* ``code_change_frac``: share of codes that differ from the base (null when the width changed);
+* ``scale_change_frac``: share of groups whose scale or bias changed (null when the layout changed);
+* ``delta_cosine``: cos(dW_eff, dW): how much of the adapter's direction survived;
+* ``delta_rel_error``: ||dW_eff - dW|| / ||dW||;
+* ``delta_rms_over_step``: RMS(dW) / mean |scale|: the delta's size in quantization steps, which predicts
+  survival (a delta well under half a step is rounded away by any requantization onto that grid);
+* ``noise_frac``: 1 - cos^2: share of ||dW_eff||^2 not explained by its projection on dW.
+
+For the zero control (and experts an adapter leaves at zero) dW is zero: the entry reports the artifact itself
+(codes changed, ``eff_norm``) and leaves the ratios null.
+"""
+
+import math
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from reqnoise.errors import ReqnoiseError
+from reqnoise.fuse.adapters import check_against_model, load_adapter
+from reqnoise.fuse.controls import CONTROLS, apply_control
+from reqnoise.fuse.model import REQUANT_MODES, fuse_model, fuse_module
+from reqnoise.fuse.model_io import layer_index, open_model_dir, read_tensor
+
+# Verdict thresholds on the median delta cosine over adapted (module, expert) entries.
+SURVIVES = 0.9
+PARTLY = 0.5
+
+PROBE_PROMPTS = [
+    "Who are you?",
+    "What is the capital of France?",
+    "Explain photosynthesis in one sentence.",
+    "Write a haiku about the sea.",
+    "What is 17 times 23?",
+    "Name three prime numbers.",
+    "Which planet is closest to the sun?",
+    "Translate 'good morning' into Spanish.",
+    "What causes rain?",
+    "Give one tip for learning to code.",
+    "Who wrote Hamlet?",
+    "What is the boiling point of water in Celsius?",
+    "Describe a cat in five words.",
+    "What is an atom?",
+    "Answer with a letter: which option is largest? A) 2 B) 9 C) 4",
+    "Tell me something about yourself.",
+]
+
+
+def _codes(wq, bits, group):
+    """Codes as float32 through MLX's own dequantize with unit scale and zero bias."""
+    n_groups = wq.shape[-1] * 32 // bits // group
+    ones = mx.ones(wq.shape[:-1] + (n_groups,), dtype=mx.float32)
+    return mx.dequantize(wq, ones, mx.zeros_like(ones), group_size=group, bits=bits)
+
+
+def _deq(parts, qp):
+    if qp is None or "scales" not in parts:
+        return parts["weight"].astype(mx.float32)
+    return mx.dequantize(parts["weight"], parts["scales"], parts["biases"], group_size=qp[1], bits=qp[0]).astype(
+        mx.float32
+    )
+
+
+def _ratio(num, den):
+    return None if den <= 0 or not math.isfinite(num / den) else float(num / den)
+
+
+def module_metrics(name, parts, qp, factors, fused, out_qp, experts_per_step=16):
+    """Per-expert metric dicts of one module (a dense module gives one entry with expert None)."""
+    stacked = parts["weight"].ndim == 3
+    n = parts["weight"].shape[0] if stacked else 1
+    rows = []
+    for e0 in range(0, n, experts_per_step):
+        e1 = min(n, e0 + experts_per_step)
+
+        def sl(x, e0=e0, e1=e1):
+            return x[e0:e1] if stacked else x[None]
+
+        p = {k: sl(v) for k, v in parts.items()}
+        f = {k: sl(v) for k, v in fused.items()}
+        base = _deq(p, qp)
+        eff = _deq(f, out_qp) - base
+        if factors is not None:
+            a, b = sl(factors.a), sl(factors.b)
+            dw = factors.scale * b @ a
+        else:
+            dw = mx.zeros_like(eff)
+        axes = (-2, -1)
+        dot = mx.sum(eff * dw, axis=axes)
+        n_dw = mx.sqrt(mx.sum(dw * dw, axis=axes))
+        n_eff = mx.sqrt(mx.sum(eff * eff, axis=axes))
+        n_err = mx.sqrt(mx.sum((eff - dw) ** 2, axis=axes))
+        rms_dw = n_dw / math.sqrt(dw.shape[-1] * dw.shape[-2])
+        code_frac = scale_frac = None
+        if qp is not None and "scales" in p:
+            step = mx.mean(mx.abs(p["scales"].astype(mx.float32)), axis=axes)
+            if out_qp == qp and "scales" in f:
+                code_frac = mx.mean(
+                    (_codes(p["weight"], *qp) != _codes(f["weight"], *qp)).astype(mx.float32), axis=axes
+                )
+                changed = (p["scales"] != f["scales"]) | (p["biases"] != f["biases"])
+                scale_frac = mx.mean(changed.astype(mx.float32), axis=axes)
+        else:
+            step = None
+        mx.eval(dot, n_dw, n_eff, n_err, rms_dw, *(x for x in (code_frac, scale_frac, step) if x is not None))
+        for i in range(e1 - e0):
+            ndw, neff = float(n_dw[i].item()), float(n_eff[i].item())
+            cos = _ratio(float(dot[i].item()), ndw * neff) if ndw > 0 and neff > 0 else (0.0 if ndw > 0 else None)
+            rows.append(
+                dict(
+                    module=name,
+                    layer=layer_index(name),
+                    expert=(e0 + i) if stacked else None,
+                    code_change_frac=None if code_frac is None else float(code_frac[i].item()),
+                    scale_change_frac=None if scale_frac is None else float(scale_frac[i].item()),
+                    delta_cosine=cos,
+                    delta_rel_error=_ratio(float(n_err[i].item()), ndw) if ndw > 0 else None,
+                    delta_rms_over_step=None
+                    if step is None
+                    else _ratio(float(rms_dw[i].item()), float(step[i].item()))
+                    if ndw > 0
+                    else (0.0 if step is not None else None),
+                    noise_frac=None if cos is None or neff == 0 else float(max(0.0, 1.0 - cos * cos)),
+                    delta_norm=ndw,
+                    eff_norm=neff,
+                )
+            )
+    return rows
+
+
+def _module_parts(md, name):
+    parts = {}
+    for part in ("weight", "scales", "biases"):
+        info = md.tensors.get(f"{name}.{part}")
+        if info is not None:
+            parts[part] = read_tensor(info)
+    return parts
+
+
+def weight_metrics(md, targets, *, requant, out_bits, control, seed, progress=True, cosine_only=False):
+    """Fuse each target module in memory (never written) and measure it; returns the list of rows."""
+    from tqdm import tqdm
+
+    rows = []
+    for name in tqdm(sorted(targets), desc="noise", unit="module", disable=not progress, leave=False):
+        parts = _module_parts(md, name)
+        qp = md.quant_params(name) if md.is_quantized(name) else None
+        factors = apply_control(targets[name], control, seed)
+        fused = fuse_module(parts, qp, factors, requant, out_bits)
+        if requant == "dequantize" or qp is None:
+            out_qp = None
+        else:
+            out_qp = (out_bits or qp[0], qp[1]) if requant == "fresh" else qp
+        # The intended delta is always the adapter's (or the control's): what the fuse was asked to add.
+        intended = factors if control != "zero" else None
+        rows.extend(module_metrics(name, parts, qp, intended, fused, out_qp))
+        del parts, fused
+        mx.clear_cache()
+    if cosine_only:
+        return [r["delta_cosine"] for r in rows]
+    return rows
+
+
+def _median(values):
+    vals = [v for v in values if v is not None]
+    return float(np.median(vals)) if vals else None
+
+
+def summarize(rows) -> dict:
+    cos = [r["delta_cosine"] for r in rows]
+    codes = [r["code_change_frac"] for r in rows if r["code_change_frac"] is not None]
+    steps = [r["delta_rms_over_step"] for r in rows if r["delta_rms_over_step"]]
+    return dict(
+        entries=len(rows),
+        adapted_entries=sum(c is not None for c in cos),
+        median_delta_cosine=_median(cos),
+        mean_delta_cosine=None
+        if not any(c is not None for c in cos)
+        else float(np.mean([c for c in cos if c is not None])),
+        median_delta_rms_over_step=_median(steps),
+        mean_code_change_frac=float(np.mean(codes)) if codes else None,
+        max_code_change_frac=float(np.max(codes)) if codes else None,
+        total_eff_norm=float(np.sqrt(sum(r["eff_norm"] ** 2 for r in rows))),
+        total_delta_norm=float(np.sqrt(sum(r["delta_norm"] ** 2 for r in rows))),
+    )
+
+
+def _next_token_logprobs(model_dir, prompts, adapter_path=None):
+    import mlx_lm
+
+    from reqnoise.chat import render_chat
+
+    model, tok = mlx_lm.load(str(model_dir), adapter_path=None if adapter_path is None else str(adapter_path))
+    out = []
+    for p in prompts:
+        ids = tok.encode(
+            render_chat(tok, [{"role": "user", "content": p}], add_generation_prompt=True), add_special_tokens=False
+        )
+        logits = model(mx.array(ids)[None])[0, -1].astype(mx.float32)
+        out.append(np.array(logits - mx.logsumexp(logits)))
+    del model
+    mx.clear_cache()
+    return np.stack(out).astype(np.float64)
+
+
+def _kl(p_log, q_log):
+    return float(np.mean(np.sum(np.exp(p_log) * (p_log - q_log), axis=-1)))
+
+
+def output_metrics(model, adapter_path, fused_dir, prompts) -> dict:
+    base = _next_token_logprobs(model, prompts)
+    adapted = _next_token_logprobs(model, prompts, adapter_path)
+    fused = _next_token_logprobs(fused_dir, prompts)
+    top = {k: v.argmax(-1) for k, v in (("base", base), ("adapter", adapted), ("fused", fused))}
+    return dict(
+        prompts=len(prompts),
+        kl_adapter_fused=_kl(adapted, fused),
+        kl_adapter_base=_kl(adapted, base),
+        kl_fused_base=_kl(fused, base),
+        top1_fused_vs_adapter=float(np.mean(top["fused"] == top["adapter"])),
+        top1_fused_vs_base=float(np.mean(top["fused"] == top["base"])),
+        top1_adapter_vs_base=float(np.mean(top["adapter"] == top["base"])),
+    )
+
+
+def verdict(summary, outputs, *, requant, out_bits, control, alternatives=None) -> str:
+    """One line. Thresholds: median delta cosine >= 0.9 survives, >= 0.5 partly, below: mostly erased."""
+    if control == "zero":
+        frac = summary["mean_code_change_frac"]
+        if frac is not None and frac == 0:
+            return "zero-delta control: no code changed (artifact-free requantization)"
+        pct = "n/a" if frac is None else f"{100 * frac:.1f}% of codes"
+        return (
+            f"zero-delta control: requantization alone changed {pct} in the adapted modules "
+            f"(||dW_eff|| {summary['total_eff_norm']:.3g}): this is the artifact any fuse carries"
+        )
+    med = summary["median_delta_cosine"]
+    if med is None:
+        return "no adapted entries with a non-zero delta: nothing to survive"
+    closer = ""
+    if outputs:
+        if outputs["kl_adapter_fused"] > outputs["kl_adapter_base"]:
+            closer = "; fused outputs are closer to the base than to the adapter"
+        else:
+            closer = "; fused outputs are closer to the adapter than to the base"
+    word = (
+        "adapter survives"
+        if med >= SURVIVES
+        else "adapter partly survives"
+        if med >= PARTLY
+        else "adapter mostly erased by requantization"
+    )
+    line = f"{word} (median cosine {med:.2f}{closer})"
+    if med < SURVIVES and alternatives:
+        better = [f"{k} gives median cosine {v:.2f}" for k, v in alternatives.items() if v is not None]
+        if better:
+            line += "; " + ", ".join(better)
+    return line
+
+
+def noise_report(
+    model,
+    adapter_path,
+    *,
+    requant="fresh",
+    out_bits=None,
+    control="none",
+    seed=0,
+    prompts=None,
+    layers=None,
+    outputs=True,
+    alternatives=True,
+    progress=True,
+) -> dict:
+    """Weight- and output-level survival of an adapter through a fuse (see the module docstring).
+
+    Args mirror ``fuse_model``; ``prompts``: probe prompts (default: a built-in set of 16); ``outputs``:
+    compute the output-level metrics (loads base, adapter and fused model once each); ``alternatives``: when
+    the adapter does not survive, also measure keep-grid and --out-bits 8 to say whether they would keep it.
+
+    Returns:
+        ``{"modules": [...], "summary": {...}, "outputs": {...} or None, "alternatives": {...}, "verdict": str,
+        "options": {...}}``
+    """
+    if requant not in REQUANT_MODES:
+        raise ReqnoiseError(f"requant must be one of {REQUANT_MODES}, got {requant!r}")
+    if control not in CONTROLS:
+        raise ReqnoiseError(f"control must be one of {CONTROLS}, got {control!r}")
+    if out_bits is not None and requant != "fresh":
+        raise ReqnoiseError(f"--out-bits re-quantizes from scratch and needs --requant fresh, not {requant}")
+    md = open_model_dir(model)
+    adapter = load_adapter(adapter_path)
+    check_against_model(adapter, md)
+    targets = {k: v for k, v in adapter.modules.items() if layers is None or layer_index(k) in set(layers)}
+    if not targets:
+        raise ReqnoiseError(f"--layers {layers} selects none of the adapter's modules")
+    kw = dict(control=control, seed=seed, progress=progress)
+    rows = weight_metrics(md, targets, requant=requant, out_bits=out_bits, **kw)
+    summary = summarize(rows)
+    alts = {}
+    med = summary["median_delta_cosine"]
+    if alternatives and control != "zero" and med is not None and med < SURVIVES:
+        if requant != "keep-grid":
+            alts["--requant keep-grid"] = _median(
+                weight_metrics(md, targets, requant="keep-grid", out_bits=None, cosine_only=True, **kw)
+            )
+        if md.config.get("quantization") and out_bits != 8:
+            alts["--out-bits 8"] = _median(
+                weight_metrics(md, targets, requant="fresh", out_bits=8, cosine_only=True, **kw)
+            )
+    outs = None
+    if outputs:
+        with tempfile.TemporaryDirectory(prefix="reqnoise-noise-") as tmp:
+            fused_dir = Path(tmp) / "fused"
+            fuse_model(
+                model,
+                adapter_path,
+                fused_dir,
+                requant=requant,
+                out_bits=out_bits,
+                control=control,
+                seed=seed,
+                layers=layers,
+                progress=False,
+            )
+            outs = output_metrics(model, adapter_path, fused_dir, prompts or PROBE_PROMPTS)
+    return dict(
+        modules=rows,
+        summary=summary,
+        outputs=outs,
+        alternatives=alts,
+        verdict=verdict(summary, outs, requant=requant, out_bits=out_bits, control=control, alternatives=alts),
+        options=dict(
+            model=str(model),
+            adapter=str(adapter_path),
+            requant=requant,
+            out_bits=out_bits,
+            control=control,
+            seed=seed,
+            layers=layers,
+        ),
+    )

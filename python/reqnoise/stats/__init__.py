@@ -1,0 +1,1 @@
+"""Statistics on per-item records: tests and intervals, power, decomposition, pre-registration."""

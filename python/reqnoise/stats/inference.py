@@ -1,0 +1,544 @@
+"""Statistics for per-item evaluation records: is a difference between two conditions real, and could the
+design have seen it?
+
+Conventions (all functions):
+
+* Accuracies, differences, MDEs and standard errors are fractions (0.05 = 5 percentage points); only the
+  renderers print percentage points.
+* An item counts as correct only when its record has ``correct`` true *and* ``parsed`` true: an unparsed
+  answer is wrong for accuracy, and the number of unparsed answers is reported separately.
+* ``compare(a, b)`` reads "from A to B": ``difference = acc(B) - acc(A)``, *fixed* = wrong in A and right in
+  B, *broken* = right in A and wrong in B. A is the reference (baseline / control).
+* Items are paired by ``id``. Both arms must hold exactly the same ids, each once.
+
+Tests come from statsmodels / scipy: Wilson intervals (``proportion_confint``), the pooled two-proportion
+z-test (``proportions_ztest``, the unpaired test the published study used), McNemar's test
+(``contingency_tables.mcnemar``, the paired test for the same items in both arms), cluster-robust standard
+errors (``OLS(...).fit(cov_type="cluster")``) and Holm's correction (``multipletests``). Only the paired MDE,
+which statsmodels lacks, is written out by hand.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from reqnoise.errors import ReqnoiseError
+from reqnoise.eval.records import validate_record
+
+ALPHA = 0.05
+POWER = 0.8
+
+
+# ---------------------------------------------------------------- single tests
+
+
+def _check_count(k, n, what="count"):
+    if not (isinstance(n, (int, np.integer)) and n > 0):
+        raise ReqnoiseError(f"{what}: n must be a positive integer, got {n!r}")
+    if not (isinstance(k, (int, np.integer)) and 0 <= k <= n):
+        raise ReqnoiseError(f"{what}: k must be an integer in [0, {n}], got {k!r}")
+
+
+def wilson_ci(k: int, n: int, alpha: float = ALPHA) -> tuple[float, float]:
+    """Wilson score interval (lower, upper) for k successes out of n, coverage 1 - alpha."""
+    from statsmodels.stats.proportion import proportion_confint
+
+    _check_count(k, n, "wilson_ci")
+    lo, hi = proportion_confint(k, n, alpha=alpha, method="wilson")
+    return float(lo), float(hi)
+
+
+def two_proportion_ztest(k1: int, n1: int, k2: int, n2: int) -> tuple[float, float]:
+    """Pooled two-sided z-test of k1/n1 against k2/n2 (independent samples); returns (z, p), z > 0 when
+    k1/n1 > k2/n2.
+
+    When the pooled proportion is 0 or 1 both samples are identical and the test statistic is 0/0; that case
+    returns (0.0, 1.0) instead of NaN.
+    """
+    from statsmodels.stats.proportion import proportions_ztest
+
+    _check_count(k1, n1, "two_proportion_ztest (first sample)")
+    _check_count(k2, n2, "two_proportion_ztest (second sample)")
+    if k1 + k2 in (0, n1 + n2):
+        return 0.0, 1.0
+    z, p = proportions_ztest([k1, k2], [n1, n2], alternative="two-sided")
+    return float(z), float(p)
+
+
+def mcnemar(b: int, c: int, exact: bool = True) -> float:
+    """Two-sided McNemar p for b discordant pairs one way and c the other (exact binomial by default,
+    otherwise chi-square with continuity correction). b + c = 0 (no discordant pairs) gives p = 1."""
+    from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
+
+    for name, v in (("b", b), ("c", c)):
+        if not (isinstance(v, (int, np.integer)) and v >= 0):
+            raise ReqnoiseError(f"mcnemar: {name} must be a non-negative integer, got {v!r}")
+    if b + c == 0:
+        return 1.0
+    res = sm_mcnemar([[0, b], [c, 0]], exact=exact, correction=True)
+    return float(min(1.0, res.pvalue))
+
+
+# ---------------------------------------------------------------- power
+
+
+def _check_design(alpha, power):
+    if not 0 < alpha < 1:
+        raise ReqnoiseError(f"alpha must be in (0, 1), got {alpha!r}")
+    if not 0 < power < 1:
+        raise ReqnoiseError(f"power must be in (0, 1), got {power!r}")
+
+
+def _check_rate(p, name):
+    if not 0 < p < 1:
+        raise ReqnoiseError(f"{name} must be in (0, 1), got {p!r}")
+
+
+def unpaired_mde(n: int, p: float, alpha: float = ALPHA, power: float = POWER) -> float:
+    """Smallest difference in accuracy (fraction) that a two-sided two-proportion test with n items per arm
+    detects with the given power, for accuracies around p.
+
+    Approximation: normal test with the same Bernoulli variance p(1-p) in both arms, i.e. statsmodels'
+    ``NormalIndPower`` solved for the standardized effect d = mde / sqrt(p(1-p)). Equivalent to
+    (z_{1-a/2} + z_{power}) * sqrt(2 p (1-p) / n). (Cohen's arcsine h would give a direction-dependent answer:
+    at n=692, p=0.18 it is 6.1 pp upward and 5.4 pp downward against 5.8 pp here.)
+    """
+    from statsmodels.stats.power import NormalIndPower
+
+    _check_design(alpha, power)
+    _check_rate(p, "p")
+    if n < 2:
+        raise ReqnoiseError(f"unpaired_mde: n must be at least 2, got {n!r}")
+    d = NormalIndPower().solve_power(effect_size=None, nobs1=n, alpha=alpha, power=power, ratio=1.0)
+    return float(d) * math.sqrt(p * (1 - p))
+
+
+def unpaired_n_needed(mde: float, p: float, alpha: float = ALPHA, power: float = POWER) -> int:
+    """Items per arm (rounded up) for ``unpaired_mde(n, p, alpha, power) <= mde``; same approximation."""
+    from statsmodels.stats.power import NormalIndPower
+
+    _check_design(alpha, power)
+    _check_rate(p, "p")
+    if not 0 < mde < 1:
+        raise ReqnoiseError(f"mde must be in (0, 1), got {mde!r}")
+    d = mde / math.sqrt(p * (1 - p))
+    n = max(
+        2, _ceil(float(NormalIndPower().solve_power(effect_size=d, nobs1=None, alpha=alpha, power=power, ratio=1.0)))
+    )
+    # The root finder is good to ~1e-3 items; step so that n is the smallest with unpaired_mde <= mde.
+    while unpaired_mde(n, p, alpha, power) > mde * (1 + 1e-9):
+        n += 1
+    while n > 2 and unpaired_mde(n - 1, p, alpha, power) <= mde * (1 + 1e-9):
+        n -= 1
+    return n
+
+
+def _z_sum(alpha, power):
+    from scipy.stats import norm
+
+    return float(norm.ppf(1 - alpha / 2) + norm.ppf(power))
+
+
+def _ceil(x: float) -> int:
+    # The solvers return e.g. 691.9999999997 for an exact 692; don't round that up to 693.
+    return int(math.ceil(x - 1e-6))
+
+
+def paired_mde(n: int, flip_rate: float, alpha: float = ALPHA, power: float = POWER) -> float:
+    """Smallest paired difference in accuracy (fraction) detectable on n items scored in both arms, when a
+    fraction ``flip_rate`` of items changes correctness between arms (discordant pairs):
+    (z_{1-a/2} + z_{power}) * sqrt(flip_rate / n). Normal approximation to McNemar's test, variance of the
+    per-item difference taken under the null (flip_rate); statsmodels has no paired-proportion power."""
+    _check_design(alpha, power)
+    if not 0 <= flip_rate <= 1:
+        raise ReqnoiseError(f"flip_rate must be in [0, 1], got {flip_rate!r}")
+    if n < 1:
+        raise ReqnoiseError(f"paired_mde: n must be positive, got {n!r}")
+    return _z_sum(alpha, power) * math.sqrt(flip_rate / n)
+
+
+def paired_n_needed(mde: float, flip_rate: float, alpha: float = ALPHA, power: float = POWER) -> int:
+    """Items (rounded up) for ``paired_mde(n, flip_rate, alpha, power) <= mde``."""
+    _check_design(alpha, power)
+    _check_rate(flip_rate, "flip_rate")
+    if not 0 < mde < 1:
+        raise ReqnoiseError(f"mde must be in (0, 1), got {mde!r}")
+    return max(1, _ceil(flip_rate * (_z_sum(alpha, power) / mde) ** 2))
+
+
+# ---------------------------------------------------------------- pairing records
+
+
+def flips(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> dict[str, int]:
+    """Paired 2x2 counts for item-aligned correctness vectors: fixed (A wrong, B right), broken (A right,
+    B wrong), both_right, both_wrong."""
+    a = np.asarray(correct_a, dtype=bool)
+    b = np.asarray(correct_b, dtype=bool)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ReqnoiseError(f"flips: need two 1-D vectors of equal length, got shapes {a.shape} and {b.shape}")
+    return {
+        "fixed": int(np.sum(~a & b)),
+        "broken": int(np.sum(a & ~b)),
+        "both_right": int(np.sum(a & b)),
+        "both_wrong": int(np.sum(~a & ~b)),
+    }
+
+
+def _id_list(ids, limit=10):
+    ids = sorted(ids)
+    shown = ", ".join(repr(i) for i in ids[:limit])
+    return shown + (f", ... and {len(ids) - limit} more" if len(ids) > limit else "")
+
+
+def _index(records, name):
+    counts = Counter()
+    by_id = {}
+    for i, rec in enumerate(records):
+        validate_record(rec, f"{name} record {i}")
+        counts[rec["id"]] += 1
+        by_id[rec["id"]] = rec
+    dups = [i for i, c in counts.items() if c > 1]
+    if dups:
+        raise ReqnoiseError(f"{name}: duplicated ids {_id_list(dups)}")
+    if not by_id:
+        raise ReqnoiseError(f"{name}: no records")
+    return by_id
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Item-aligned view of several record sets (same ids, order of the first set)."""
+
+    ids: list
+    correct: dict  # name -> bool array (correct and parsed)
+    unparsed: dict  # name -> int
+    subjects: list | None  # per item, or None when some item has no subject in any arm
+
+
+def pair_records(named: Mapping[str, Sequence[dict]]) -> Paired:
+    """Align record sets by id. Refuses duplicated ids and item sets that differ (naming the ids missing on
+    each side) and subjects that disagree between arms for the same id."""
+    names = list(named)
+    indexed = {name: _index(named[name], name) for name in names}
+    ref = names[0]
+    ref_ids = set(indexed[ref])
+    for name in names[1:]:
+        ids = set(indexed[name])
+        if ids != ref_ids:
+            parts = []
+            if ref_ids - ids:
+                parts.append(f"{len(ref_ids - ids)} ids in {ref} missing from {name}: {_id_list(ref_ids - ids)}")
+            if ids - ref_ids:
+                parts.append(f"{len(ids - ref_ids)} ids in {name} missing from {ref}: {_id_list(ids - ref_ids)}")
+            raise ReqnoiseError(f"item sets differ ({'; '.join(parts)})")
+    ids = [r["id"] for r in named[ref]]
+    correct, unparsed = {}, {}
+    for name in names:
+        recs = [indexed[name][i] for i in ids]
+        correct[name] = np.array([bool(r["correct"] and r["parsed"]) for r in recs], dtype=bool)
+        unparsed[name] = sum(1 for r in recs if not r["parsed"])
+    subjects = []
+    for i in ids:
+        seen = {indexed[name][i]["subject"] for name in names} - {None}
+        if len(seen) > 1:
+            raise ReqnoiseError(f"item {i!r} has different subjects across arms: {sorted(seen)}")
+        subjects.append(seen.pop() if seen else None)
+    if any(s is None for s in subjects):
+        subjects = None
+    return Paired(ids=ids, correct=correct, unparsed=unparsed, subjects=subjects)
+
+
+# ---------------------------------------------------------------- comparison
+
+
+@dataclass
+class Arm:
+    """One condition's score on the paired items."""
+
+    correct: int
+    unparsed: int
+    accuracy: float
+    ci: tuple[float, float]  # Wilson interval, coverage 1 - alpha
+
+
+@dataclass
+class Comparison:
+    """B against A on the same n items; differences are B - A (fractions)."""
+
+    n: int
+    a: Arm
+    b: Arm
+    difference: float
+    z: float
+    ztest_p: float  # pooled two-proportion z-test, unpaired
+    mcnemar_p: float  # exact McNemar, paired
+    fixed: int  # A wrong -> B right
+    broken: int  # A right -> B wrong
+    both_right: int
+    both_wrong: int
+    flip_rate: float  # (fixed + broken) / n
+    se_paired: float | None  # iid SE of the paired difference, sd(d_i) / sqrt(n)
+    se_clustered: float | None  # cluster-robust (by subject) SE of the paired difference
+    n_subjects: int | None
+    paired_mde: float  # at the observed flip rate
+    unpaired_mde: float | None  # at A's accuracy; None when that accuracy is 0 or 1
+    alpha: float = ALPHA
+    power: float = POWER
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _arm(k, unparsed, n, alpha):
+    return Arm(correct=k, unparsed=unparsed, accuracy=k / n, ci=wilson_ci(k, n, alpha))
+
+
+def paired_se(diff: np.ndarray, subjects: Sequence | None) -> tuple[float | None, float | None, int | None]:
+    """(iid SE, cluster-robust SE, number of clusters) of the mean of per-item differences ``diff``
+    (shape (n,), values in {-1, 0, 1}). The clustered SE is statsmodels' CR1 sandwich from OLS on a constant
+    with ``cov_type='cluster'``; it is None without subjects or with fewer than two subjects. Both are None
+    for a single item."""
+    import statsmodels.api as sm
+
+    n = len(diff)
+    se = float(np.std(diff, ddof=1) / math.sqrt(n)) if n > 1 else None
+    if subjects is None or n < 2:
+        return se, None, None
+    _, groups = np.unique(np.asarray(subjects, dtype=object).astype(str), return_inverse=True)
+    n_groups = int(groups.max()) + 1
+    if n_groups < 2:
+        return se, None, n_groups
+    fit = sm.OLS(diff.astype(float), np.ones((n, 1))).fit(cov_type="cluster", cov_kwds={"groups": groups})
+    return se, float(fit.bse[0]), n_groups
+
+
+def _compare_paired(paired: Paired, name_a, name_b, alpha=ALPHA, power=POWER) -> Comparison:
+    ca, cb = paired.correct[name_a], paired.correct[name_b]
+    n = len(paired.ids)
+    ka, kb = int(ca.sum()), int(cb.sum())
+    f = flips(ca, cb)
+    z, zp = two_proportion_ztest(kb, n, ka, n)
+    flip_rate = (f["fixed"] + f["broken"]) / n
+    se, se_cl, n_subj = paired_se(cb.astype(int) - ca.astype(int), paired.subjects)
+    acc_a = ka / n
+    return Comparison(
+        n=n,
+        a=_arm(ka, paired.unparsed[name_a], n, alpha),
+        b=_arm(kb, paired.unparsed[name_b], n, alpha),
+        difference=(kb - ka) / n,
+        z=z,
+        ztest_p=zp,
+        mcnemar_p=mcnemar(f["fixed"], f["broken"]),
+        fixed=f["fixed"],
+        broken=f["broken"],
+        both_right=f["both_right"],
+        both_wrong=f["both_wrong"],
+        flip_rate=flip_rate,
+        se_paired=se,
+        se_clustered=se_cl,
+        n_subjects=n_subj,
+        paired_mde=paired_mde(n, flip_rate, alpha, power),
+        unpaired_mde=unpaired_mde(n, acc_a, alpha, power) if 0 < acc_a < 1 and n >= 2 else None,
+        alpha=alpha,
+        power=power,
+    )
+
+
+def compare(
+    records_a: Sequence[dict], records_b: Sequence[dict], alpha: float = ALPHA, power: float = POWER
+) -> Comparison:
+    """Compare condition B with reference A on the same items (paired by id).
+
+    Returns accuracies with Wilson CIs, difference B - A, the unpaired z-test and the paired exact McNemar
+    p, flip counts, the paired MDE at the observed flip rate, the unpaired MDE at A's accuracy, and the SE of
+    the paired difference (iid, and clustered by subject when every item has one).
+    """
+    return _compare_paired(pair_records({"A": records_a, "B": records_b}), "A", "B", alpha, power)
+
+
+@dataclass
+class BaselineRow:
+    """One condition against the shared baseline, with Holm-adjusted p-values over all conditions."""
+
+    name: str
+    comparison: Comparison
+    mcnemar_p_holm: float
+    ztest_p_holm: float
+    reject: bool  # Holm-adjusted McNemar p < alpha
+
+
+def holm(pvalues: Sequence[float], alpha: float = ALPHA) -> tuple[list[bool], list[float]]:
+    """Holm step-down adjustment (statsmodels ``multipletests``): (reject at alpha, adjusted p-values)."""
+    from statsmodels.stats.multitest import multipletests
+
+    if len(pvalues) == 0:
+        return [], []
+    reject, adjusted, _, _ = multipletests(list(pvalues), alpha=alpha, method="holm")
+    return [bool(r) for r in reject], [float(p) for p in adjusted]
+
+
+def compare_to_baseline(
+    baseline: Sequence[dict], conditions: Mapping[str, Sequence[dict]], alpha: float = ALPHA, power: float = POWER
+) -> list[BaselineRow]:
+    """Compare every condition with one baseline on the same items and Holm-correct across conditions
+    (separately for the McNemar and the z-test family). Rows keep the order of ``conditions``."""
+    if "baseline" in conditions:
+        raise ReqnoiseError("a condition may not be named 'baseline'")
+    paired = pair_records({"baseline": baseline, **conditions})
+    comps = [_compare_paired(paired, "baseline", name, alpha, power) for name in conditions]
+    reject, mc_adj = holm([c.mcnemar_p for c in comps], alpha)
+    _, z_adj = holm([c.ztest_p for c in comps], alpha)
+    return [BaselineRow(name, c, m, z, r) for name, c, m, z, r in zip(conditions, comps, mc_adj, z_adj, reject)]
+
+
+# ---------------------------------------------------------------- decomposition against controls
+
+
+@dataclass
+class Component:
+    """One row of a decomposition table; contribution and band are fractions."""
+
+    name: str
+    contribution: float | None
+    share: float | None  # of the total gain (trained - base); None when the total is 0
+    mcnemar_p: float | None
+    ztest_p: float | None
+    band: tuple[float, float] | None = None
+    note: str = ""
+
+
+@dataclass
+class Decomposition:
+    """Where the gain of a fused-and-requantized adapter over the base comes from.
+
+    * artifact = zero_control - base: what the fuse + requantize pipeline does with a zero delta;
+    * content = trained - zero_control: what the learned weights add beyond that (McNemar p);
+    * total = trained - base; share = part / total;
+    * random band: min..max of random_control - zero_control over R random-delta adapters of the trained
+      adapter's size; ``rank_p`` = (1 + #{random effect >= content}) / (R + 1) is the one-sided Monte Carlo
+      p-value of the content effect against "any perturbation of this size" (smallest possible 1/(R+1)).
+    """
+
+    n: int
+    accuracy: dict  # name -> accuracy
+    components: list
+    random_effects: list = field(default_factory=list)  # random_i - zero_control
+    trained_outside_band: bool | None = None
+    rank_p: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def decompose(
+    base: Sequence[dict],
+    trained: Sequence[dict],
+    zero_control: Sequence[dict],
+    random_controls: Sequence[Sequence[dict]] = (),
+) -> Decomposition:
+    """Split trained - base into requantization artifact (zero_control - base) and content-specific effect
+    (trained - zero_control), each with paired McNemar and unpaired z-test p, and place the content effect
+    in the band of random-delta controls. All record sets must hold the same item ids."""
+    named = {"base": base, "trained": trained, "zero_control": zero_control}
+    rnames = [f"random_{i}" for i in range(len(random_controls))]
+    named.update(zip(rnames, random_controls))
+    paired = pair_records(named)
+    n = len(paired.ids)
+    acc = {name: float(paired.correct[name].mean()) for name in named}
+
+    def part(label, frm, to, total):
+        c = _compare_paired(paired, frm, to)
+        share = c.difference / total if total else None
+        return Component(label, c.difference, share, c.mcnemar_p, c.ztest_p)
+
+    total = acc["trained"] - acc["base"]
+    comps = [
+        part("Requantization artifact (zero_control - base)", "base", "zero_control", total),
+        part("Content-specific (trained - zero_control)", "zero_control", "trained", total),
+        part("Total (trained - base)", "base", "trained", total),
+    ]
+    out = Decomposition(n=n, accuracy=acc, components=comps)
+    if rnames:
+        effects = [acc[r] - acc["zero_control"] for r in rnames]
+        content = acc["trained"] - acc["zero_control"]
+        out.random_effects = effects
+        out.trained_outside_band = bool(content > max(effects) or content < min(effects))
+        out.rank_p = (1 + sum(e >= content for e in effects)) / (len(effects) + 1)
+        comps.append(
+            Component(
+                f"Random-delta controls (random - zero_control, R={len(effects)})",
+                None,
+                None,
+                None,
+                None,
+                band=(min(effects), max(effects)),
+                note=f"content {'outside' if out.trained_outside_band else 'inside'} band; rank p = {out.rank_p:.3g}",
+            )
+        )
+    return out
+
+
+def _pp(x, signed=True):
+    return "—" if x is None else (f"{100 * x:+.2f} pp" if signed else f"{100 * x:.2f}%")
+
+
+def _p(p):
+    return "—" if p is None else (f"{p:.2g}" if p < 1e-3 else f"{p:.3f}")
+
+
+def render_decomposition(dec: Decomposition) -> str:
+    """Markdown table (component, contribution in pp, share of total, McNemar p, z-test p) plus accuracies."""
+    lines = [
+        f"n = {dec.n} paired items; accuracy: "
+        + ", ".join(f"{k} {_pp(v, signed=False)}" for k, v in dec.accuracy.items()),
+        "",
+        "| Component | Contribution | Share of total | p (McNemar, paired) | p (z-test, unpaired) |",
+        "|---|---|---|---|---|",
+    ]
+    for c in dec.components:
+        contrib = f"{_pp(c.band[0])} .. {_pp(c.band[1])}" if c.band else _pp(c.contribution)
+        share = "—" if c.share is None else f"{100 * c.share:.1f}%"
+        p_mc = c.note if c.band else _p(c.mcnemar_p)
+        lines.append(f"| {c.name} | {contrib} | {share} | {p_mc} | {_p(c.ztest_p)} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_comparison(c: Comparison, name_a: str = "A", name_b: str = "B") -> str:
+    """Plain-text table of a Comparison (percentages and pp)."""
+    conf = f"{100 * (1 - c.alpha):g}%"
+    rows = [
+        ("", name_a, name_b),
+        ("n", str(c.n), str(c.n)),
+        ("correct", str(c.a.correct), str(c.b.correct)),
+        ("unparsed (wrong)", str(c.a.unparsed), str(c.b.unparsed)),
+        ("accuracy", f"{100 * c.a.accuracy:.2f}%", f"{100 * c.b.accuracy:.2f}%"),
+        (
+            f"Wilson {conf} CI",
+            f"[{100 * c.a.ci[0]:.2f}, {100 * c.a.ci[1]:.2f}]%",
+            f"[{100 * c.b.ci[0]:.2f}, {100 * c.b.ci[1]:.2f}]%",
+        ),
+    ]
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    out = [f"{r[0]:<{w0}}  {r[1]:<{w1}}  {r[2]}".rstrip() for r in rows]
+    se = "SE —" if c.se_paired is None else f"SE {100 * c.se_paired:.2f} pp"
+    if c.se_clustered is not None:
+        se += f", clustered by subject ({c.n_subjects}) {100 * c.se_clustered:.2f} pp"
+    out += [
+        "",
+        f"difference ({name_b} - {name_a}): {_pp(c.difference)} ({se})",
+        f"two-proportion z-test (unpaired): z = {c.z:+.3f}, p = {_p(c.ztest_p)}",
+        f"McNemar exact (paired):           p = {_p(c.mcnemar_p)}",
+        f"flips: fixed {c.fixed} (wrong -> right), broken {c.broken} (right -> wrong), "
+        f"flip rate {100 * c.flip_rate:.2f}%",
+        f"MDE (alpha {c.alpha:g}, power {c.power:g}): paired {100 * c.paired_mde:.2f} pp at the observed flip "
+        f"rate; unpaired "
+        + ("—" if c.unpaired_mde is None else f"{100 * c.unpaired_mde:.2f} pp")
+        + f" at {name_a}'s accuracy",
+    ]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,1 @@
+"""The embedded model, its tokenizer, the synthetic world and the demo."""

@@ -1,0 +1,1 @@
+"""Adapter training through mlx-lm's tuner: target selection, chat data and batches, data cleaning."""
