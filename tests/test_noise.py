@@ -9,7 +9,7 @@ import pytest
 from fuse_helpers import dequantized, make_adapter
 from reqnoise.cli import main
 from reqnoise.fuse.adapters import load_adapter
-from reqnoise.noise.report import noise_report
+from reqnoise.noise.report import noise_report, verdict
 
 DOWN = "model.layers.1.mlp.switch_mlp.down_proj"
 
@@ -146,3 +146,49 @@ def test_cli_writes_json_and_plot(toy_model_dir, small, tmp_path, capsys):
         ]
     )
     assert code != 0 and "already exists" in capsys.readouterr().err
+
+
+def _summary(med, steps=0.12):
+    return {"median_delta_cosine": med, "median_delta_rms_over_step": steps, "mean_code_change_frac": 0.1}
+
+
+def test_verdict_offers_only_alternatives_that_improve_the_median_cosine():
+    # The demo's case: fresh keeps median cosine 0.03, keep-grid 0.00 (worse), --out-bits 8 0.81 (better).
+    line = verdict(
+        _summary(0.03),
+        None,
+        requant="fresh",
+        out_bits=None,
+        control="none",
+        alternatives={"--requant keep-grid": 0.0, "--out-bits 8": 0.81},
+    )
+    assert line.startswith("adapter mostly erased by requantization (median cosine 0.03)")
+    assert "--out-bits 8 gives median cosine 0.81" in line
+    assert "keep-grid gives" not in line
+    assert "--requant keep-grid does not keep more of it (median cosine 0.00 vs 0.03)" in line
+    assert "cannot keep a delta smaller than half a step (this adapter's median RMS delta: 0.12 steps)" in line
+
+
+def test_verdict_an_equal_alternative_is_not_offered_and_a_close_better_one_prints_distinct():
+    same = verdict(
+        _summary(0.4), None, requant="fresh", out_bits=None, control="none", alternatives={"--out-bits 8": 0.4}
+    )
+    assert "gives" not in same and "does not keep more of it (median cosine 0.40 vs 0.40)" in same
+    # 0.401 beats 0.4: printed with enough decimals that the offer does not read as equal.
+    close = verdict(
+        _summary(0.4), None, requant="fresh", out_bits=None, control="none", alternatives={"--out-bits 8": 0.401}
+    )
+    assert "--out-bits 8 gives median cosine 0.401" in close
+
+
+def test_verdict_keep_grid_carries_its_limit_when_it_does_improve():
+    line = verdict(
+        _summary(0.2, steps=0.7),
+        None,
+        requant="fresh",
+        out_bits=None,
+        control="none",
+        alternatives={"--requant keep-grid": 0.6, "--out-bits 8": None},
+    )
+    assert "--requant keep-grid gives median cosine 0.60: keep-grid removes the zero-delta artifact" in line
+    assert "--out-bits 8" not in line

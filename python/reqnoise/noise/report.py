@@ -231,7 +231,9 @@ def output_metrics(model, adapter_path, fused_dir, prompts) -> dict:
 
 
 def verdict(summary, outputs, *, requant, out_bits, control, alternatives=None) -> str:
-    """One line. Thresholds: median delta cosine >= 0.9 survives, >= 0.5 partly, below: mostly erased."""
+    """One line. Thresholds: median delta cosine >= 0.9 survives, >= 0.5 partly, below: mostly erased.
+
+    ``alternatives`` (option -> median delta cosine), below survival: see ``alternatives_text``."""
     if control == "zero":
         frac = summary["mean_code_change_frac"]
         if frac is not None and frac == 0:
@@ -259,10 +261,43 @@ def verdict(summary, outputs, *, requant, out_bits, control, alternatives=None) 
     )
     line = f"{word} (median cosine {med:.2f}{closer})"
     if med < SURVIVES and alternatives:
-        better = [f"{k} gives median cosine {v:.2f}" for k, v in alternatives.items() if v is not None]
-        if better:
-            line += "; " + ", ".join(better)
+        line += alternatives_text(med, alternatives, summary.get("median_delta_rms_over_step"))
     return line
+
+
+KEEP_GRID_LIMIT = "keep-grid removes the zero-delta artifact but cannot keep a delta smaller than half a step"
+
+
+def _two_values(a: float, b: float) -> tuple[str, str]:
+    # Enough decimals that a strictly better value never prints equal to the one it beats.
+    digits = 2
+    while a != b and digits < 6 and f"{a:.{digits}f}" == f"{b:.{digits}f}":
+        digits += 1
+    return f"{a:.{digits}f}", f"{b:.{digits}f}"
+
+
+def alternatives_text(med: float, alternatives: dict, steps: float | None = None) -> str:
+    """The verdict's tail about other fuse options: ``"; ..."`` or ``""``.
+
+    ``med``: this fuse's median delta cosine; ``alternatives``: option -> median delta cosine under it (None
+    when nothing was adapted); ``steps``: this adapter's median RMS delta in quantization steps. An option is
+    offered only when its median cosine is strictly higher than ``med`` (the measure the verdict uses); one
+    that does not improve is named as such. Keep-grid always carries its limit: it keeps the grid, so any
+    element of a delta under half a step rounds back to the base code."""
+    parts = []
+    for k, v in alternatives.items():
+        if v is None:
+            continue
+        ours, theirs = _two_values(med, v)
+        if v > med:
+            text = f"{k} gives median cosine {theirs}"
+        else:
+            text = f"{k} does not keep more of it (median cosine {theirs} vs {ours})"
+        if "keep-grid" in k:
+            size = "" if steps is None else f" (this adapter's median RMS delta: {steps:.2g} steps)"
+            text += f": {KEEP_GRID_LIMIT}{size}"
+        parts.append(text)
+    return "".join("; " + p for p in parts)
 
 
 def noise_report(
