@@ -167,19 +167,31 @@ class Runner:
         model = self.model(model_name)
         opts = {k: e[k] for k in ("mode", "batch_size", "max_tokens", "limit") if k in e}
         calibrate = e.get("calibrate", False)  # True, False or "subject" (spec-checked)
+        params = dict(opts, calibrate=calibrate)
+        prior_records = None
+        # calibrate_from: the prior from one model's records, so every model paired with it gets the same correction.
+        if calibrate and e.get("calibrate_from", model_name) != model_name:
+            prior_records = self.evaluate(e["calibrate_from"], ev)
+            deps = deps + [f"eval-{ev}-{e['calibrate_from']}"]
+            params["calibrate_from"] = e["calibrate_from"]  # only when set: other specs keep their cache keys
 
         def run(tmp):
             from reqnoise.distributed import evaluate_distributed, rank_and_size
-            from reqnoise.eval.calibration import calibrate_records
+            from reqnoise.eval.calibration import calibrate_records, option_prior
             from reqnoise.eval.multiple_choice import evaluate_items, summarize
-            from reqnoise.eval.records import write_records
+            from reqnoise.eval.records import read_records, write_records
 
             if rank_and_size()[1] > 1:  # every rank scores a length-balanced share of the items
                 recs, summary = evaluate_distributed(model, items, log=self.log, progress=False, **opts)
             else:
                 recs, summary = evaluate_items(model, items, progress=self.progress, **opts)
             if calibrate:
-                recs = calibrate_records(recs, by_subject=calibrate == "subject")
+                by_subject = calibrate == "subject"
+                # The baseline's records keep their raw option_logprobs, so its prior can be taken from them.
+                prior = (
+                    None if prior_records is None else option_prior(read_records(prior_records), by_subject=by_subject)
+                )
+                recs = calibrate_records(recs, by_subject=by_subject, prior=prior)
                 summary = summarize(recs, f"{opts.get('mode', 'loglik')}-calibrated", summary.seconds)
             write_records(tmp / "records.jsonl", recs)
             return summary.to_dict()
@@ -187,7 +199,7 @@ class Runner:
         self.step(
             name,
             "eval",
-            dict(opts, calibrate=calibrate),
+            params,
             deps=[f"model-{model_name}"] + deps,
             inputs=inputs,
             fn=run,

@@ -28,8 +28,10 @@ the pre-registered criteria. Parsed and checked here, before anything runs.
     items = "setg:test"
     mode = "loglik"                   # or "generate", or "cloze" (items with a cloze sentence)
     models = ["persona", "A1"]        # optional: default every condition
-    calibrate = true                  # optional (loglik, cloze): contextual calibration, see reqnoise.eval.calibration;
+    calibrate = true                  # optional (loglik, cloze): mean-prior calibration, see reqnoise.eval.calibration;
                                       # "subject": the prior per subject
+    calibrate_from = "persona"        # optional, with calibrate: every model takes the prior from this model's
+                                      # records (paired models get the same correction); default: its own records
 
     [setg]                            # Set G: the items every listed model gets wrong on `eval`
     eval = "all"
@@ -104,7 +106,7 @@ TRAIN_KEYS = {
     "max_seq_length",
 }
 FUSE_KEYS = {"from", "adapter", "requant", "control", "seed", "out_bits", "layers"}
-EVAL_KEYS = {"items", "mode", "models", "batch_size", "max_tokens", "limit", "calibrate"}
+EVAL_KEYS = {"items", "mode", "models", "batch_size", "max_tokens", "limit", "calibrate", "calibrate_from"}
 
 
 class Spec:
@@ -176,6 +178,11 @@ class Spec:
                 self._err(f'evals.{name}: calibrate must be true, false or "subject", got {e["calibrate"]!r}')
             if e.get("calibrate") and e.get("mode", "loglik") not in ("loglik", "cloze"):
                 self._err(f'evals.{name}: calibrate needs mode = "loglik" or "cloze" (option scores)')
+            if "calibrate_from" in e:
+                if not e.get("calibrate"):
+                    self._err(f'evals.{name}: calibrate_from needs calibrate = true or "subject"')
+                if not isinstance(e["calibrate_from"], str) or e["calibrate_from"] not in self.models:
+                    self._err(f"evals.{name}.calibrate_from names unknown model {e['calibrate_from']!r}")
             if "items" not in e:
                 self._err(f"evals.{name} needs 'items'")
             extra = set(e) - EVAL_KEYS
