@@ -135,6 +135,8 @@ def test_a_shared_prior_by_subject_and_its_errors():
         calibrate_records([rec(5, [0.0, -1.0, -2.0], "A")], prior=option_prior(p))
     with pytest.raises(ReqnoiseError, match="no option_logprobs"):
         calibrate_records([{**p[0], "option_logprobs": None}])
+    with pytest.raises(ReqnoiseError, match="no option_logprobs"):
+        calibrate_records([{k: v for k, v in p[0].items() if k != "option_logprobs"}])
     with pytest.raises(ReqnoiseError, match="at least one record"):
         option_prior([])
 

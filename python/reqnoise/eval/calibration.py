@@ -33,14 +33,18 @@ LETTERS = "ABCDEFGHIJ"
 
 
 def _logprobs(r) -> np.ndarray:
-    if not isinstance(r.get("option_logprobs"), list) or not r["option_logprobs"]:
+    try:
+        lp = np.asarray(r["option_logprobs"], dtype=np.float64)
+    except (KeyError, TypeError, ValueError):
+        lp = None
+    if lp is None or lp.ndim != 1 or lp.size == 0:
         raise ReqnoiseError(
             f"record {r.get('id')!r}: no option_logprobs (calibration needs loglik or cloze records, one score "
             "per option)"
         )
-    if len(r["option_logprobs"]) > len(LETTERS):
-        raise ReqnoiseError(f"record {r.get('id')!r}: {len(r['option_logprobs'])} options, at most {len(LETTERS)}")
-    return np.asarray(r["option_logprobs"], dtype=np.float64)
+    if lp.size > len(LETTERS):
+        raise ReqnoiseError(f"record {r.get('id')!r}: {lp.size} options, at most {len(LETTERS)}")
+    return lp
 
 
 def option_prior(records, *, by_subject: bool = False) -> dict:
