@@ -240,7 +240,7 @@ def _comparison(results, ev, trained, control, roles) -> dict | None:
 
 def forest_rows(results: dict, roles: dict | None = None) -> dict:
     """{eval: [row]} for the forest plot, each row a dict: label, trained, control, kind ("zero delta",
-    "random delta", "trained control"), difference (fraction, B - A = trained - control), ci ([lo, hi]
+    "random delta", "trained control"), n (paired items), difference (fraction, B - A = trained - control), ci ([lo, hi]
     fractions, or None when the comparison carries no ``difference_ci``), cls (``classify`` against the
     margin; None without a CI), band ([min, max] of random - zero_control from the decomposition, on the zero
     delta row only, else None). Comparisons that results.json does not hold are left out."""
@@ -265,6 +265,7 @@ def forest_rows(results: dict, roles: dict | None = None) -> dict:
                             trained=t,
                             control=c,
                             kind=kind,
+                            n=cmp.get("n"),
                             difference=float(cmp["difference"]),
                             ci=ci,
                             cls=classify(ci[0], ci[1], margin) if ci else None,
@@ -314,6 +315,14 @@ def _evals(results) -> list:
 def _grid(n: int, max_cols: int = 4) -> tuple:
     cols = min(max_cols, max(1, n))
     return math.ceil(n / cols), cols
+
+
+def _forest_text(row) -> str:
+    d = f"{100 * row['difference']:+.1f}"
+    if row["ci"] is None:
+        return f"{d} pp, no CI"
+    lo, hi = (100 * x for x in row["ci"])
+    return f"{d} [{lo:+.1f}, {hi:+.1f}] {row['cls']}"
 
 
 def build_forest(results: dict, roles: dict | None = None):
@@ -366,12 +375,14 @@ def build_forest(results: dict, roles: dict | None = None):
                 )
             ax.set_yticks(ys, [r["label"] for r in rows])
             ax.set_ylim(-0.7, len(rows) - 0.3)
-            right = ax.secondary_yaxis("right")
-            right.set_yticks(ys, [r["cls"] or "no CI" for r in rows])
-            for lab, r in zip(right.get_yticklabels(), rows):
-                lab.set_color(CLASS_COLOURS[r["cls"]] if r["cls"] else OKABE_ITO["black"])
+            # The numbers beside each row, as a forest plot's right-hand column: twinx, so that the constrained
+            # layout makes room for them.
+            right = ax.twinx()
+            right.set_ylim(ax.get_ylim())
+            right.set_yticks(ys, [_forest_text(r) for r in rows])
             right.tick_params(length=0)
-            n = {c.get("n") for c in (results["comparisons"][ev].get(r["trained"]) or {}).values() for r in rows}
+            right.spines[["top", "right", "left", "bottom"]].set_visible(False)
+            n = {r["n"] for r in rows}
             ax.set_title(f"{ev}" + (f"  (n = {n.pop()} paired items)" if len(n) == 1 else ""), loc="left")
             ax.set_xlim(-lim, lim)
             ax.grid(axis="x", color="#EEEEEE", lw=0.6, zorder=0)
@@ -448,9 +459,7 @@ def build_accuracy(results: dict, roles: dict | None = None):
             ax.grid(axis="x", color="#EEEEEE", lw=0.6, zorder=0)
             ax.set_title(ev + (f"  (n = {ns.pop()})" if len(ns) == 1 else ""))
             ax.set_xlabel("accuracy (%)")
-        handles = [
-            Line2D([], [], color=GROUP_COLOURS[g], marker="o", lw=1.6, label=g) for g, _ in groups if g != "other"
-        ]
+        handles = [Line2D([], [], color=GROUP_COLOURS[g], marker="o", lw=1.6, label=g) for g, _ in groups]
         if handles:
             fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
         fig.suptitle("Accuracy per condition, 95% Wilson interval", x=0.01, ha="left")
@@ -551,48 +560,77 @@ def _module_type(name: str) -> str:
     return ".".join(p for p in parts if p not in ("switch_mlp", "experts"))
 
 
+def _survival_panels(modules: list) -> list:
+    """[(title, layers, column labels, cosine grid, codes grid)]: one panel pair per stacked (per-expert) module
+    type with experts as columns, and one for all dense module types with the module type as column. Cells no
+    row fills are NaN."""
+    import numpy as np
+
+    layers = sorted({-1 if r.get("layer") is None else r["layer"] for r in modules})
+    li = {layer: i for i, layer in enumerate(layers)}
+    types = sorted({_module_type(r["module"]) for r in modules})
+    stacked = sorted({_module_type(r["module"]) for r in modules if r.get("expert") is not None})
+    dense = [t for t in types if t not in stacked]
+    short = [t.split(".")[-1] for t in dense]
+    dense_labels = short if len(set(short)) == len(short) else dense
+    panels = []
+    for t in stacked:
+        n_exp = max((r.get("expert") or 0) + 1 for r in modules if _module_type(r["module"]) == t)
+        panels.append((t, [str(e) for e in range(n_exp)], lambda r, t=t: r.get("expert") or 0, {t}))
+    if dense:
+        panels.append(("dense modules", dense_labels, lambda r: dense.index(_module_type(r["module"])), set(dense)))
+    out = []
+    for title, cols, col_of, members in panels:
+        cos = np.full((len(layers), len(cols)), np.nan)
+        codes = np.full((len(layers), len(cols)), np.nan)
+        for r in modules:
+            if _module_type(r["module"]) not in members:
+                continue
+            y, x = li[-1 if r.get("layer") is None else r["layer"]], col_of(r)
+            if r.get("delta_cosine") is not None:
+                cos[y, x] = r["delta_cosine"]
+            if r.get("code_change_frac") is not None:
+                codes[y, x] = r["code_change_frac"]
+        out.append((title, ["\u2014" if v < 0 else str(v) for v in layers], cols, cos, codes))
+    return out
+
+
 def build_survival(modules: list, title: str):
-    """Survival heatmaps as a Figure: one row per adapted module type, layers on y and experts on x (one
-    column for a dense module); left delta cosine (viridis, 0..1, negative cells in the 'under' colour), right
-    share of codes changed (cividis, 0..max). None for an empty list."""
+    """Survival heatmaps as a Figure: layers on y; one row of two panels per stacked module type (experts on
+    x) and one for the dense module types (module type on x). Left: delta cosine (viridis, 0..1, negative
+    cells in the 'under' colour); right: share of codes changed (cividis, 0..max over the figure). Grey cells:
+    no value (no intended delta, or not adapted). None for an empty list."""
+    import textwrap
+
     import matplotlib
     import numpy as np
 
     if not modules:
         return None
-    types = sorted({_module_type(r["module"]) for r in modules})
-    layers = sorted({-1 if r.get("layer") is None else r["layer"] for r in modules})
-    n_exp = max((r.get("expert") or 0) + 1 for r in modules)
-    li = {layer: i for i, layer in enumerate(layers)}
-    grids = {t: (np.full((len(layers), n_exp), np.nan), np.full((len(layers), n_exp), np.nan)) for t in types}
-    for r in modules:
-        cos, codes = grids[_module_type(r["module"])]
-        y, x = li[-1 if r.get("layer") is None else r["layer"]], r.get("expert") or 0
-        if r.get("delta_cosine") is not None:
-            cos[y, x] = r["delta_cosine"]
-        if r.get("code_change_frac") is not None:
-            codes[y, x] = r["code_change_frac"]
-    code_max = max([float(np.nanmax(g[1])) for g in grids.values() if np.isfinite(g[1]).any()] or [1.0]) or 1.0
+    panels = _survival_panels(modules)
+    code_max = max([float(np.nanmax(p[4])) for p in panels if np.isfinite(p[4]).any()] or [1.0]) or 1.0
     cmap_cos = matplotlib.colormaps["viridis"].with_extremes(under=OKABE_ITO["vermillion"], bad="#E8E8E8")
     cmap_codes = matplotlib.colormaps["cividis"].with_extremes(bad="#E8E8E8")
-    annotate = n_exp <= 16 and len(layers) <= 16
-    panel_h = 0.32 * len(layers) + 0.9
+    n_cols = max(len(p[2]) for p in panels)
+    n_layers = len(panels[0][1])
+    annotate = n_cols <= 16 and n_layers <= 16
+    width = min(MAX_WIDTH_IN, max(9.0, 2.0 + 2 * (0.55 * n_cols + 1.4)))
+    title = "\n".join(textwrap.fill(line, int(width * 11)) for line in title.splitlines())
     with _style():
-        fig = _new_figure(min(MAX_WIDTH_IN, 2.0 + 2 * (0.5 * n_exp + 1.2)), len(types) * panel_h + 0.8)
-        axes = fig.subplots(len(types), 2, squeeze=False)
-        for (ax_cos, ax_codes), t in zip(axes, types):
+        fig = _new_figure(width, len(panels) * (0.32 * n_layers + 1.1) + 0.35 * (title.count("\n") + 1) + 0.4)
+        axes = fig.subplots(len(panels), 2, squeeze=False)
+        for (ax_cos, ax_codes), (name, ylabels, cols, cos, codes) in zip(axes, panels):
             for ax, grid, cmap, vmax, what in (
-                (ax_cos, grids[t][0], cmap_cos, 1.0, "delta cosine"),
-                (ax_codes, grids[t][1], cmap_codes, code_max, "codes changed"),
+                (ax_cos, cos, cmap_cos, 1.0, "delta cosine"),
+                (ax_codes, codes, cmap_codes, code_max, "codes changed"),
             ):
                 im = ax.imshow(grid, cmap=cmap, vmin=0.0, vmax=vmax, aspect="auto", origin="upper")
-                ax.set_title(f"{t}: {what}", loc="left")
-                ax.set_yticks(range(len(layers)), ["\u2014" if v < 0 else str(v) for v in layers])
+                ax.set_title(f"{name}: {what}", loc="left")
+                ax.set_yticks(range(len(ylabels)), ylabels)
                 ax.set_ylabel("layer")
-                ax.set_xticks(range(n_exp), [str(e) for e in range(n_exp)] if n_exp > 1 else ["dense"])
-                if n_exp > 16:
-                    ax.set_xticks(range(0, n_exp, max(1, n_exp // 16)))
-                ax.set_xlabel("expert" if n_exp > 1 else "")
+                step = max(1, math.ceil(len(cols) / 16))
+                ax.set_xticks(range(0, len(cols), step), cols[::step])
+                ax.set_xlabel("module" if name == "dense modules" else "expert")
                 if what == "delta cosine" and not np.isfinite(grid).any():
                     ax.text(
                         0.5,
@@ -607,15 +645,8 @@ def build_survival(modules: list, title: str):
                     for (y, x), v in np.ndenumerate(grid):
                         if np.isfinite(v):
                             dark = v / vmax < 0.55 if vmax else True
-                            ax.text(
-                                x,
-                                y,
-                                f"{v:.2f}",
-                                ha="center",
-                                va="center",
-                                fontsize=8,
-                                color="white" if dark else "black",
-                            )
+                            colour = "white" if dark else "black"
+                            ax.text(x, y, f"{v:.2f}", ha="center", va="center", fontsize=8, color=colour)
                 fig.colorbar(im, ax=ax, fraction=0.05, extend="min" if what == "delta cosine" else "neither")
         fig.suptitle(title, x=0.01, ha="left")
     return fig
