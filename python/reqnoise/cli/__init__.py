@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "evaluate",
     "fuse",
     "noise",
+    "report",
     "run",
     "stats",
     "toy",
