@@ -88,9 +88,12 @@ def test_check_and_merge():
         with pytest.raises(ReqnoiseError, match=msg):
             bad.check()
     opts = FuseOptions(control="zero")
-    assert FuseOptions.merge(opts, requant="fresh", out_bits=None, control="none", seed=0, layers=None) is opts
+    assert FuseOptions.merge(opts, {}, "f") is opts
+    assert FuseOptions.merge(None, {"control": "zero"}, "f") == opts
     with pytest.raises(ReqnoiseError, match="not both"):
-        FuseOptions.merge(opts, requant="keep-grid", out_bits=None, control="none", seed=0, layers=None)
+        FuseOptions.merge(opts, {"requant": "keep-grid"}, "f")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'bits'"):
+        FuseOptions.merge(None, {"bits": 4}, "f")
 
 
 def test_output_quant():

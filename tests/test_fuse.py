@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 from fuse_helpers import dequantized, make_adapter, weights
+from reqnoise.errors import ReqnoiseError
 from reqnoise.fuse.adapters import load_adapter
 from reqnoise.fuse.controls import delta_norms
 from reqnoise.fuse.model import fuse_model
+from reqnoise.fuse.options import FuseOptions
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +115,18 @@ def test_keep_grid_zero_control_is_the_input_model(toy_model_dir, adapter, tmp_p
         assert mx.array_equal(ours[k], base[k]).item(), k
         assert ours[k].dtype == base[k].dtype
     assert (tmp_path / "out" / "config.json").read_bytes() == (toy_model_dir / "config.json").read_bytes()
+
+
+def test_options_object_is_the_keywords(toy_model_dir, adapter, tmp_path):
+    opts = FuseOptions(requant="keep-grid", control="zero", layers=[1])
+    report = fuse_model(toy_model_dir, adapter, tmp_path / "out", options=opts, progress=False)
+    ours, base = weights(tmp_path / "out"), weights(toy_model_dir)
+    assert all(mx.array_equal(ours[k], base[k]).item() for k in base)
+    assert (report.requant, report.control, report.layers, len(report.modules)) == ("keep-grid", "zero", [1], 4)
+    saved = json.loads((tmp_path / "out" / "fuse_report.json").read_text())
+    assert (saved["requant"], saved["control"], saved["layers"]) == ("keep-grid", "zero", [1])
+    with pytest.raises(ReqnoiseError, match="not both"):
+        fuse_model(toy_model_dir, adapter, tmp_path / "o2", options=opts, control="random", progress=False)
 
 
 def test_fresh_zero_control_is_the_requantization_artifact(toy_model_dir, adapter, tmp_path):

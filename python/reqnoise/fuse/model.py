@@ -217,13 +217,9 @@ def fuse_model(
     save_path,
     *,
     options: FuseOptions | None = None,
-    requant="fresh",
-    out_bits=None,
-    control="none",
-    seed=0,
-    layers=None,
     overwrite=False,
     progress=True,
+    **fields,
 ) -> FuseReport:
     """Fuse an mlx-lm adapter into a model directory and write a new model directory.
 
@@ -231,22 +227,21 @@ def fuse_model(
         model: mlx-lm model directory (quantized or not).
         adapter_path: mlx-lm adapter directory (LoRA on dense and switch layers, DoRA on dense layers).
         save_path: output directory; written to a temporary sibling and renamed into place when complete.
-        options: a FuseOptions; or, equivalently, its fields as the keywords below (not both).
+        options: a FuseOptions; or, equivalently, its fields as keywords (not both):
         requant: "fresh" (what mlx-lm's fuse does), "keep-grid" (keep every group's scale/bias: a zero delta
             gives the identical model) or "dequantize" (float output, quantization removed).
         out_bits: fresh only: re-quantize the fused modules at this width (per-module config override).
         control: "none" (the adapter), "zero" (zero delta through the same pipeline) or "random"
             (norm-matched random delta per module and expert, from ``seed``).
         layers: fuse only modules in these layer indices; the rest of the adapter is ignored (reported).
+        seed: the random control's seed.
         overwrite: replace an existing ``save_path``.
 
     Returns:
         A FuseReport (also written to ``save_path/fuse_report.json``).
     """
     t_start = time.perf_counter()
-    opts = FuseOptions.merge(
-        options, requant=requant, out_bits=out_bits, control=control, seed=seed, layers=layers
-    ).check()
+    opts = FuseOptions.merge(options, fields, "fuse_model").check()
     model, adapter_path, save_path = Path(model), Path(adapter_path), Path(save_path)
     _check_paths(model, adapter_path, save_path)
     if save_path.exists() and not overwrite:

@@ -7,7 +7,7 @@ the CLI builds its parser from this module. The requant modes are the kernel's f
 (``kernel/formats.py``); the control names are defined here.
 """
 
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 
 from reqnoise.errors import ReqnoiseError
 from reqnoise.kernel.formats import REQUANT_MODES, SUPPORTED_BITS, check_width
@@ -73,17 +73,20 @@ class FuseOptions:
         return {k: table[k] for k in cls.names() if k in table}
 
     @classmethod
-    def merge(cls, options, **keywords) -> "FuseOptions":
-        """``options`` if given, else the options from ``keywords``; both at once is refused unless every
-        keyword is at its default (the keyword arguments of ``fuse_model``/``noise_report`` stay public)."""
+    def merge(cls, options, keywords: dict, caller: str) -> "FuseOptions":
+        """``options`` if given, else a FuseOptions of ``keywords`` (the fields given to ``caller`` as keyword
+        arguments, as ``fuse_model(..., requant="keep-grid")`` always took them); not both."""
+        unknown = sorted(set(keywords) - set(cls.names()))
+        if unknown:
+            raise TypeError(f"{caller}() got an unexpected keyword argument {unknown[0]!r}")
         if options is None:
             return cls(**keywords)
         if not isinstance(options, cls):
             raise ReqnoiseError(f"options must be a FuseOptions, got {type(options).__name__}")
-        defaults = {f.name: f.default for f in fields(cls) if f.default is not MISSING}
-        clash = sorted(k for k, v in keywords.items() if v != defaults[k])
-        if clash:
-            raise ReqnoiseError(f"pass the fuse options either as options= or as keywords, not both ({clash})")
+        if keywords:
+            raise ReqnoiseError(
+                f"pass the fuse options either as options= or as keywords, not both ({sorted(keywords)})"
+            )
         return options
 
     def check(self) -> "FuseOptions":

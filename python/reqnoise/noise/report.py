@@ -262,15 +262,11 @@ def noise_report(
     adapter_path,
     *,
     options: FuseOptions | None = None,
-    requant="fresh",
-    out_bits=None,
-    control="none",
-    seed=0,
     prompts=None,
-    layers=None,
     outputs=True,
     alternatives=True,
     progress=True,
+    **fields,
 ) -> dict:
     """Weight- and output-level survival of an adapter through a fuse (see the module docstring).
 
@@ -283,9 +279,7 @@ def noise_report(
         ``{"modules": [...], "summary": {...}, "outputs": {...} or None, "alternatives": {...}, "verdict": str,
         "options": {...}}``
     """
-    opts = FuseOptions.merge(
-        options, requant=requant, out_bits=out_bits, control=control, seed=seed, layers=layers
-    ).check()
+    opts = FuseOptions.merge(options, fields, "noise_report").check()
     md = open_model_dir(model)
     adapter = load_adapter(adapter_path)
     check_against_model(adapter, md)
