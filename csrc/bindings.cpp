@@ -2,7 +2,6 @@
 // registry with mlx (NB_DOMAIN mlx in CMakeLists.txt), so `import mlx.core` must come first.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
-#include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
 #include "fuse_primitive.h"
@@ -15,6 +14,16 @@ NB_MODULE(_core, m) {
   m.doc() = "reqnoise native core: fused dequantize -> add LoRA delta -> requantize for MLX affine weights";
 
   m.def("kernel_isa", &reqnoise::kernel_isa, "Instruction-set copy of the row kernel in use.");
+  m.def(
+      "supported_bits",
+      [] { return std::vector<int>(std::begin(reqnoise::kSupportedBits), std::end(reqnoise::kSupportedBits)); },
+      "Code widths the native kernel accepts.");
+  m.def(
+      "supported_group_sizes",
+      [] {
+        return std::vector<int>(std::begin(reqnoise::kSupportedGroupSizes), std::end(reqnoise::kSupportedGroupSizes));
+      },
+      "Group sizes the native kernel accepts.");
 
   m.def(
       "fuse_quantized",

@@ -75,10 +75,11 @@ inline void delta_row(const FuseSpec& spec, const float* a, const float* b, int6
   }
 }
 
+// ``row``: this row's pointers (A: its expert's [rank, in] matrix; B: its [rank] row; mag: its magnitude).
 template <typename T>
-void fuse_one_row(const FuseSpec& spec, int64_t in_dim, const uint32_t* wq, const T* scales, const T* biases,
-                  const float* a, const float* b, const float* mag, uint32_t* wq_out, T* scales_out, T* biases_out,
-                  const RowScratch& s) {
+void fuse_one_row(const FuseSpec& spec, int64_t in_dim, const FuseBuffers<T>& row, const RowScratch& s) {
+  const T* scales = row.scales;
+  const T* biases = row.biases;
   const int g_in = spec.group_size;
   const int64_t n_groups = in_dim / g_in;
   float* q = s.q;
@@ -86,8 +87,8 @@ void fuse_one_row(const FuseSpec& spec, int64_t in_dim, const uint32_t* wq, cons
   float* delta = s.delta;
   const bool has_delta = spec.rank > 0;
 
-  unpack_any(spec.bits, wq, in_dim, q, s.packed);
-  if (has_delta) delta_row(spec, a, b, in_dim, delta);
+  unpack_any(spec.bits, row.wq, in_dim, q, s.packed);
+  if (has_delta) delta_row(spec, row.A, row.B, in_dim, delta);
 
   for (int64_t gi = 0; gi < n_groups; ++gi) {
     const float sc = load_value(scales + gi);
@@ -115,7 +116,7 @@ void fuse_one_row(const FuseSpec& spec, int64_t in_dim, const uint32_t* wq, cons
   if (spec.dora) {
     double ss = 0.0;
     for (int64_t j = 0; j < in_dim; ++j) ss += double(w[j]) * double(w[j]);
-    const float row_scale = static_cast<float>(double(*mag) / __builtin_sqrt(ss));
+    const float row_scale = static_cast<float>(double(*row.mag) / __builtin_sqrt(ss));
     for (int64_t j = 0; j < in_dim; ++j) w[j] = row_scale * w[j];
   }
 
@@ -130,19 +131,18 @@ void fuse_one_row(const FuseSpec& spec, int64_t in_dim, const uint32_t* wq, cons
     for (int64_t gi = 0; gi < in_dim / g_out; ++gi) {
       float so, bo;
       quantize_group(w + gi * g_out, g_out, spec.out_bits, codes + gi * g_out, so, bo);
-      store_value(scales_out + gi, so);
-      store_value(biases_out + gi, bo);
+      store_value(row.scales_out + gi, so);
+      store_value(row.biases_out + gi, bo);
     }
   }
-  pack_any(spec.out_bits, codes, in_dim, wq_out, s.packed);
+  pack_any(spec.out_bits, codes, in_dim, row.wq_out, s.packed);
 }
 
 }  // namespace
 
 template <typename T>
 void fuse_row_range(const FuseSpec& spec, int64_t out_dim, int64_t in_dim, int64_t row_begin, int64_t row_end,
-                    const uint32_t* wq, const T* scales, const T* biases, const float* A, const float* B,
-                    const float* mag, uint32_t* wq_out, T* scales_out, T* biases_out, const RowScratch& s) {
+                    const FuseBuffers<T>& buf, const RowScratch& s) {
   const int64_t words_in = in_dim * spec.bits / 32;
   const int64_t words_out = in_dim * spec.out_bits / 32;
   const int64_t groups_in = in_dim / spec.group_size;
@@ -150,16 +150,21 @@ void fuse_row_range(const FuseSpec& spec, int64_t out_dim, int64_t in_dim, int64
   const int r = spec.rank;
   for (int64_t row = row_begin; row < row_end; ++row) {
     const int64_t e = row / out_dim;
-    fuse_one_row<T>(spec, in_dim, wq + row * words_in, scales + row * groups_in, biases + row * groups_in,
-                    r ? A + e * r * in_dim : nullptr, r ? B + row * r : nullptr, mag ? mag + row : nullptr,
-                    wq_out + row * words_out, spec.keep_grid ? nullptr : scales_out + row * groups_out,
-                    spec.keep_grid ? nullptr : biases_out + row * groups_out, s);
+    const FuseBuffers<T> one{buf.wq + row * words_in,
+                             buf.scales + row * groups_in,
+                             buf.biases + row * groups_in,
+                             r ? buf.A + e * r * in_dim : nullptr,
+                             r ? buf.B + row * r : nullptr,
+                             buf.mag ? buf.mag + row : nullptr,
+                             buf.wq_out + row * words_out,
+                             spec.keep_grid ? nullptr : buf.scales_out + row * groups_out,
+                             spec.keep_grid ? nullptr : buf.biases_out + row * groups_out};
+    fuse_one_row<T>(spec, in_dim, one, s);
   }
 }
 
-#define REQNOISE_INSTANTIATE(T)                                                                                   \
-  template void fuse_row_range<T>(const FuseSpec&, int64_t, int64_t, int64_t, int64_t, const uint32_t*, const T*, \
-                                  const T*, const float*, const float*, const float*, uint32_t*, T*, T*,          \
+#define REQNOISE_INSTANTIATE(T)                                                                               \
+  template void fuse_row_range<T>(const FuseSpec&, int64_t, int64_t, int64_t, int64_t, const FuseBuffers<T>&, \
                                   const RowScratch&);
 REQNOISE_INSTANTIATE(float)
 REQNOISE_INSTANTIATE(mlx::core::float16_t)

@@ -5,6 +5,11 @@
 
 namespace reqnoise {
 
+// The widths and group sizes the kernel implements: MLX's affine mode without its 1-bit width. The Python
+// side's list (reqnoise.kernel.formats) must be the same; tests/test_formats.py compares them through _core.
+inline constexpr int kSupportedBits[] = {2, 3, 4, 5, 6, 8};
+inline constexpr int kSupportedGroupSizes[] = {32, 64, 128};
+
 struct FuseSpec {
   int bits = 4;             // input code width
   int group_size = 64;      // input group size
@@ -26,6 +31,24 @@ struct RowScratch {
   uint8_t* packed;  // one packed row plus an 8-byte pad for whole-word bit access
 };
 
+// The nine buffers of one call. T is the scales' dtype: float, mlx::core::float16_t or mlx::core::bfloat16_t.
+// For a whole call (fuse_rows, fuse_row_range) each points at the start of a row-major, contiguous array:
+// wq [E, out, in*bits/32], scales/biases [E, out, in/group_size], A [E, rank, in], B [E, out, rank],
+// mag [E, out] (all float32), outputs likewise at the output width. Inside the row loop the same struct
+// holds one row's pointers (A: its expert's matrix).
+template <typename T>
+struct FuseBuffers {
+  const uint32_t* wq;
+  const T* scales;
+  const T* biases;
+  const float* A;    // null when rank == 0 (zero delta)
+  const float* B;    // null when rank == 0
+  const float* mag;  // null unless DoRA
+  uint32_t* wq_out;
+  T* scales_out;  // null for keep-grid: the grid is the input's
+  T* biases_out;  // null for keep-grid
+};
+
 // The row loop is compiled once per instruction-set level, each copy in its own namespace so that the
 // linker can never mix them; fuse_rows (kernel_dispatch.cpp) picks one at run time. The copies compute
 // identical bytes: no contraction into FMA, IEEE conversions in both.
@@ -33,8 +56,7 @@ struct RowScratch {
   namespace ns {                                                                                                 \
   template <typename T>                                                                                          \
   void fuse_row_range(const FuseSpec& spec, int64_t out_dim, int64_t in_dim, int64_t row_begin, int64_t row_end, \
-                      const uint32_t* wq, const T* scales, const T* biases, const float* A, const float* B,      \
-                      const float* mag, uint32_t* wq_out, T* scales_out, T* biases_out, const RowScratch& s);    \
+                      const FuseBuffers<T>& buf, const RowScratch& s);                                           \
   }
 REQNOISE_DECLARE_ISA(baseline)
 REQNOISE_DECLARE_ISA(v3)
@@ -43,13 +65,10 @@ REQNOISE_DECLARE_ISA(v3)
 // Which copy fuse_rows runs: "x86-64-v3" or "baseline".
 const char* kernel_isa();
 
-// Shapes (row-major, contiguous): wq [E, out, in*bits/32], scales/biases [E, out, in/group_size],
-// A [E, rank, in], B [E, out, rank], mag [E, out] (all float32), outputs likewise at the output width.
-// T is the scales' dtype: float, mlx::core::float16_t or mlx::core::bfloat16_t. Rows are split over
-// threads in contiguous blocks, so the bytes written never depend on the thread count.
+// Fuses every row of ``buf`` (shapes above). Rows are split over threads in contiguous blocks, so the bytes
+// written never depend on the thread count. Throws std::invalid_argument for a width or group size outside
+// kSupportedBits/kSupportedGroupSizes or an input width they do not divide.
 template <typename T>
-void fuse_rows(const FuseSpec& spec, int64_t n_experts, int64_t out_dim, int64_t in_dim, const uint32_t* wq,
-               const T* scales, const T* biases, const float* A, const float* B, const float* mag, uint32_t* wq_out,
-               T* scales_out, T* biases_out);
+void fuse_rows(const FuseSpec& spec, int64_t n_experts, int64_t out_dim, int64_t in_dim, const FuseBuffers<T>& buf);
 
 }  // namespace reqnoise

@@ -23,12 +23,16 @@ void run(const FuseSpec& spec, const std::vector<mx::array>& in, std::vector<mx:
   const auto& wq = in[0];
   const int64_t E = wq.shape(0), out_dim = wq.shape(1);
   const int64_t in_dim = int64_t(wq.shape(2)) * 32 / spec.bits;
-  const float* a = spec.rank ? in[3].data<float>() : nullptr;
-  const float* b = spec.rank ? in[4].data<float>() : nullptr;
-  const float* mag = spec.dora ? in[spec.rank ? 5 : 3].data<float>() : nullptr;
-  fuse_rows<T>(spec, E, out_dim, in_dim, wq.data<uint32_t>(), in[1].data<T>(), in[2].data<T>(), a, b, mag,
-               out[0].data<uint32_t>(), spec.keep_grid ? nullptr : out[1].data<T>(),
-               spec.keep_grid ? nullptr : out[2].data<T>());
+  const FuseBuffers<T> buf{wq.data<uint32_t>(),
+                           in[1].data<T>(),
+                           in[2].data<T>(),
+                           spec.rank ? in[3].data<float>() : nullptr,
+                           spec.rank ? in[4].data<float>() : nullptr,
+                           spec.dora ? in[spec.rank ? 5 : 3].data<float>() : nullptr,
+                           out[0].data<uint32_t>(),
+                           spec.keep_grid ? nullptr : out[1].data<T>(),
+                           spec.keep_grid ? nullptr : out[2].data<T>()};
+  fuse_rows<T>(spec, E, out_dim, in_dim, buf);
 }
 
 }  // namespace

@@ -35,11 +35,16 @@ const bool kUseV3 = use_v3();
 const char* kernel_isa() { return kUseV3 ? "x86-64-v3" : "baseline"; }
 
 template <typename T>
-void fuse_rows(const FuseSpec& spec, int64_t n_experts, int64_t out_dim, int64_t in_dim, const uint32_t* wq,
-               const T* scales, const T* biases, const float* A, const float* B, const float* mag, uint32_t* wq_out,
-               T* scales_out, T* biases_out) {
+void fuse_rows(const FuseSpec& spec, int64_t n_experts, int64_t out_dim, int64_t in_dim, const FuseBuffers<T>& buf) {
   for (int b : {spec.bits, spec.out_bits}) {
-    if (b != 2 && b != 3 && b != 4 && b != 5 && b != 6 && b != 8) throw std::invalid_argument("unsupported bits");
+    if (std::ranges::find(kSupportedBits, b) == std::end(kSupportedBits)) {
+      throw std::invalid_argument("unsupported bits");
+    }
+  }
+  for (int g : {spec.group_size, spec.out_group_size}) {
+    if (std::ranges::find(kSupportedGroupSizes, g) == std::end(kSupportedGroupSizes)) {
+      throw std::invalid_argument("unsupported group size");
+    }
   }
   if (in_dim % 32 || in_dim % spec.group_size || in_dim % spec.out_group_size) {
     throw std::invalid_argument("input width must divide by the group sizes");
@@ -52,12 +57,10 @@ void fuse_rows(const FuseSpec& spec, int64_t n_experts, int64_t out_dim, int64_t
     RowScratch s{f.data(), f.data() + in_dim, f.data() + 2 * in_dim, codes.data(), packed.data()};
 #if defined(REQNOISE_HAVE_V3)
     if (kUseV3) {
-      return v3::fuse_row_range<T>(spec, out_dim, in_dim, begin, end, wq, scales, biases, A, B, mag, wq_out, scales_out,
-                                   biases_out, s);
+      return v3::fuse_row_range<T>(spec, out_dim, in_dim, begin, end, buf, s);
     }
 #endif
-    baseline::fuse_row_range<T>(spec, out_dim, in_dim, begin, end, wq, scales, biases, A, B, mag, wq_out, scales_out,
-                                biases_out, s);
+    baseline::fuse_row_range<T>(spec, out_dim, in_dim, begin, end, buf, s);
   };
 
   int n_threads = spec.num_threads > 0 ? spec.num_threads : int(std::thread::hardware_concurrency());
@@ -87,9 +90,8 @@ void fuse_rows(const FuseSpec& spec, int64_t n_experts, int64_t out_dim, int64_t
   if (error) std::rethrow_exception(error);
 }
 
-#define REQNOISE_INSTANTIATE(T)                                                                               \
-  template void fuse_rows<T>(const FuseSpec&, int64_t, int64_t, int64_t, const uint32_t*, const T*, const T*, \
-                             const float*, const float*, const float*, uint32_t*, T*, T*);
+#define REQNOISE_INSTANTIATE(T) \
+  template void fuse_rows<T>(const FuseSpec&, int64_t, int64_t, int64_t, const FuseBuffers<T>&);
 REQNOISE_INSTANTIATE(float)
 REQNOISE_INSTANTIATE(mlx::core::float16_t)
 REQNOISE_INSTANTIATE(mlx::core::bfloat16_t)

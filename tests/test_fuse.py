@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 from fuse_helpers import dequantized, make_adapter, weights
+from reqnoise.errors import ReqnoiseError
 from reqnoise.fuse.adapters import load_adapter
 from reqnoise.fuse.controls import delta_norms
 from reqnoise.fuse.model import fuse_model
+from reqnoise.fuse.options import FuseOptions
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +115,18 @@ def test_keep_grid_zero_control_is_the_input_model(toy_model_dir, adapter, tmp_p
         assert mx.array_equal(ours[k], base[k]).item(), k
         assert ours[k].dtype == base[k].dtype
     assert (tmp_path / "out" / "config.json").read_bytes() == (toy_model_dir / "config.json").read_bytes()
+
+
+def test_options_object_is_the_keywords(toy_model_dir, adapter, tmp_path):
+    opts = FuseOptions(requant="keep-grid", control="zero", layers=[1])
+    report = fuse_model(toy_model_dir, adapter, tmp_path / "out", options=opts, progress=False)
+    ours, base = weights(tmp_path / "out"), weights(toy_model_dir)
+    assert all(mx.array_equal(ours[k], base[k]).item() for k in base)
+    assert (report.requant, report.control, report.layers, len(report.modules)) == ("keep-grid", "zero", [1], 4)
+    saved = json.loads((tmp_path / "out" / "fuse_report.json").read_text())
+    assert (saved["requant"], saved["control"], saved["layers"]) == ("keep-grid", "zero", [1])
+    with pytest.raises(ReqnoiseError, match="not both"):
+        fuse_model(toy_model_dir, adapter, tmp_path / "o2", options=opts, control="random", progress=False)
 
 
 def test_fresh_zero_control_is_the_requantization_artifact(toy_model_dir, adapter, tmp_path):
@@ -222,3 +236,69 @@ def test_dora_adapter_fuses_like_mlx_lm(tmp_path):
             ours, theirs = dequantized(tmp_path / "ours", k), dequantized(tmp_path / "theirs", k)
             step = np.abs(ours).max() / 100  # a couple of 8-bit steps
             assert np.max(np.abs(ours - theirs)) <= step, k
+
+
+def _reshard(src, dst, shard_of):
+    """Copy model directory ``src`` to ``dst`` with its tensors spread over shards as ``shard_of(name)``
+    (0-based) says, plus the index mlx-lm and transformers read."""
+    import shutil
+
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.is_file() and not f.name.startswith("model"):
+            shutil.copy2(f, dst / f.name)
+    tensors = weights(src)
+    n = 1 + max(shard_of(k) for k in tensors)
+    names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for i, name in enumerate(names):
+        mx.save_safetensors(
+            str(dst / name), {k: v for k, v in tensors.items() if shard_of(k) == i}, metadata={"format": "mlx"}
+        )
+    weight_map = {k: names[shard_of(k)] for k in sorted(tensors)}
+    index = {"metadata": {"total_size": sum(v.nbytes for v in tensors.values())}, "weight_map": weight_map}
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    return names
+
+
+def test_modules_that_straddle_shards_fuse_like_mlx_lm(toy_model_dir, adapter, mlx_lm_fused, tmp_path):
+    # Expert stack of layer 1: weight in shard 0, scales/biases in shard 2; layer 2: the other way round, with
+    # its biases alone in a shard of their own; everything else in shard 1 (rewritten for the other targets).
+    straddle = {
+        "model.layers.1.mlp.switch_mlp.down_proj.weight": 0,
+        "model.layers.1.mlp.switch_mlp.down_proj.scales": 2,
+        "model.layers.1.mlp.switch_mlp.down_proj.biases": 2,
+        "model.layers.2.mlp.switch_mlp.up_proj.weight": 2,
+        "model.layers.2.mlp.switch_mlp.up_proj.scales": 0,
+        "model.layers.2.mlp.switch_mlp.up_proj.biases": 3,
+    }
+    names = _reshard(toy_model_dir, tmp_path / "sharded", lambda k: straddle.get(k, 1))
+    report = fuse_model(tmp_path / "sharded", adapter, tmp_path / "out", progress=False)
+    assert sorted(report.rewritten_shards) == names and len(report.modules) == 16
+    ours, theirs = weights(tmp_path / "out"), weights(mlx_lm_fused["fresh"])
+    assert set(ours) == set(theirs)
+    for k in theirs:
+        assert ours[k].dtype == theirs[k].dtype and mx.array_equal(ours[k], theirs[k]).item(), k
+    # each tensor stays in its shard, and the index says so; total_size is the tensors' bytes
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == {k: names[straddle.get(k, 1)] for k in sorted(theirs)}
+    for name in names:
+        held = set(mx.load(str(tmp_path / "out" / name)))
+        assert held == {k for k, v in index["weight_map"].items() if v == name}
+    assert index["metadata"]["total_size"] == sum(v.nbytes for v in theirs.values())
+
+
+def test_dequantize_drops_scales_from_every_shard_they_straddle(toy_model_dir, adapter, mlx_lm_fused, tmp_path):
+    straddle = {
+        "model.layers.1.mlp.switch_mlp.down_proj.scales": 0,
+        "model.layers.1.mlp.switch_mlp.down_proj.biases": 2,
+    }
+    names = _reshard(toy_model_dir, tmp_path / "sharded", lambda k: straddle.get(k, 1))
+    fuse_model(tmp_path / "sharded", adapter, tmp_path / "out", requant="dequantize", progress=False)
+    ours, theirs = weights(tmp_path / "out"), weights(mlx_lm_fused["dequantize"])
+    assert set(ours) == set(theirs)
+    k = "model.layers.1.mlp.switch_mlp.down_proj.weight"
+    np.testing.assert_allclose(np.array(ours[k]), np.array(theirs[k]), rtol=1e-5, atol=1e-6)
+    # the shards that held only the scales and biases are left empty, and the index maps nothing to them
+    assert not mx.load(str(tmp_path / "out" / names[0])) and not mx.load(str(tmp_path / "out" / names[2]))
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == {k: names[1] for k in sorted(theirs)}

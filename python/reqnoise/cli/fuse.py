@@ -1,39 +1,13 @@
 """``reqnoise fuse``: fuse an mlx-lm adapter (or a control) into a model directory."""
 
-
-def _layers(text: str):
-    try:
-        return sorted({int(x) for x in text.split(",") if x.strip()})
-    except ValueError:
-        raise ValueError(f"--layers takes comma-separated layer indices like 8,14,20, got {text!r}") from None
+from reqnoise.fuse.options import FuseOptions, add_arguments
 
 
 def add_fuse_options(p) -> None:
-    """Options shared by ``fuse`` and ``noise``."""
+    """Options shared by ``fuse`` and ``noise``: the model, the adapter and one flag per FuseOptions field."""
     p.add_argument("--model", required=True, help="mlx-lm model directory")
     p.add_argument("--adapter-path", required=True, help="mlx-lm adapter directory")
-    p.add_argument(
-        "--requant",
-        choices=["fresh", "keep-grid", "dequantize"],
-        default="fresh",
-        help="fresh: what mlx-lm's fuse does; keep-grid: keep every group's scale and bias (a zero "
-        "delta gives the identical model); dequantize: float output",
-    )
-    p.add_argument(
-        "--out-bits",
-        type=int,
-        choices=[2, 3, 4, 5, 6, 8],
-        default=None,
-        help="fresh only: re-quantize fused modules at this width",
-    )
-    p.add_argument(
-        "--control",
-        choices=["none", "zero", "random"],
-        default="none",
-        help="zero: zero delta through the same pipeline; random: norm-matched random delta",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the random control")
-    p.add_argument("--layers", type=_layers, default=None, help="fuse only these layer indices, e.g. 8,14,20")
+    add_arguments(p)
 
 
 def register(sub) -> None:
@@ -46,17 +20,13 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from reqnoise.fuse.model import fuse_model
+    from reqnoise.fuse.model import fuse_model  # imports mlx: only when the command runs
 
     report = fuse_model(
         args.model,
         args.adapter_path,
         args.save_path,
-        requant=args.requant,
-        out_bits=args.out_bits,
-        control=args.control,
-        seed=args.seed,
-        layers=args.layers,
+        options=FuseOptions.from_table(vars(args)),
         overwrite=args.overwrite,
         progress=not args.quiet,
     )

@@ -1,8 +1,12 @@
 """``reqnoise noise``: does the adapter survive the fuse? Per layer and expert, before any evaluation."""
 
 import json
+from pathlib import Path
 
+from reqnoise import atomic
 from reqnoise.cli.fuse import add_fuse_options
+from reqnoise.errors import ReqnoiseError
+from reqnoise.fuse.options import FuseOptions
 
 
 def register(sub) -> None:
@@ -22,11 +26,7 @@ def _fmt(x, spec=".3f"):
 
 
 def run(args) -> int:
-    from pathlib import Path
-
-    from reqnoise import atomic
-    from reqnoise.errors import ReqnoiseError
-    from reqnoise.noise.report import noise_report
+    from reqnoise.noise.report import noise_report  # imports mlx: only when the command runs
 
     prompts = None
     if args.prompts:
@@ -42,12 +42,8 @@ def run(args) -> int:
     rep = noise_report(
         args.model,
         args.adapter_path,
-        requant=args.requant,
-        out_bits=args.out_bits,
-        control=args.control,
-        seed=args.seed,
+        options=FuseOptions.from_table(vars(args)),
         prompts=prompts,
-        layers=args.layers,
         outputs=not args.no_outputs,
         progress=not args.quiet,
     )

@@ -14,6 +14,7 @@ from reqnoise.errors import ReqnoiseError
 from reqnoise.experiment.cache import StepCache, step_key
 from reqnoise.experiment.plan import PlannedStep, execute
 from reqnoise.experiment.spec import load_spec
+from reqnoise.fuse.options import FuseOptions
 
 LOCKED_CRITERIA = "criteria.locked.toml"
 
@@ -88,7 +89,7 @@ class Runner:
         else:
             src = self.model(m["from"])
             ad = self.adapter(m["adapter"])
-            opts = {k: m[k] for k in ("requant", "control", "seed", "out_bits", "layers") if k in m}
+            opts = FuseOptions.table_subset(m)
 
             def fuse(tmp):
                 from reqnoise.fuse.model import apply_full_weights, fuse_model
@@ -256,7 +257,7 @@ class Runner:
             return None
         name = f"noise-{model_name}"
         src, ad = self.model(m["from"]), self.adapter(m["adapter"])
-        opts = {k: m[k] for k in ("requant", "control", "seed", "out_bits", "layers") if k in m}
+        opts = FuseOptions.table_subset(m)
         outputs = bool(self.spec.noise.get("outputs", True))
 
         def run(tmp):

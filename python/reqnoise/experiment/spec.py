@@ -67,6 +67,7 @@ import tomllib
 from pathlib import Path
 
 from reqnoise.errors import ReqnoiseError
+from reqnoise.fuse.options import FuseOptions
 
 MODEL_KINDS = ("path", "toy", "quantize", "adapter")
 
@@ -105,7 +106,7 @@ TRAIN_KEYS = {
     "seed",
     "max_seq_length",
 }
-FUSE_KEYS = {"from", "adapter", "requant", "control", "seed", "out_bits", "layers"}
+FUSE_KEYS = {"from", "adapter", *FuseOptions.names()}
 EVAL_KEYS = {"items", "mode", "models", "batch_size", "max_tokens", "limit", "calibrate", "calibrate_from"}
 
 

@@ -13,7 +13,9 @@ from pathlib import Path
 import mlx.core as mx
 
 from reqnoise.errors import ReqnoiseError
+from reqnoise.fuse.model_io import read_safetensors_header
 from reqnoise.jsonl import read_json
+from reqnoise.kernel.formats import logical_in_dim
 
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -38,6 +40,13 @@ class ModuleAdapter:
     @property
     def experts(self):
         return self.a.shape[0] if self.a.ndim == 3 else None
+
+    def delta(self, e0=None, e1=None):
+        """The dense ``scale * b @ a`` in the factors' dtype: [out, in], or [e1 - e0, out, in] for experts
+        ``e0:e1`` of a stack. Only the float paths and the noise metrics form it; the kernel never does."""
+        if e0 is None:
+            return self.scale * self.b @ self.a
+        return self.scale * self.b[e0:e1] @ self.a[e0:e1]
 
 
 @dataclass
@@ -77,8 +86,6 @@ def load_adapter(path) -> Adapter:
     weights = path / ADAPTER_FILE
     if not weights.is_file():
         raise ReqnoiseError(f"adapter weights {weights} do not exist")
-    from reqnoise.fuse.model_io import read_safetensors_header
-
     read_safetensors_header(weights)  # refuses truncated or corrupt files with a clear message
     try:
         tensors = mx.load(str(weights))
@@ -131,8 +138,6 @@ def load_adapter(path) -> Adapter:
 def check_against_model(adapter: Adapter, model) -> None:
     """Refuse adapter modules that match nothing in the model, or whose shapes do not fit it (mlx-lm
     would silently ignore the first kind)."""
-    from reqnoise.kernel.quant_format import logical_in_dim
-
     missing = [m for m in adapter.modules if f"{m}.weight" not in model.tensors]
     if missing:
         raise ReqnoiseError(

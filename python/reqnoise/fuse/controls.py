@@ -11,8 +11,7 @@ import mlx.core as mx
 import numpy as np
 
 from reqnoise.fuse.adapters import ModuleAdapter
-
-CONTROLS = ("none", "zero", "random")
+from reqnoise.fuse.options import CONTROLS
 
 
 def delta_norms(a, b, scale: float) -> np.ndarray:

@@ -7,7 +7,8 @@ plus one module's output, not by the model. The output directory appears only wh
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from copy import deepcopy
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -15,29 +16,32 @@ import numpy as np
 
 from reqnoise import __version__, atomic
 from reqnoise.errors import ReqnoiseError
-from reqnoise.fuse.adapters import ModuleAdapter, check_against_model, load_adapter
-from reqnoise.fuse.controls import CONTROLS, apply_control, delta_norms
-from reqnoise.fuse.model_io import INDEX_NAME, layer_index, load_shard, open_model_dir, read_tensor, save_shard
-from reqnoise.kernel.op import fuse_quantized
-from reqnoise.kernel.quant_format import check_width
+from reqnoise.fuse.adapters import check_against_model, load_adapter
+from reqnoise.fuse.controls import apply_control, delta_norms
+from reqnoise.fuse.model_io import (
+    INDEX_NAME,
+    layer_index,
+    load_shard,
+    open_model_dir,
+    read_safetensors_header,
+    save_shard,
+)
+from reqnoise.fuse.module import PARTS, fuse_module, module_parts
+from reqnoise.fuse.options import FuseOptions
+from reqnoise.jsonl import read_json
 
-REQUANT_MODES = ("fresh", "keep-grid", "dequantize")
 REPORT_NAME = "fuse_report.json"
-_PARTS = ("weight", "scales", "biases")
 
 
 @dataclass
 class FuseReport:
-    """What a fuse did; written as ``fuse_report.json`` beside the weights."""
+    """What a fuse did; written as ``fuse_report.json`` beside the weights, the options' fields at the top
+    level (``report.requant`` etc. read them too)."""
 
     model: str
     adapter: str
     save_path: str
-    requant: str
-    out_bits: int | None
-    control: str
-    seed: int
-    layers: list | None
+    options: FuseOptions  # layers sorted
     fine_tune_type: str
     modules: list = field(default_factory=list)  # one dict per fused module
     ignored_modules: list = field(default_factory=list)  # adapter modules left out by --layers
@@ -46,8 +50,18 @@ class FuseReport:
     seconds: float = 0.0
     reqnoise_version: str = __version__
 
+    def __getattr__(self, name):
+        # only called for names the dataclass lacks; "options" itself must not recurse while unset
+        if name != "options" and name in FuseOptions.names():
+            return getattr(self.options, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out.update(value.to_dict() if f.name == "options" else {f.name: deepcopy(value)})
+        return out
 
 
 def _check_paths(model: Path, adapter: Path, save: Path) -> None:
@@ -59,63 +73,6 @@ def _check_paths(model: Path, adapter: Path, save: Path) -> None:
             raise ReqnoiseError(f"save path {save} contains the {label} {p}; replacing it would destroy the input")
 
 
-def _low_rank_delta(f: ModuleAdapter, dtype):
-    """Dense ``scale * b @ a`` cast to ``dtype`` (the float paths only; the kernel never forms it)."""
-    return (f.scale * f.b @ f.a).astype(dtype)
-
-
-def _dora(w, magnitude):
-    # mlx-lm's DoRALinear.fuse: the row factor is float32, so the fused weight is float32.
-    return (magnitude / mx.linalg.norm(w, axis=-1))[..., None] * w
-
-
-def _fuse_float(w, f, experts_per_step: int = 16):
-    """W + delta in W's dtype (mlx-lm's arithmetic), stacks a few experts at a time."""
-    if f is None:
-        return w
-    if w.ndim == 3:
-        parts = []
-        for e0 in range(0, w.shape[0], experts_per_step):
-            sl = slice(e0, e0 + experts_per_step)
-            part = w[sl] + (f.scale * f.b[sl] @ f.a[sl]).astype(w.dtype)
-            mx.eval(part)
-            parts.append(part)
-        out = mx.concatenate(parts)
-    else:
-        out = w + _low_rank_delta(f, w.dtype)
-    if f.magnitude is not None:
-        out = _dora(out, f.magnitude)
-    return out
-
-
-def fuse_module(parts: dict, qp, factors, requant: str, out_bits) -> dict:
-    """Fuse one module. ``parts``: its tensors by suffix (weight[, scales, biases]); ``qp``: (bits,
-    group_size) or None; ``factors``: a ModuleAdapter or None (zero delta). Returns the new tensors by suffix
-    (a dequantized module has no scales/biases any more)."""
-    if qp is None:
-        return {"weight": _fuse_float(parts["weight"], factors)}
-    bits, group = qp
-    if requant == "dequantize":
-        w = mx.dequantize(parts["weight"], parts["scales"], parts["biases"], group_size=group, bits=bits)
-        return {"weight": _fuse_float(w, factors)}
-    kw = {}
-    if factors is not None:
-        kw = dict(lora_a=factors.a, lora_b=factors.b, scale=factors.scale, dora_magnitude=factors.magnitude)
-        if factors.magnitude is not None and parts["weight"].ndim == 3:
-            kw["dora_magnitude"] = mx.broadcast_to(factors.magnitude, parts["weight"].shape[:2])
-    wq, s, b = fuse_quantized(
-        parts["weight"],
-        parts["scales"],
-        parts["biases"],
-        group_size=group,
-        bits=bits,
-        requant=requant,
-        out_bits=out_bits if requant == "fresh" else None,
-        **kw,
-    )
-    return {"weight": wq, "scales": s, "biases": b}
-
-
 def _copy_other_files(md, dst: Path, skip=()) -> None:
     """Copy every file and folder of the model directory except its shards and the names in ``skip``."""
     for item in sorted(md.path.iterdir()):
@@ -125,29 +82,133 @@ def _copy_other_files(md, dst: Path, skip=()) -> None:
 
 
 def _select_targets(adapter, layers):
+    """The adapter's modules inside ``layers`` (None: all) and the names of those left out."""
+    layer_set = None if layers is None else {int(x) for x in layers}
     keep, ignored = {}, []
     for name, mod in adapter.modules.items():
-        if layers is not None and layer_index(name) not in layers:
+        if layer_set is not None and layer_index(name) not in layer_set:
             ignored.append(name)
         else:
             keep[name] = mod
+    if not keep:
+        raise ReqnoiseError(
+            f"--layers {sorted(layer_set)} selects none of the adapter's "
+            f"{len(adapter.modules)} modules (layers present: "
+            f"{sorted({layer_index(m) for m in adapter.modules} - {None})})"
+        )
     return keep, ignored
 
 
-def _updated_config(config: dict, targets, model, requant: str, out_bits):
-    cfg = json.loads(json.dumps(config))
-    if requant == "dequantize":
+def _plan_shards(md, targets, options: FuseOptions) -> dict:
+    """Shard path -> sorted names of the modules with a tensor in it that must be rewritten: the targets,
+    and with ``dequantize`` every quantized module. A module that straddles two shards is in both."""
+    rewrite = set(targets)
+    if options.requant == "dequantize":
+        rewrite.update(name for name in md.modules() if md.is_quantized(name))
+    plan: dict = {}
+    for name in rewrite:
+        for part in PARTS:
+            info = md.tensors.get(f"{name}.{part}")
+            if info is not None:
+                plan.setdefault(info.shard, set()).add(name)
+    return {shard: sorted(names) for shard, names in plan.items()}
+
+
+def _fuse_target(md, name, mod, options: FuseOptions, shard, loaded):
+    """Fuse one module to evaluated tensors; returns ``(tensors by suffix, report entry or None)``. ``mod``
+    None: a module rewritten only because ``dequantize`` removes every quantization (no delta, no entry)."""
+    t0 = time.perf_counter()
+    parts = module_parts(md, name, shard, loaded)
+    qp = md.quant_params(name) if md.is_quantized(name) else None
+    factors = apply_control(mod, options.control, options.seed) if mod is not None else None
+    out = fuse_module(parts, qp, factors, options)
+    mx.eval(list(out.values()))
+    if mod is None:
+        return out, None
+    norms = delta_norms(factors.a, factors.b, factors.scale) if factors is not None else None
+    out_qp = options.output_quant(qp)
+    entry = dict(
+        module=name,
+        layer=layer_index(name),
+        experts=mod.experts,
+        bits=qp[0] if qp else None,
+        group_size=qp[1] if qp else None,
+        out_bits=out_qp[0] if out_qp else None,
+        rank=mod.rank,
+        dora=mod.magnitude is not None,
+        delta_norm=None if norms is None else float(np.sqrt(np.sum(np.square(norms)))),
+        seconds=round(time.perf_counter() - t0, 4),
+    )
+    return out, entry
+
+
+def _place(md, name, shard, out: dict, tensors: dict) -> None:
+    """Move the parts of ``out`` that live in ``shard`` into its tensors (a part ``out`` lacks: a
+    dequantized module's scales/biases, dropped). What stays in ``out`` belongs to another shard."""
+    for part in PARTS:
+        key = f"{name}.{part}"
+        info = md.tensors.get(key)
+        if info is None or info.shard != shard:
+            continue
+        if part in out:
+            tensors[key] = out.pop(part)
+        else:
+            del tensors[key]
+
+
+def _write_shard(md, shard, names, dst: Path, fuse_one, pending: dict) -> list:
+    """Rewrite one shard with the modules ``names`` fused; returns the tensor names it now holds.
+
+    ``fuse_one(name, shard, loaded)`` fuses a module; ``pending`` carries, from one shard to the next, the
+    outputs of modules that straddle two shards (fused once, at their first shard, placed in both).
+    """
+    tensors = load_shard(shard)
+    for name in names:
+        if name not in pending:
+            pending[name] = fuse_one(name, shard, tensors)
+        out = pending[name]
+        _place(md, name, shard, out, tensors)
+        if not out:  # every part placed: the module is done
+            pending.pop(name)
+    save_shard(tensors, dst / shard.name)
+    written = list(tensors)
+    del tensors
+    mx.clear_cache()  # MLX keeps freed buffers for reuse; give them back so the peak is one shard
+    return written
+
+
+def _write_config(md, dst: Path, targets, options: FuseOptions) -> None:
+    """config.json: copied as is unless quantization changed (``dequantize`` drops it; ``out_bits`` adds a
+    per-module override for each fused quantized module)."""
+    cfg = json.loads(json.dumps(md.config))
+    if options.requant == "dequantize":
         cfg.pop("quantization", None)
         cfg.pop("quantization_config", None)
-        return cfg
-    if out_bits:
+    elif options.out_bits:
         for key in ("quantization", "quantization_config"):
             if isinstance(cfg.get(key), dict):
                 for name in targets:
-                    qp = model.quant_params(name)
-                    if qp is not None and model.is_quantized(name):
-                        cfg[key][name] = {"group_size": qp[1], "bits": out_bits}
-    return cfg
+                    qp = md.quant_params(name)
+                    if qp is not None and md.is_quantized(name):
+                        bits, group = options.output_quant(qp)
+                        cfg[key][name] = {"group_size": group, "bits": bits}
+    if cfg == md.config:
+        shutil.copy2(md.path / "config.json", dst / "config.json")
+    else:
+        atomic.write_text(dst / "config.json", json.dumps(cfg, indent=4) + "\n")
+
+
+def _write_index(md, dst: Path, new_names: dict) -> None:
+    """The shard index (if the model has one) with the new weight map and the new total size."""
+    if not (md.path / INDEX_NAME).is_file():
+        return
+    index = json.loads((md.path / INDEX_NAME).read_text())
+    index["weight_map"] = dict(sorted(new_names.items()))
+    total = sum(
+        off[1] - off[0] for shard in md.shards for _, _, off in read_safetensors_header(dst / shard.name).values()
+    )
+    index.setdefault("metadata", {})["total_size"] = total
+    atomic.write_text(dst / INDEX_NAME, json.dumps(index, indent=4) + "\n")
 
 
 def fuse_model(
@@ -155,13 +216,10 @@ def fuse_model(
     adapter_path,
     save_path,
     *,
-    requant="fresh",
-    out_bits=None,
-    control="none",
-    seed=0,
-    layers=None,
+    options: FuseOptions | None = None,
     overwrite=False,
     progress=True,
+    **fields,
 ) -> FuseReport:
     """Fuse an mlx-lm adapter into a model directory and write a new model directory.
 
@@ -169,156 +227,67 @@ def fuse_model(
         model: mlx-lm model directory (quantized or not).
         adapter_path: mlx-lm adapter directory (LoRA on dense and switch layers, DoRA on dense layers).
         save_path: output directory; written to a temporary sibling and renamed into place when complete.
+        options: a FuseOptions; or, equivalently, its fields as keywords (not both):
         requant: "fresh" (what mlx-lm's fuse does), "keep-grid" (keep every group's scale/bias: a zero delta
             gives the identical model) or "dequantize" (float output, quantization removed).
         out_bits: fresh only: re-quantize the fused modules at this width (per-module config override).
         control: "none" (the adapter), "zero" (zero delta through the same pipeline) or "random"
             (norm-matched random delta per module and expert, from ``seed``).
         layers: fuse only modules in these layer indices; the rest of the adapter is ignored (reported).
+        seed: the random control's seed.
         overwrite: replace an existing ``save_path``.
 
     Returns:
         A FuseReport (also written to ``save_path/fuse_report.json``).
     """
     t_start = time.perf_counter()
+    opts = FuseOptions.merge(options, fields, "fuse_model").check()
     model, adapter_path, save_path = Path(model), Path(adapter_path), Path(save_path)
-    if requant not in REQUANT_MODES:
-        raise ReqnoiseError(f"requant must be one of {REQUANT_MODES}, got {requant!r}")
-    if control not in CONTROLS:
-        raise ReqnoiseError(f"control must be one of {CONTROLS}, got {control!r}")
-    if out_bits is not None:
-        if requant != "fresh":
-            raise ReqnoiseError(f"--out-bits re-quantizes from scratch and needs --requant fresh, not {requant}")
-        try:
-            check_width(out_bits, 64, "out_bits")
-        except ValueError as err:
-            raise ReqnoiseError(str(err)) from None
     _check_paths(model, adapter_path, save_path)
     if save_path.exists() and not overwrite:
         raise ReqnoiseError(f"{save_path} already exists (pass --overwrite to replace it)")
     md = open_model_dir(model)
     adapter = load_adapter(adapter_path)
     check_against_model(adapter, md)
-    layer_set = None if layers is None else {int(x) for x in layers}
-    targets, ignored = _select_targets(adapter, layer_set)
-    if not targets:
-        raise ReqnoiseError(
-            f"--layers {sorted(layer_set)} selects none of the adapter's "
-            f"{len(adapter.modules)} modules (layers present: "
-            f"{sorted({layer_index(m) for m in adapter.modules} - {None})})"
-        )
-
+    targets, ignored = _select_targets(adapter, opts.layers)
     report = FuseReport(
         str(model),
         str(adapter_path),
         str(save_path),
-        requant,
-        out_bits,
-        control,
-        seed,
-        None if layer_set is None else sorted(layer_set),
+        replace(opts, layers=None if opts.layers is None else sorted({int(x) for x in opts.layers})),
         adapter.fine_tune_type,
         ignored_modules=sorted(ignored),
     )
-    # Which modules must be rewritten, and which shards they touch.
-    rewrite = dict(targets)
-    if requant == "dequantize":
-        for name in md.modules():
-            if md.is_quantized(name):
-                rewrite.setdefault(name, None)
-    shard_modules: dict = {}
-    for name in rewrite:
-        for part in _PARTS:
-            info = md.tensors.get(f"{name}.{part}")
-            if info is not None:
-                shard_modules.setdefault(info.shard, set()).add(name)
+    plan = _plan_shards(md, targets, opts)
 
     from tqdm import tqdm
 
     bar = tqdm(total=len(targets), desc="fuse", unit="module", disable=not progress, leave=False)
-    pending: dict = {}  # outputs of modules that straddle shards, waiting for their other shard
-    new_names: dict = {}
+
+    def fuse_one(name, shard, loaded):
+        out, entry = _fuse_target(md, name, targets.get(name), opts, shard, loaded)
+        if entry is not None:
+            report.modules.append(entry)
+            bar.set_postfix_str(f"{name} {entry['seconds']:.2f}s")
+            bar.update(1)
+        return out
+
+    pending: dict = {}
+    new_names: dict = {}  # tensor name -> shard file name, for the index
     with atomic.atomic_dir(save_path, overwrite=overwrite) as tmp:
         _copy_other_files(md, tmp, skip=("config.json", INDEX_NAME, REPORT_NAME))
         for shard in md.shards:
-            names = sorted(shard_modules.get(shard, ()))
-            if not names:
+            if shard in plan:
+                written = _write_shard(md, shard, plan[shard], tmp, fuse_one, pending)
+                report.rewritten_shards.append(shard.name)
+            else:
                 shutil.copyfile(shard, tmp / shard.name)
+                written = [k for k, v in md.tensors.items() if v.shard == shard]
                 report.copied_shards.append(shard.name)
-                new_names.update({k: shard.name for k, v in md.tensors.items() if v.shard == shard})
-                continue
-            tensors = load_shard(shard)
-            for name in names:
-                if name not in pending:
-                    t0 = time.perf_counter()
-                    parts = {}
-                    for part in _PARTS:
-                        info = md.tensors.get(f"{name}.{part}")
-                        if info is not None:
-                            key = f"{name}.{part}"
-                            parts[part] = tensors[key] if info.shard == shard else read_tensor(info)
-                    qp = md.quant_params(name) if md.is_quantized(name) else None
-                    mod = targets.get(name)
-                    factors = apply_control(mod, control, seed) if mod is not None else None
-                    out = fuse_module(parts, qp, factors, requant, out_bits)
-                    mx.eval(list(out.values()))
-                    pending[name] = out
-                    if mod is not None:
-                        norms = delta_norms(factors.a, factors.b, factors.scale) if factors is not None else None
-                        report.modules.append(
-                            dict(
-                                module=name,
-                                layer=layer_index(name),
-                                experts=mod.experts,
-                                bits=qp[0] if qp else None,
-                                group_size=qp[1] if qp else None,
-                                out_bits=(out_bits or qp[0]) if qp and requant != "dequantize" else None,
-                                rank=mod.rank,
-                                dora=mod.magnitude is not None,
-                                delta_norm=None if norms is None else float(np.sqrt(np.sum(np.square(norms)))),
-                                seconds=round(time.perf_counter() - t0, 4),
-                            )
-                        )
-                        bar.set_postfix_str(f"{name} {time.perf_counter() - t0:.2f}s")
-                        bar.update(1)
-                out = pending[name]
-                for part in _PARTS:
-                    key = f"{name}.{part}"
-                    info = md.tensors.get(key)
-                    if info is None or info.shard != shard:
-                        continue
-                    if part in out:
-                        tensors[key] = out.pop(part)
-                    else:
-                        del tensors[key]  # dequantized: scales and biases are gone
-                if not any(
-                    md.tensors.get(f"{name}.{p}") is not None and md.tensors[f"{name}.{p}"].shard != shard and p in out
-                    for p in _PARTS
-                ):
-                    pending.pop(name)
-            save_shard(tensors, tmp / shard.name)
-            new_names.update({k: shard.name for k in tensors})
-            report.rewritten_shards.append(shard.name)
-            del tensors
-            mx.clear_cache()  # MLX keeps freed buffers for reuse; give them back so the peak is one shard
+            new_names.update(dict.fromkeys(written, shard.name))
         bar.close()
-        cfg = _updated_config(md.config, targets, md, requant, out_bits)
-        if cfg == md.config:
-            shutil.copy2(md.path / "config.json", tmp / "config.json")
-        else:
-            atomic.write_text(tmp / "config.json", json.dumps(cfg, indent=4) + "\n")
-        if (md.path / INDEX_NAME).is_file():
-            index = json.loads((md.path / INDEX_NAME).read_text())
-            index["weight_map"] = dict(sorted(new_names.items()))
-            from reqnoise.fuse.model_io import read_safetensors_header
-
-            total = sum(
-                off[1] - off[0]
-                for shard in md.shards
-                for _, _, off in read_safetensors_header(tmp / shard.name).values()
-            )
-            index.setdefault("metadata", {})["total_size"] = total
-            atomic.write_text(tmp / INDEX_NAME, json.dumps(index, indent=4) + "\n")
+        _write_config(md, tmp, targets, opts)
+        _write_index(md, tmp, new_names)
         report.seconds = round(time.perf_counter() - t_start, 3)
         atomic.write_text(tmp / REPORT_NAME, json.dumps(report.to_dict(), indent=2) + "\n")
     return report
@@ -330,8 +299,6 @@ def apply_full_weights(model, adapter_path, save_path, *, overwrite=False) -> di
     model, adapter_path, save_path = Path(model), Path(adapter_path), Path(save_path)
     _check_paths(model, adapter_path, save_path)
     md = open_model_dir(model)
-    from reqnoise.jsonl import read_json
-
     cfg = read_json(adapter_path / "adapter_config.json", "adapter config")
     if cfg.get("fine_tune_type") != "full":
         raise ReqnoiseError(

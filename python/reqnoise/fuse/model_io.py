@@ -3,12 +3,18 @@
 A model directory holds ``config.json`` (with a ``quantization`` block: default ``bits``/``group_size`` and
 per-module overrides keyed by module path, e.g. an 8-bit router), ``model*.safetensors`` shards with or
 without ``model.safetensors.index.json``, and tokenizer and other files.
+
+mlx is imported inside the functions that make arrays: the rest (``layer_index``, headers, the model
+index) serves callers that never load a model.
 """
 
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
+from safetensors import safe_open
 
 from reqnoise.errors import ReqnoiseError
 from reqnoise.jsonl import read_json
@@ -68,8 +74,6 @@ def layer_index(module: str):
 def read_safetensors_header(path: Path) -> dict:
     """Tensor name -> (shape, dtype) from a safetensors header, checking that the file holds every byte
     the header promises (a truncated or corrupt shard is refused here, before any work)."""
-    from safetensors import safe_open
-
     try:
         size = path.stat().st_size
         with open(path, "rb") as fh:
@@ -151,7 +155,6 @@ _NP_DTYPES = {
 def read_tensor(info: TensorInfo):
     """One tensor straight from its byte range (for a module whose tensors straddle two shards)."""
     import mlx.core as mx
-    import numpy as np
 
     if info.dtype not in _NP_DTYPES:
         raise ReqnoiseError(f"{info.shard}: tensor {info.name} has unsupported dtype {info.dtype}")

@@ -5,9 +5,8 @@ import os
 import mlx.core as mx
 
 from reqnoise import _core  # noqa: F401  (mlx.core must be imported first: shared nanobind domain)
-from reqnoise.kernel.quant_format import FLOAT_DTYPES, check_width, validate_quantized
-
-REQUANT_MODES = ("fresh", "keep-grid")
+from reqnoise.kernel.formats import KERNEL_REQUANTS, check_width
+from reqnoise.kernel.quant_format import FLOAT_DTYPES, validate_quantized
 
 # Outputs of one chunk of experts are at most this many bytes before the chunk is evaluated and written
 # into the stacked result; the scratch inside the kernel is one row per thread regardless.
@@ -44,8 +43,8 @@ def _validate(
     experts_per_chunk,
 ):
     lead, in_dim = validate_quantized(wq, scales, biases, bits=bits, group_size=group_size)
-    if requant not in REQUANT_MODES:
-        raise ValueError(f"requant must be one of {REQUANT_MODES}, got {requant!r}")
+    if requant not in KERNEL_REQUANTS:
+        raise ValueError(f"requant must be one of {KERNEL_REQUANTS}, got {requant!r}")
     if requant == "keep-grid" and (out_bits not in (None, bits) or out_group_size not in (None, group_size)):
         raise ValueError(
             "out_bits/out_group_size re-quantize at another width and need requant='fresh'; "

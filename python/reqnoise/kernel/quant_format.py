@@ -1,4 +1,4 @@
-"""The MLX affine quantization format: supported widths, shapes, and input validation.
+"""The MLX affine quantization format: shapes and input validation of mx.arrays (the widths: ``formats``).
 
 A weight of logical shape ``[..., in]`` is stored as ``wq`` uint32 ``[..., in*bits/32]`` (an LSB-first
 bitstream of ``bits``-bit codes per row) and ``scales``/``biases`` ``[..., in/group_size]`` in float32,
@@ -7,28 +7,9 @@ float16 or bfloat16; ``w = code * scale + bias`` per group of ``group_size`` con
 
 import mlx.core as mx
 
-SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
-SUPPORTED_GROUP_SIZES = (32, 64, 128)
+from reqnoise.kernel.formats import check_width, logical_in_dim
+
 FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
-
-
-def check_width(bits, group_size, what: str = "") -> None:
-    """Refuse a (bits, group_size) pair that MLX's affine mode does not support."""
-    pre = f"{what}: " if what else ""
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"{pre}bits must be one of {SUPPORTED_BITS}, got {bits!r}")
-    if group_size not in SUPPORTED_GROUP_SIZES:
-        raise ValueError(f"{pre}group_size must be one of {SUPPORTED_GROUP_SIZES}, got {group_size!r}")
-
-
-def packed_width(in_dim: int, bits: int) -> int:
-    """Number of uint32 words per row for ``in_dim`` codes of ``bits`` bits."""
-    return in_dim * bits // 32
-
-
-def logical_in_dim(wq_last: int, bits: int) -> int:
-    """Number of values per row encoded by ``wq_last`` uint32 words."""
-    return wq_last * 32 // bits
 
 
 def validate_quantized(wq, scales, biases, *, bits: int, group_size: int, name: str = "weight"):

@@ -9,7 +9,7 @@ representable values.
 import mlx.core as mx
 import numpy as np
 
-from reqnoise.kernel.quant_format import check_width, logical_in_dim
+from reqnoise.kernel.formats import check_width, logical_in_dim
 
 _EPS = np.float32(1e-7)
 

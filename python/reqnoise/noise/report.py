@@ -18,16 +18,20 @@ For the zero control (and experts an adapter leaves at zero) dW is zero: the ent
 
 import math
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
+from reqnoise.chat import render_chat
 from reqnoise.errors import ReqnoiseError
 from reqnoise.fuse.adapters import check_against_model, load_adapter
-from reqnoise.fuse.controls import CONTROLS, apply_control
-from reqnoise.fuse.model import REQUANT_MODES, fuse_model, fuse_module
-from reqnoise.fuse.model_io import layer_index, open_model_dir, read_tensor
+from reqnoise.fuse.controls import apply_control
+from reqnoise.fuse.model import fuse_model
+from reqnoise.fuse.model_io import layer_index, open_model_dir
+from reqnoise.fuse.module import EXPERTS_PER_STEP, expert_steps, fuse_module, module_parts
+from reqnoise.fuse.options import FuseOptions
 
 # Verdict thresholds on the median delta cosine over adapted (module, expert) entries.
 SURVIVES = 0.9
@@ -72,13 +76,16 @@ def _ratio(num, den):
     return None if den <= 0 or not math.isfinite(num / den) else float(num / den)
 
 
-def module_metrics(name, parts, qp, factors, fused, out_qp, experts_per_step=16):
-    """Per-expert metric dicts of one module (a dense module gives one entry with expert None)."""
+def module_metrics(name, parts, qp, factors, fused, out_qp, experts_per_step=EXPERTS_PER_STEP):
+    """Per-expert metric dicts of one module (a dense module gives one entry with expert None).
+
+    ``parts``/``fused``: the module's tensors by suffix before and after the fuse; ``qp``/``out_qp``: their
+    (bits, group_size) or None (float); ``factors``: the intended delta's ModuleAdapter, or None (zero).
+    """
     stacked = parts["weight"].ndim == 3
     n = parts["weight"].shape[0] if stacked else 1
     rows = []
-    for e0 in range(0, n, experts_per_step):
-        e1 = min(n, e0 + experts_per_step)
+    for e0, e1 in expert_steps(n, experts_per_step):
 
         def sl(x, e0=e0, e1=e1):
             return x[e0:e1] if stacked else x[None]
@@ -88,8 +95,7 @@ def module_metrics(name, parts, qp, factors, fused, out_qp, experts_per_step=16)
         base = _deq(p, qp)
         eff = _deq(f, out_qp) - base
         if factors is not None:
-            a, b = sl(factors.a), sl(factors.b)
-            dw = factors.scale * b @ a
+            dw = factors.delta(e0, e1) if stacked else factors.delta()[None]
         else:
             dw = mx.zeros_like(eff)
         axes = (-2, -1)
@@ -135,32 +141,20 @@ def module_metrics(name, parts, qp, factors, fused, out_qp, experts_per_step=16)
     return rows
 
 
-def _module_parts(md, name):
-    parts = {}
-    for part in ("weight", "scales", "biases"):
-        info = md.tensors.get(f"{name}.{part}")
-        if info is not None:
-            parts[part] = read_tensor(info)
-    return parts
-
-
-def weight_metrics(md, targets, *, requant, out_bits, control, seed, progress=True, cosine_only=False):
-    """Fuse each target module in memory (never written) and measure it; returns the list of rows."""
+def weight_metrics(md, targets, options: FuseOptions, *, progress=True, cosine_only=False):
+    """Fuse each target module in memory (never written) and measure it; returns the list of rows (or, with
+    ``cosine_only``, their delta cosines)."""
     from tqdm import tqdm
 
     rows = []
     for name in tqdm(sorted(targets), desc="noise", unit="module", disable=not progress, leave=False):
-        parts = _module_parts(md, name)
+        parts = module_parts(md, name)
         qp = md.quant_params(name) if md.is_quantized(name) else None
-        factors = apply_control(targets[name], control, seed)
-        fused = fuse_module(parts, qp, factors, requant, out_bits)
-        if requant == "dequantize" or qp is None:
-            out_qp = None
-        else:
-            out_qp = (out_bits or qp[0], qp[1]) if requant == "fresh" else qp
+        factors = apply_control(targets[name], options.control, options.seed)
+        fused = fuse_module(parts, qp, factors, options)
         # The intended delta is always the adapter's (or the control's): what the fuse was asked to add.
-        intended = factors if control != "zero" else None
-        rows.extend(module_metrics(name, parts, qp, intended, fused, out_qp))
+        intended = factors if options.control != "zero" else None
+        rows.extend(module_metrics(name, parts, qp, intended, fused, options.output_quant(qp)))
         del parts, fused
         mx.clear_cache()
     if cosine_only:
@@ -194,8 +188,6 @@ def summarize(rows) -> dict:
 
 def _next_token_logprobs(model_dir, prompts, adapter_path=None):
     import mlx_lm
-
-    from reqnoise.chat import render_chat
 
     model, tok = mlx_lm.load(str(model_dir), adapter_path=None if adapter_path is None else str(adapter_path))
     out = []
@@ -304,81 +296,56 @@ def noise_report(
     model,
     adapter_path,
     *,
-    requant="fresh",
-    out_bits=None,
-    control="none",
-    seed=0,
+    options: FuseOptions | None = None,
     prompts=None,
-    layers=None,
     outputs=True,
     alternatives=True,
     progress=True,
+    **fields,
 ) -> dict:
     """Weight- and output-level survival of an adapter through a fuse (see the module docstring).
 
-    Args mirror ``fuse_model``; ``prompts``: probe prompts (default: a built-in set of 16); ``outputs``:
-    compute the output-level metrics (loads base, adapter and fused model once each); ``alternatives``: when
-    the adapter does not survive, also measure keep-grid and --out-bits 8 to say whether they would keep it.
+    Args mirror ``fuse_model`` (a FuseOptions as ``options``, or its fields as keywords); ``prompts``: probe
+    prompts (default: a built-in set of 16); ``outputs``: compute the output-level metrics (loads base, adapter
+    and fused model once each); ``alternatives``: when the adapter does not survive, also measure keep-grid and
+    --out-bits 8 to say whether they would keep it.
 
     Returns:
         ``{"modules": [...], "summary": {...}, "outputs": {...} or None, "alternatives": {...}, "verdict": str,
         "options": {...}}``
     """
-    if requant not in REQUANT_MODES:
-        raise ReqnoiseError(f"requant must be one of {REQUANT_MODES}, got {requant!r}")
-    if control not in CONTROLS:
-        raise ReqnoiseError(f"control must be one of {CONTROLS}, got {control!r}")
-    if out_bits is not None and requant != "fresh":
-        raise ReqnoiseError(f"--out-bits re-quantizes from scratch and needs --requant fresh, not {requant}")
+    opts = FuseOptions.merge(options, fields, "noise_report").check()
     md = open_model_dir(model)
     adapter = load_adapter(adapter_path)
     check_against_model(adapter, md)
-    targets = {k: v for k, v in adapter.modules.items() if layers is None or layer_index(k) in set(layers)}
+    layer_set = None if opts.layers is None else set(opts.layers)
+    targets = {k: v for k, v in adapter.modules.items() if layer_set is None or layer_index(k) in layer_set}
     if not targets:
-        raise ReqnoiseError(f"--layers {layers} selects none of the adapter's modules")
-    kw = dict(control=control, seed=seed, progress=progress)
-    rows = weight_metrics(md, targets, requant=requant, out_bits=out_bits, **kw)
+        raise ReqnoiseError(f"--layers {opts.layers} selects none of the adapter's modules")
+    rows = weight_metrics(md, targets, opts, progress=progress)
     summary = summarize(rows)
     alts = {}
     med = summary["median_delta_cosine"]
-    if alternatives and control != "zero" and med is not None and med < SURVIVES:
-        if requant != "keep-grid":
-            alts["--requant keep-grid"] = _median(
-                weight_metrics(md, targets, requant="keep-grid", out_bits=None, cosine_only=True, **kw)
-            )
-        if md.config.get("quantization") and out_bits != 8:
-            alts["--out-bits 8"] = _median(
-                weight_metrics(md, targets, requant="fresh", out_bits=8, cosine_only=True, **kw)
-            )
+    if alternatives and opts.control != "zero" and med is not None and med < SURVIVES:
+        if opts.requant != "keep-grid":
+            alt = replace(opts, requant="keep-grid", out_bits=None)
+            alts["--requant keep-grid"] = _median(weight_metrics(md, targets, alt, progress=progress, cosine_only=True))
+        if md.config.get("quantization") and opts.out_bits != 8:
+            alt = replace(opts, requant="fresh", out_bits=8)
+            alts["--out-bits 8"] = _median(weight_metrics(md, targets, alt, progress=progress, cosine_only=True))
     outs = None
     if outputs:
         with tempfile.TemporaryDirectory(prefix="reqnoise-noise-") as tmp:
             fused_dir = Path(tmp) / "fused"
-            fuse_model(
-                model,
-                adapter_path,
-                fused_dir,
-                requant=requant,
-                out_bits=out_bits,
-                control=control,
-                seed=seed,
-                layers=layers,
-                progress=False,
-            )
+            fuse_model(model, adapter_path, fused_dir, options=opts, progress=False)
             outs = output_metrics(model, adapter_path, fused_dir, prompts or PROBE_PROMPTS)
     return dict(
         modules=rows,
         summary=summary,
         outputs=outs,
         alternatives=alts,
-        verdict=verdict(summary, outs, requant=requant, out_bits=out_bits, control=control, alternatives=alts),
-        options=dict(
-            model=str(model),
-            adapter=str(adapter_path),
-            requant=requant,
-            out_bits=out_bits,
-            control=control,
-            seed=seed,
-            layers=layers,
+        verdict=verdict(
+            summary, outs, requant=opts.requant, out_bits=opts.out_bits, control=opts.control, alternatives=alts
         ),
+        options=dict(model=str(model), adapter=str(adapter_path), **opts.to_dict()),
     )

@@ -15,12 +15,11 @@ import numpy as np
 
 from reqnoise.atomic import atomic_dir
 from reqnoise.errors import ReqnoiseError
+from reqnoise.kernel.formats import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from reqnoise.toy.tokenizer import DEFAULT_VOCAB_SIZE, builtin_corpus, save_tokenizer, train_tokenizer
 
 __all__ = ["build_toy_model", "toy_config", "init_toy_weights", "builtin_corpus", "train_tokenizer"]
 
-SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
-SUPPORTED_GROUP_SIZES = (32, 64, 128)
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 # float32 by default: on CPU, bf16/fp16 quantized matmuls are several times slower (see build_toy_model).
 DEFAULT_DTYPE = "float32"

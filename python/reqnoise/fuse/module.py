@@ -1,0 +1,97 @@
+"""One module of a model: gather its tensors, fuse a delta into it, walk an expert stack a few experts at a time.
+
+Shared by the model-level fuse (``fuse.model``, which writes the result) and the noise analytics
+(``noise.report``, which measures it in memory), so both fuse a module the same way.
+"""
+
+import mlx.core as mx
+
+from reqnoise.fuse.model_io import read_tensor
+from reqnoise.fuse.options import FuseOptions
+from reqnoise.kernel.op import fuse_quantized
+
+PARTS = ("weight", "scales", "biases")
+# The float paths form a dense delta per expert; 16 experts at a time bound that scratch to a few
+# weight-sized arrays whatever the stack's size.
+EXPERTS_PER_STEP = 16
+
+
+def expert_steps(n_experts: int, step: int = EXPERTS_PER_STEP):
+    """``(e0, e1)`` ranges covering ``n_experts`` experts, ``step`` at a time."""
+    for e0 in range(0, n_experts, step):
+        yield e0, min(e0 + step, n_experts)
+
+
+def module_parts(md, name: str, shard=None, loaded=None) -> dict:
+    """A module's tensors by suffix (weight[, scales, biases]) as mx.arrays.
+
+    ``loaded``: the tensors of ``shard`` already in memory; a part that lives in another shard (a module that
+    straddles two) is read from its own byte range, so no second shard is ever loaded whole.
+    """
+    parts = {}
+    for part in PARTS:
+        info = md.tensors.get(f"{name}.{part}")
+        if info is not None:
+            parts[part] = loaded[info.name] if loaded is not None and info.shard == shard else read_tensor(info)
+    return parts
+
+
+def _dora(w, magnitude):
+    # mlx-lm's DoRALinear.fuse: the row factor is float32, so the fused weight is float32.
+    return (magnitude / mx.linalg.norm(w, axis=-1))[..., None] * w
+
+
+def _fuse_float(w, f):
+    """W + delta in W's dtype (mlx-lm's arithmetic); a stack is done a few experts at a time."""
+    if f is None:
+        return w
+    if w.ndim == 3:
+        parts = []
+        for e0, e1 in expert_steps(w.shape[0]):
+            part = w[e0:e1] + f.delta(e0, e1).astype(w.dtype)
+            mx.eval(part)
+            parts.append(part)
+        out = mx.concatenate(parts)
+    else:
+        out = w + f.delta().astype(w.dtype)
+    if f.magnitude is not None:
+        out = _dora(out, f.magnitude)
+    return out
+
+
+def fuse_module(parts: dict, qp, factors, options: FuseOptions) -> dict:
+    """Fuse one module (lazily: the caller evaluates).
+
+    Args:
+        parts: its tensors by suffix (weight[, scales, biases]), as ``module_parts`` returns them.
+        qp: its ``(bits, group_size)``, or None for a float module.
+        factors: a ModuleAdapter, or None for a zero delta.
+        options: requant mode and output width (``options.output_quant``).
+
+    Returns:
+        The new tensors by suffix; a dequantized module has no scales/biases any more.
+    """
+    if qp is None:
+        return {"weight": _fuse_float(parts["weight"], factors)}
+    bits, group = qp
+    if options.requant == "dequantize":
+        w = mx.dequantize(parts["weight"], parts["scales"], parts["biases"], group_size=group, bits=bits)
+        return {"weight": _fuse_float(w, factors)}
+    kw = {}
+    if factors is not None:
+        kw = dict(lora_a=factors.a, lora_b=factors.b, scale=factors.scale, dora_magnitude=factors.magnitude)
+        if factors.magnitude is not None and parts["weight"].ndim == 3:
+            kw["dora_magnitude"] = mx.broadcast_to(factors.magnitude, parts["weight"].shape[:2])
+    out_bits, out_group = options.output_quant(qp)
+    wq, s, b = fuse_quantized(
+        parts["weight"],
+        parts["scales"],
+        parts["biases"],
+        group_size=group,
+        bits=bits,
+        requant=options.requant,
+        out_bits=out_bits if options.requant == "fresh" else None,
+        out_group_size=out_group if options.requant == "fresh" else None,
+        **kw,
+    )
+    return {"weight": wq, "scales": s, "biases": b}

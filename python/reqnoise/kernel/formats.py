@@ -1,0 +1,59 @@
+"""MLX's quantization formats as plain data: the modes, and the widths and group sizes reqnoise supports in each.
+
+The one home of these constants. It imports no mlx, so the CLI (choices in ``--help``), the spec checker and the
+toy model read them without loading MLX; ``kernel/quant_format.py`` adds the checks that need mlx arrays, and
+the native kernel's own list (``_core.supported_bits()``) is tested against this one.
+"""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class QuantMode:
+    """One MLX quantization mode as reqnoise handles it.
+
+    ``bits``/``group_sizes``: the (code width, values per group) reqnoise accepts; ``has_biases``: whether the
+    mode stores a bias per group beside the scale (affine does, the floating-point modes do not).
+    """
+
+    name: str
+    bits: tuple[int, ...]
+    group_sizes: tuple[int, ...]
+    has_biases: bool
+
+
+# MLX 0.32 knows four modes: affine (bits 1-8 but 7, groups 32/64/128), mxfp4 (4 bits, group 32), mxfp8 (8, 32)
+# and nvfp4 (4, 16). The native kernel implements affine only, and 1-bit affine is not implemented in it; a
+# later mode is one more entry here plus its codec in csrc/.
+MODES = {
+    "affine": QuantMode("affine", bits=(2, 3, 4, 5, 6, 8), group_sizes=(32, 64, 128), has_biases=True),
+}
+SUPPORTED_MODES = tuple(MODES)
+DEFAULT_MODE = "affine"
+
+# The affine mode's, under the names the rest of the package has always used.
+SUPPORTED_BITS = MODES["affine"].bits
+SUPPORTED_GROUP_SIZES = MODES["affine"].group_sizes
+
+# What a fuse does to a quantized module's grid. The native kernel does fresh (requantize as mx.quantize) and
+# keep-grid (re-encode against the stored scales and biases); the model-level fuse adds dequantize (float
+# output, mlx's own arithmetic, never the kernel). Both tuples live here so the kernel needs nothing from fuse/.
+KERNEL_REQUANTS = ("fresh", "keep-grid")
+REQUANT_MODES = (*KERNEL_REQUANTS, "dequantize")
+
+
+def check_width(bits, group_size, what: str = "", mode: str = DEFAULT_MODE) -> None:
+    """Refuse a (bits, group_size) pair that ``mode`` does not support (ValueError naming ``what``)."""
+    pre = f"{what}: " if what else ""
+    if mode not in MODES:
+        raise ValueError(f"{pre}mode must be one of {SUPPORTED_MODES}, got {mode!r}")
+    fmt = MODES[mode]
+    if bits not in fmt.bits:
+        raise ValueError(f"{pre}bits must be one of {fmt.bits}, got {bits!r}")
+    if group_size not in fmt.group_sizes:
+        raise ValueError(f"{pre}group_size must be one of {fmt.group_sizes}, got {group_size!r}")
+
+
+def logical_in_dim(wq_last: int, bits: int) -> int:
+    """Number of values per row encoded by ``wq_last`` uint32 words of ``bits``-bit codes."""
+    return wq_last * 32 // bits
