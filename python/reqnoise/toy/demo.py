@@ -273,15 +273,13 @@ def _same_weights(a: Path, b: Path) -> bool:
     return set(wa) == set(wb) and all(wa[k].dtype == wb[k].dtype and mx.array_equal(wa[k], wb[k]).item() for k in wa)
 
 
-# The comparisons (eval, condition, comparison row) whose McNemar p-values the checks print: one Holm family,
-# so that a line's p-value is not the luckiest of several looks.
+# The comparisons (eval, condition, comparison row) whose McNemar tests a check's [ok] rests on: one Holm
+# family. Only the positive control claims a difference; the "matched" / "no held-out knowledge" lines claim
+# equivalence (their McNemar p is printed for information, unadjusted) and say per line why they need no
+# correction.
 HOLM_FAMILY = (
-    ("setg_test", "A1_fresh", "vs_zero_control"),
     ("recall_trained", "P1_fresh", "vs_P0_fresh"),
     ("recall_trained", "P1_fresh", "vs_S1_fresh"),
-    ("recall_heldout", "P1_fresh", "vs_P0_fresh"),
-    ("recall_heldout", "P1_fresh", "vs_S1_fresh"),
-    ("setg_test", "P1_fresh", "vs_S1_fresh"),
 )
 NO_CORRECTION = "no multiplicity correction: [ok] needs every comparison named to be equivalent"
 
@@ -439,7 +437,7 @@ def check_positive_control(run: DemoRun) -> list:
         _check(
             f"positive control, trained facts asked in other words: P1 - P0 = {run.effect(*keys[0])}, P1 - "
             f"shuffled-answer control = {run.effect(*keys[1])}: content is real only if P1 beats both nulls "
-            f"(Holm-adjusted p < {alpha:g} over the {len(run.holm_p)} McNemar p-values these checks print)",
+            f"(both Holm-adjusted p < {alpha:g}, Holm over the {len(run.holm_p)} McNemar tests the checks claim)",
             all(beats),
         )
     ]
