@@ -6,6 +6,7 @@ from datetime import datetime
 
 import numpy as np
 import pytest
+from scipy.stats import norm
 from statsmodels.stats.proportion import proportion_confint
 
 from reqnoise.cli import main
@@ -68,6 +69,35 @@ def test_compare_text_and_json(arms, capsys):
     assert d["n"] == 692 and d["fixed"] == 60 and d["broken"] == 55
     assert d["b"]["ci"] == pytest.approx(list(proportion_confint(128, 692, method="wilson")))
     assert d["ztest_p"] == pytest.approx(0.7272, abs=1e-4)
+    assert d["difference_ci_method"].startswith("Newcombe hybrid score")
+    assert d["difference_ci"][0] < d["difference"] < d["difference_ci"][1]
+    assert "equivalence" not in d
+
+
+def test_compare_identical_files_reports_a_ci_not_a_zero_mde(arms, capsys):
+    # Issue #14 §2: this printed "MDE ... paired 0.00 pp at the observed flip rate".
+    assert main(["compare", str(arms["A0"]), str(arms["A0"])]) == 0
+    out = capsys.readouterr().out
+    assert "0.00 pp at" not in out and "observed flip rate" not in out
+    assert "95% CI of the difference: [" in out and "Newcombe hybrid score interval for paired data" in out
+    assert "observed discordance rate, 0 of 692" in out
+    assert main(["compare", str(arms["A0"]), str(arms["A0"]), "--json", "--flip-rate", "0.1", "--margin", "0.05"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["paired_mde_flip_rate"] == 0.1 and d["paired_mde_flip_rate_source"] == "declared"
+    assert d["paired_mde"] == pytest.approx((norm.ppf(0.975) + norm.ppf(0.8)) * (0.1 / 692) ** 0.5, rel=1e-12)
+    lo, hi = d["difference_ci"]
+    assert lo < 0 < hi
+    assert d["equivalence"]["verdict"] == "equivalent"  # 692 items, no flips: inside +-5 pp
+    assert main(["compare", str(arms["A0"]), str(arms["A1"]), "--margin", "0.05"]) == 0
+    out = capsys.readouterr().out
+    assert "equivalence (TOST, alpha 0.05): " in out
+
+
+def test_compare_refuses_bad_fractions(arms, capsys):
+    for opt in ("--flip-rate", "--margin"):
+        with pytest.raises(SystemExit):
+            main(["compare", str(arms["A0"]), str(arms["A1"]), opt, "0"])
+        assert "expected a fraction in (0, 1]" in capsys.readouterr().err
 
 
 def test_compare_refuses_mismatch(arms, tmp_path, capsys):

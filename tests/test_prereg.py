@@ -8,7 +8,7 @@ from datetime import datetime
 
 import numpy as np
 import pytest
-from scipy.stats import binomtest
+from scipy.stats import binomtest, norm
 from statsmodels.stats.proportion import proportions_ztest
 
 from reqnoise.errors import RefusedError, ReqnoiseError
@@ -244,6 +244,17 @@ def test_never_uses_eval_or_exec(study, monkeypatch):
     monkeypatch.setattr(builtins, "eval", forbidden)
     monkeypatch.setattr(builtins, "exec", forbidden)
     assert prereg.evaluate_lock(lock, res).met
+
+
+def test_paired_mde_cannot_be_met_by_having_no_flips(study):
+    # Issue #14 §2: at the observed flip rate, two identical arms gave paired_mde = 0 and this rule passed.
+    arm = [1] * 5 + [0] * 28
+    lock, res, _ = study('success_if = "paired_mde(A1, A0) <= 0.05"\n', {"A0": arm, "A1": list(arm)})
+    v = prereg.evaluate_lock(lock, res)
+    z, z2 = norm.ppf(0.975) + norm.ppf(0.8), norm.ppf(0.975) ** 2
+    upper = z2 / (33 + z2)  # Wilson upper bound of 0 flips in 33, by hand
+    assert v.numbers["paired_mde(A1, A0)"] == pytest.approx(z * (upper / 33) ** 0.5, rel=1e-9)
+    assert not v.expression_value and v.met
 
 
 def test_se_clustered_needs_subjects(study):

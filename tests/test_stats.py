@@ -38,6 +38,13 @@ def paired_vectors(both_right, fixed, broken, both_wrong):
     return [a[i] for i in order], [b[i] for i in order]
 
 
+def wilson_upper(k, n, z=None):
+    """Upper end of the Wilson score interval by its closed form (an oracle independent of statsmodels)."""
+    z = norm.ppf(0.975) if z is None else z
+    p = k / n
+    return (p + z * z / (2 * n) + z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / (1 + z * z / n)
+
+
 # ---------------------------------------------------------------- published numbers
 
 
@@ -127,6 +134,38 @@ def test_paired_mde_power_by_simulation():
     assert 0.77 <= power <= 0.84
 
 
+def test_paired_mde_refuses_zero_flip_rate():
+    with pytest.raises(ReqnoiseError, match="flip_rate must be in"):
+        stats.paired_mde(692, 0.0)
+
+
+def test_planning_flip_rate_is_the_wilson_upper_bound():
+    assert stats.planning_flip_rate(0, 33) == pytest.approx(wilson_upper(0, 33), rel=1e-12)
+    assert stats.planning_flip_rate(0, 33) == pytest.approx(0.1043, abs=1e-4)
+    assert stats.planning_flip_rate(115, 692) == pytest.approx(wilson_upper(115, 692), rel=1e-12)
+
+
+def test_compare_identical_files_has_no_zero_mde():
+    # The defect of issue #14 §2: two identical files gave "paired 0.00 pp at the observed flip rate".
+    r = make_records([1] * 5 + [0] * 28)
+    c = stats.compare(r, r)
+    z = norm.ppf(0.975) + norm.ppf(0.8)
+    assert c.paired_mde == pytest.approx(z * math.sqrt(wilson_upper(0, 33) / 33), rel=1e-9)
+    assert c.paired_mde > 0.15
+    text = stats.render_comparison(c)
+    assert "0.00 pp at" not in text and "observed flip rate" not in text
+    assert "upper end of the 95% Wilson interval of the observed discordance rate, 0 of 33" in text
+    assert "95% CI of the difference" in text and "Newcombe" in text
+
+
+def test_compare_declared_flip_rate():
+    a, b = paired_vectors(both_right=68, fixed=60, broken=55, both_wrong=509)
+    c = stats.compare(make_records(a), make_records(b), flip_rate=0.1)
+    assert c.paired_mde == pytest.approx((norm.ppf(0.975) + norm.ppf(0.8)) * math.sqrt(0.1 / 692), rel=1e-12)
+    assert c.paired_mde_flip_rate == 0.1 and c.paired_mde_flip_rate_source == "declared"
+    assert "(declared)" in stats.render_comparison(c)
+
+
 def test_power_input_errors():
     with pytest.raises(ReqnoiseError, match="p must be"):
         stats.unpaired_mde(692, 0.0)
@@ -137,6 +176,56 @@ def test_power_input_errors():
 
 
 # ---------------------------------------------------------------- single tests, edge cases
+
+
+@pytest.mark.parametrize(
+    "both_right,fixed,broken,both_wrong,lo,hi",
+    [
+        # Newcombe (1998), Stat Med 17:2635-50, Table II, method 10: examples (a) and (b); 4 decimals.
+        (36, 12, 2, 0, 0.0569, 0.3404),
+        (263, 15, 3, 87, 0.0095, 0.0563),
+        # Fagerland, Lydersen & Laake (2017), ch. 8, Cavo et al. 2012 (Newcombe square-and-add): -0.0621
+        # (-0.1186 to -0.0046). Their table's first row/column is "before": A right = 59 + 6, B right = 59 + 16.
+        (59, 16, 6, 80, 0.0046, 0.1186),
+    ],
+)
+def test_paired_difference_ci_published(both_right, fixed, broken, both_wrong, lo, hi):
+    got = stats.paired_difference_ci(fixed, broken, both_right, both_wrong)
+    assert got == pytest.approx((lo, hi), abs=5e-5)
+
+
+def test_paired_difference_ci_coverage_by_simulation():
+    # 95% nominal: the hybrid score interval covers the true paired difference about 95% of the time
+    # (Newcombe reports a mean coverage a little above nominal).
+    n, probs = 60, [0.35, 0.15, 0.05, 0.45]  # both right, fixed, broken, both wrong
+    truth = probs[1] - probs[2]
+    rng = np.random.default_rng(5)
+    tables = rng.multinomial(n, probs, size=2000)
+    covered = 0
+    for br, fx, bk, bw in tables:
+        lo, hi = stats.paired_difference_ci(int(fx), int(bk), int(br), int(bw))
+        covered += lo <= truth <= hi
+    assert 0.93 <= covered / len(tables) <= 0.98
+
+
+def test_paired_difference_ci_no_flips_is_not_a_point():
+    # Identical arms: the Wald interval would be [0, 0]; the paired score interval still spans the
+    # uncertainty. Both accuracies 0 of 33 (the demo's Set G): phi is 0 and each side is the Wilson upper
+    # bound of 0/33, z^2 / (n + z^2).
+    lo, hi = stats.paired_difference_ci(0, 0, 0, 33)
+    z2 = norm.ppf(0.975) ** 2
+    assert (lo, hi) == pytest.approx((-z2 / (33 + z2), z2 / (33 + z2)), rel=1e-9)
+    lo, hi = stats.paired_difference_ci(0, 0, 5, 28)
+    assert lo < 0 < hi and hi - lo > 0.05
+
+
+def test_paired_difference_ci_input_errors():
+    with pytest.raises(ReqnoiseError, match="broken must be a non-negative integer"):
+        stats.paired_difference_ci(1, -1, 3, 4)
+    with pytest.raises(ReqnoiseError, match="no items"):
+        stats.paired_difference_ci(0, 0, 0, 0)
+    with pytest.raises(ReqnoiseError, match="alpha"):
+        stats.paired_difference_ci(1, 1, 1, 1, alpha=0)
 
 
 def test_mcnemar_no_discordant_pairs():
@@ -177,7 +266,11 @@ def test_compare_published_arms():
     assert c.z == pytest.approx(0.3488, abs=1e-4)  # positive: B is the more accurate arm
     assert c.mcnemar_p == pytest.approx(binomtest(55, 115, 0.5).pvalue, rel=1e-9)
     assert c.flip_rate == pytest.approx(115 / 692)
-    assert c.paired_mde == pytest.approx((norm.ppf(0.975) + norm.ppf(0.8)) * math.sqrt(115 / 692 / 692))
+    # Paired MDE at the upper end of the Wilson interval of the discordance rate 115/692 (hand Wilson formula),
+    # not at the observed 115/692 itself.
+    assert c.paired_mde_flip_rate == pytest.approx(wilson_upper(115, 692), rel=1e-12)
+    assert c.paired_mde == pytest.approx((norm.ppf(0.975) + norm.ppf(0.8)) * math.sqrt(wilson_upper(115, 692) / 692))
+    assert "Wilson" in c.paired_mde_flip_rate_source and "115 of 692" in c.paired_mde_flip_rate_source
     assert c.a.ci == pytest.approx(stats.wilson_ci(123, 692))
     assert c.se_clustered is None and c.n_subjects is None
 
@@ -296,6 +389,59 @@ def test_decompose_zero_total_has_no_shares():
     assert "—" in stats.render_decomposition(dec)
 
 
+# ---------------------------------------------------------------- equivalence
+
+
+def test_equivalence_three_verdicts():
+    # Large n, few flips either way: the 90% CI is well inside +-5 pp.
+    a, b = paired_vectors(both_right=300, fixed=10, broken=12, both_wrong=678)
+    eq = stats.equivalence(stats.compare(make_records(a), make_records(b)), 0.05)
+    assert eq.verdict == "equivalent" and eq.tost_ci == pytest.approx(stats.paired_difference_ci(10, 12, 300, 678, 0.1))
+    assert -0.05 <= eq.tost_ci[0] and eq.tost_ci[1] <= 0.05
+    assert eq.describe().startswith("equivalent within ±5 pp (90% CI [")
+    # A clear gain: the 95% CI excludes 0 and reaches beyond the margin.
+    a, b = paired_vectors(both_right=20, fixed=30, broken=2, both_wrong=48)
+    eq = stats.equivalence(stats.compare(make_records(a), make_records(b)))
+    assert eq.verdict == "effect" and eq.ci[0] > 0 and eq.excludes_zero
+    assert "excludes 0" in eq.describe()
+    # The demo's case: 33 items, no flips. Absence of evidence is not equivalence.
+    r = make_records([0] * 33)
+    eq = stats.equivalence(stats.compare(r, r))
+    z2 = norm.ppf(0.95) ** 2  # 90% two-sided Wilson at 0/33, by hand
+    assert eq.verdict == "inconclusive" and eq.not_excluded == pytest.approx(z2 / (33 + z2), rel=1e-9)
+    assert eq.describe().startswith("inconclusive at n = 33: effects up to 7.6 pp are not excluded")
+    # A wider declared margin makes the same data equivalent.
+    assert stats.equivalence(stats.compare(r, r), margin=0.08).verdict == "equivalent"
+
+
+def test_equivalence_reads_stored_comparisons():
+    # results.json holds Comparison.to_dict() passed through JSON (tuples become lists).
+    import json
+
+    a, b = paired_vectors(both_right=300, fixed=10, broken=12, both_wrong=678)
+    c = stats.compare(make_records(a), make_records(b))
+    stored = json.loads(json.dumps(c.to_dict()))
+    assert stats.equivalence(stored) == stats.equivalence(c)
+    with pytest.raises(ReqnoiseError, match="margin"):
+        stats.equivalence(c, margin=5)
+    with pytest.raises(ReqnoiseError, match="need a comparison"):
+        stats.equivalence({"difference": 0.1})
+
+
+def test_equivalence_tost_size_by_simulation():
+    # At a true difference exactly on the margin, TOST at alpha = 0.05 calls "equivalent" at most ~5% of the
+    # time (the level of the test), however large n is.
+    n, margin = 400, 0.05
+    probs = [0.3, 0.125, 0.075, 0.5]  # fixed - broken = 0.05 = the margin
+    rng = np.random.default_rng(6)
+    hits = 0
+    tables = rng.multinomial(n, probs, size=1500)
+    for br, fx, bk, bw in tables:
+        lo, hi = stats.paired_difference_ci(int(fx), int(bk), int(br), int(bw), alpha=0.1)
+        hits += -margin <= lo and hi <= margin
+    assert hits / len(tables) <= 0.065
+
+
 # ---------------------------------------------------------------- properties
 
 
@@ -315,6 +461,7 @@ def test_compare_with_itself_is_null(pair):
     c = stats.compare(a, a)
     assert c.difference == 0 and c.fixed == 0 and c.broken == 0
     assert c.ztest_p == 1.0 and c.mcnemar_p == 1.0 and c.z == 0.0
+    assert c.paired_mde > 0 and c.difference_ci[0] < 0 < c.difference_ci[1]
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -328,6 +475,8 @@ def test_swapping_arms_flips_sign_keeps_p(pair):
     assert ab.ztest_p == pytest.approx(ba.ztest_p, rel=1e-12)
     assert ab.mcnemar_p == pytest.approx(ba.mcnemar_p, rel=1e-12)
     assert (ab.fixed, ab.broken) == (ba.broken, ba.fixed)
+    assert ab.difference_ci == pytest.approx((-ba.difference_ci[1], -ba.difference_ci[0]), abs=1e-12)
+    assert ab.difference_ci[0] <= ab.difference <= ab.difference_ci[1]
     assert ab.a == ba.b and ab.b == ba.a
     if ab.se_clustered is not None:
         assert ab.se_clustered == pytest.approx(ba.se_clustered, rel=1e-9, abs=1e-15)

@@ -1,5 +1,6 @@
 """Statistics commands: compare, power, decompose, preregister, verdict."""
 
+import argparse
 import json
 
 from reqnoise.errors import ReqnoiseError
@@ -11,14 +12,22 @@ def _json(obj) -> str:
 
 def _compare(args):
     from reqnoise.eval.records import read_records
-    from reqnoise.stats.inference import compare, render_comparison
+    from reqnoise.stats.inference import compare, equivalence, render_comparison
 
-    c = compare(read_records(args.a), read_records(args.b), alpha=args.alpha, power=args.power)
+    c = compare(
+        read_records(args.a), read_records(args.b), alpha=args.alpha, power=args.power, flip_rate=args.flip_rate
+    )
+    eq = None if args.margin is None else equivalence(c, args.margin)
     if args.json:
-        print(_json({"a": str(args.a), "b": str(args.b), **c.to_dict()}))
+        out = {"a": str(args.a), "b": str(args.b), **c.to_dict()}
+        if eq is not None:
+            out["equivalence"] = eq.to_dict()
+        print(_json(out))
     else:
         print(f"A = {args.a}\nB = {args.b}\n")
         print(render_comparison(c, "A", "B"), end="")
+        if eq is not None:
+            print(f"equivalence (TOST, alpha {eq.alpha:g}): {eq.describe()}")
 
 
 def _power(args):
@@ -93,6 +102,17 @@ def _verdict(args):
         print(v.text, end="")
 
 
+def _fraction(text):
+    # argparse turns ArgumentTypeError into a one-line usage error naming the option.
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}") from None
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
+    return v
+
+
 def _add_design(p):
     p.add_argument("--alpha", type=float, default=0.05, help="two-sided significance level (default 0.05)")
     p.add_argument("--power", type=float, default=0.8, help="power for the MDE (default 0.8)")
@@ -102,12 +122,24 @@ def register(subparsers):
     p = subparsers.add_parser(
         "compare",
         help="compare two per-item result files (paired by id)",
-        description="Accuracies with Wilson CIs, B - A difference, unpaired z-test and "
-        "paired McNemar p, fixed/broken items, MDE.",
+        description="Accuracies with Wilson CIs, B - A difference with its paired confidence interval (Newcombe's "
+        "hybrid score), unpaired z-test and paired McNemar p, fixed/broken items, MDE at a planning flip rate.",
     )
     p.add_argument("a", help="reference condition records (JSONL)")
     p.add_argument("b", help="compared condition records (JSONL)")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    p.add_argument(
+        "--flip-rate",
+        type=_fraction,
+        help="planning flip rate for the paired MDE, declared before looking (default: the upper end of the "
+        "Wilson interval of the observed discordance rate; the observed rate itself is never used)",
+    )
+    p.add_argument(
+        "--margin",
+        type=_fraction,
+        help="equivalence margin as a fraction (0.05 = 5 pp): also say whether B and A are equivalent within it "
+        "(TOST: the 1 - 2 alpha paired CI inside +-margin), differ, or neither",
+    )
     _add_design(p)
     p.set_defaults(func=_compare)
 

@@ -14,8 +14,13 @@ Conventions (all functions):
 Tests come from statsmodels / scipy: Wilson intervals (``proportion_confint``), the pooled two-proportion
 z-test (``proportions_ztest``, the unpaired test the published study used), McNemar's test
 (``contingency_tables.mcnemar``, the paired test for the same items in both arms), cluster-robust standard
-errors (``OLS(...).fit(cov_type="cluster")``) and Holm's correction (``multipletests``). Only the paired MDE,
-which statsmodels lacks, is written out by hand.
+errors (``OLS(...).fit(cov_type="cluster")``) and Holm's correction (``multipletests``). Written out by hand,
+because statsmodels 0.15 lacks them: the paired MDE, and the confidence interval of a paired difference of
+proportions (Newcombe's hybrid score interval for paired data, built on statsmodels' Wilson intervals).
+
+No number here is "observed power": the paired MDE of a comparison is taken at a planning flip rate that is
+either declared or the upper confidence bound of the observed discordance rate (never 0), and "no effect" is
+only ever said by ``equivalence`` (the paired CI inside a declared margin).
 """
 
 from __future__ import annotations
@@ -153,13 +158,24 @@ def paired_mde(n: int, flip_rate: float, alpha: float = ALPHA, power: float = PO
     """Smallest paired difference in accuracy (fraction) detectable on n items scored in both arms, when a
     fraction ``flip_rate`` of items changes correctness between arms (discordant pairs):
     (z_{1-a/2} + z_{power}) * sqrt(flip_rate / n). Normal approximation to McNemar's test, variance of the
-    per-item difference taken under the null (flip_rate); statsmodels has no paired-proportion power."""
+    per-item difference taken under the null (flip_rate); statsmodels has no paired-proportion power.
+
+    ``flip_rate`` is a planning value in (0, 1]: a flip rate of 0 would claim that any effect is detectable.
+    For a finished comparison use ``planning_flip_rate`` rather than the observed rate."""
     _check_design(alpha, power)
-    if not 0 <= flip_rate <= 1:
-        raise ReqnoiseError(f"flip_rate must be in [0, 1], got {flip_rate!r}")
+    if not 0 < flip_rate <= 1:
+        raise ReqnoiseError(
+            f"flip_rate must be in (0, 1] (a planning value; 0 makes every effect 'detectable'), got {flip_rate!r}"
+        )
     if n < 1:
         raise ReqnoiseError(f"paired_mde: n must be positive, got {n!r}")
     return _z_sum(alpha, power) * math.sqrt(flip_rate / n)
+
+
+def planning_flip_rate(discordant: int, n: int, alpha: float = ALPHA) -> float:
+    """Upper end of the two-sided (1 - alpha) Wilson interval of the discordance rate ``discordant / n``: a
+    flip rate to plan with that the comparison's own luck cannot push to 0 (0 of 33 discordant gives 0.104)."""
+    return wilson_ci(discordant, n, alpha)[1]
 
 
 def paired_n_needed(mde: float, flip_rate: float, alpha: float = ALPHA, power: float = POWER) -> int:
@@ -187,6 +203,51 @@ def flips(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> dict[str, int
         "both_right": int(np.sum(a & b)),
         "both_wrong": int(np.sum(~a & ~b)),
     }
+
+
+NEWCOMBE_PAIRED = "Newcombe hybrid score interval for paired data (Newcombe 1998, method 10)"
+
+
+def paired_difference_ci(
+    fixed: int, broken: int, both_right: int, both_wrong: int, alpha: float = ALPHA
+) -> tuple[float, float]:
+    """Two-sided (1 - alpha) confidence interval (fractions) of acc(B) - acc(A) = (fixed - broken) / n on n
+    paired items, by Newcombe's hybrid score interval for paired data (Stat Med 1998;17:2635-50, method 10).
+
+    It combines the Wilson intervals of the two marginal accuracies (statsmodels) with the correlation phi of
+    the paired 2x2 table; phi is shrunk towards 0 by n/2 in ad - bc when positive, as Newcombe specifies. Unlike
+    a Wald interval it does not collapse to a point when there are no discordant pairs: with 0 flips on n items
+    it still spans the uncertainty of the accuracies."""
+    counts = {"fixed": fixed, "broken": broken, "both_right": both_right, "both_wrong": both_wrong}
+    for name, v in counts.items():
+        if not (isinstance(v, (int, np.integer)) and v >= 0):
+            raise ReqnoiseError(f"paired_difference_ci: {name} must be a non-negative integer, got {v!r}")
+    if not 0 < alpha < 1:
+        raise ReqnoiseError(f"alpha must be in (0, 1), got {alpha!r}")
+    n = fixed + broken + both_right + both_wrong
+    if n == 0:
+        raise ReqnoiseError("paired_difference_ci: no items")
+    # Newcombe's table: a both right, b right only in B, c right only in A, d both wrong; theta = p1 - p2.
+    a, b, c, d = both_right, fixed, broken, both_wrong
+    p1, p2 = (a + b) / n, (a + c) / n
+    l1, u1 = wilson_ci(a + b, n, alpha)
+    l2, u2 = wilson_ci(a + c, n, alpha)
+    # statsmodels' Wilson bounds can miss the estimate by a rounding error at k = 0 or n.
+    l1, u1, l2, u2 = min(l1, p1), max(u1, p1), min(l2, p2), max(u2, p2)
+    margins = (a + b) * (c + d) * (a + c) * (b + d)
+    cross = a * d - b * c
+    if margins == 0:
+        phi = 0.0
+    elif cross > n / 2:
+        phi = (cross - n / 2) / math.sqrt(margins)
+    elif cross >= 0:
+        phi = 0.0
+    else:
+        phi = cross / math.sqrt(margins)
+    theta = p1 - p2
+    below = math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    above = math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
+    return max(-1.0, theta - below), min(1.0, theta + above)
 
 
 def _id_list(ids, limit=10):
@@ -282,10 +343,14 @@ class Comparison:
     both_right: int
     both_wrong: int
     flip_rate: float  # (fixed + broken) / n
+    difference_ci: tuple[float, float]  # coverage 1 - alpha, by difference_ci_method
+    difference_ci_method: str
     se_paired: float | None  # iid SE of the paired difference, sd(d_i) / sqrt(n)
     se_clustered: float | None  # cluster-robust (by subject) SE of the paired difference
     n_subjects: int | None
-    paired_mde: float  # at the observed flip rate
+    paired_mde: float  # at paired_mde_flip_rate, never at the observed flip rate
+    paired_mde_flip_rate: float
+    paired_mde_flip_rate_source: str  # "declared" or how it was bounded from the observed discordance
     unpaired_mde: float | None  # at A's accuracy; None when that accuracy is 0 or 1
     alpha: float = ALPHA
     power: float = POWER
@@ -317,15 +382,29 @@ def paired_se(diff: np.ndarray, subjects: Sequence | None) -> tuple[float | None
     return se, float(fit.bse[0]), n_groups
 
 
-def _compare_paired(paired: Paired, name_a, name_b, alpha=ALPHA, power=POWER) -> Comparison:
+def compare_paired(
+    paired: Paired, name_a, name_b, alpha: float = ALPHA, power: float = POWER, flip_rate: float | None = None
+) -> Comparison:
+    """Compare arm ``name_b`` with reference ``name_a`` of already aligned records (see ``compare``).
+
+    ``flip_rate``: a declared planning flip rate for the paired MDE; None takes the upper end of the (1 - alpha)
+    Wilson interval of the observed discordance rate."""
     ca, cb = paired.correct[name_a], paired.correct[name_b]
     n = len(paired.ids)
     ka, kb = int(ca.sum()), int(cb.sum())
     f = flips(ca, cb)
     z, zp = two_proportion_ztest(kb, n, ka, n)
-    flip_rate = (f["fixed"] + f["broken"]) / n
+    discordant = f["fixed"] + f["broken"]
     se, se_cl, n_subj = paired_se(cb.astype(int) - ca.astype(int), paired.subjects)
     acc_a = ka / n
+    if flip_rate is None:
+        plan = planning_flip_rate(discordant, n, alpha)
+        source = (
+            f"upper end of the {100 * (1 - alpha):g}% Wilson interval of the observed discordance rate, "
+            f"{discordant} of {n}"
+        )
+    else:
+        plan, source = flip_rate, "declared"
     return Comparison(
         n=n,
         a=_arm(ka, paired.unparsed[name_a], n, alpha),
@@ -338,11 +417,15 @@ def _compare_paired(paired: Paired, name_a, name_b, alpha=ALPHA, power=POWER) ->
         broken=f["broken"],
         both_right=f["both_right"],
         both_wrong=f["both_wrong"],
-        flip_rate=flip_rate,
+        flip_rate=discordant / n,
+        difference_ci=paired_difference_ci(f["fixed"], f["broken"], f["both_right"], f["both_wrong"], alpha),
+        difference_ci_method=NEWCOMBE_PAIRED,
         se_paired=se,
         se_clustered=se_cl,
         n_subjects=n_subj,
-        paired_mde=paired_mde(n, flip_rate, alpha, power),
+        paired_mde=paired_mde(n, plan, alpha, power),
+        paired_mde_flip_rate=plan,
+        paired_mde_flip_rate_source=source,
         unpaired_mde=unpaired_mde(n, acc_a, alpha, power) if 0 < acc_a < 1 and n >= 2 else None,
         alpha=alpha,
         power=power,
@@ -350,15 +433,103 @@ def _compare_paired(paired: Paired, name_a, name_b, alpha=ALPHA, power=POWER) ->
 
 
 def compare(
-    records_a: Sequence[dict], records_b: Sequence[dict], alpha: float = ALPHA, power: float = POWER
+    records_a: Sequence[dict],
+    records_b: Sequence[dict],
+    alpha: float = ALPHA,
+    power: float = POWER,
+    flip_rate: float | None = None,
 ) -> Comparison:
     """Compare condition B with reference A on the same items (paired by id).
 
-    Returns accuracies with Wilson CIs, difference B - A, the unpaired z-test and the paired exact McNemar
-    p, flip counts, the paired MDE at the observed flip rate, the unpaired MDE at A's accuracy, and the SE of
-    the paired difference (iid, and clustered by subject when every item has one).
+    Returns accuracies with Wilson CIs, difference B - A with its paired (1 - alpha) CI (Newcombe's hybrid
+    score), the unpaired z-test and the paired exact McNemar p, flip counts, the paired MDE at a planning flip
+    rate (``flip_rate`` if declared, else the upper Wilson bound of the observed discordance rate), the unpaired
+    MDE at A's accuracy, and the SE of the paired difference (iid, and clustered by subject when every item has
+    one).
     """
-    return _compare_paired(pair_records({"A": records_a, "B": records_b}), "A", "B", alpha, power)
+    return compare_paired(pair_records({"A": records_a, "B": records_b}), "A", "B", alpha, power, flip_rate)
+
+
+# ---------------------------------------------------------------- equivalence
+
+MARGIN = 0.05  # the published study's 5 pp
+
+
+@dataclass
+class Equivalence:
+    """Is B - A inside [-margin, +margin]? (fractions)
+
+    * ``equivalent``: the (1 - 2 alpha) paired CI lies inside the margin: TOST at level alpha, since each end of
+      that two-sided interval is a one-sided (1 - alpha) bound and so each of the two one-sided tests rejects;
+    * ``effect``: not equivalent, and the (1 - alpha) paired CI (the one ``compare`` reports) excludes 0;
+    * ``inconclusive``: neither. ``not_excluded`` is then the largest |effect| the TOST interval still allows,
+      i.e. the smallest margin at which this comparison would have been called equivalent.
+
+    A difference can be detected (``excludes_zero``) and still be equivalent: smaller than the margin.
+    """
+
+    verdict: str  # "equivalent" | "effect" | "inconclusive"
+    n: int
+    margin: float
+    alpha: float
+    difference: float
+    tost_ci: tuple[float, float]  # coverage 1 - 2 alpha
+    ci: tuple[float, float]  # coverage 1 - alpha
+    excludes_zero: bool  # by the (1 - alpha) CI
+    not_excluded: float  # max |end| of tost_ci
+
+    def describe(self) -> str:
+        """One clause for a printed line, in pp."""
+        tost = f"{100 * (1 - 2 * self.alpha):g}% CI [{100 * self.tost_ci[0]:+.1f}, {100 * self.tost_ci[1]:+.1f}] pp"
+        if self.verdict == "equivalent":
+            return f"equivalent within ±{100 * self.margin:g} pp ({tost})"
+        if self.verdict == "effect":
+            return (
+                f"an effect: the {100 * (1 - self.alpha):g}% CI [{100 * self.ci[0]:+.1f}, {100 * self.ci[1]:+.1f}] "
+                "pp excludes 0"
+            )
+        return (
+            f"inconclusive at n = {self.n}: effects up to {100 * self.not_excluded:.1f} pp are not excluded "
+            f"({tost}; margin ±{100 * self.margin:g} pp)"
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def equivalence(comparison, margin: float = MARGIN, alpha: float | None = None) -> Equivalence:
+    """Equivalence of B and A within ``margin`` (fraction, e.g. 0.05) from a ``Comparison`` or its ``to_dict()``
+    (as stored in results.json). ``alpha`` defaults to the comparison's; see ``Equivalence`` for the rule."""
+    c = comparison.to_dict() if isinstance(comparison, Comparison) else comparison
+    if not (isinstance(margin, (int, float)) and 0 < margin < 1):
+        raise ReqnoiseError(f"equivalence margin must be a fraction in (0, 1), got {margin!r}")
+    try:
+        counts = [c[k] for k in ("fixed", "broken", "both_right", "both_wrong")]
+        alpha = c.get("alpha", ALPHA) if alpha is None else alpha
+    except (KeyError, TypeError, AttributeError):
+        raise ReqnoiseError("equivalence: need a comparison with fixed, broken, both_right and both_wrong") from None
+    if not 0 < alpha < 0.5:
+        raise ReqnoiseError(f"equivalence: alpha must be in (0, 0.5), got {alpha!r}")
+    tost = paired_difference_ci(*counts, alpha=2 * alpha)
+    ci = paired_difference_ci(*counts, alpha=alpha)
+    excludes_zero = ci[0] > 0 or ci[1] < 0
+    if -margin <= tost[0] and tost[1] <= margin:
+        verdict = "equivalent"
+    elif excludes_zero:
+        verdict = "effect"
+    else:
+        verdict = "inconclusive"
+    return Equivalence(
+        verdict=verdict,
+        n=sum(counts),
+        margin=float(margin),
+        alpha=float(alpha),
+        difference=(counts[0] - counts[1]) / sum(counts),
+        tost_ci=tost,
+        ci=ci,
+        excludes_zero=excludes_zero,
+        not_excluded=max(abs(tost[0]), abs(tost[1])),
+    )
 
 
 @dataclass
@@ -390,7 +561,7 @@ def compare_to_baseline(
     if "baseline" in conditions:
         raise ReqnoiseError("a condition may not be named 'baseline'")
     paired = pair_records({"baseline": baseline, **conditions})
-    comps = [_compare_paired(paired, "baseline", name, alpha, power) for name in conditions]
+    comps = [compare_paired(paired, "baseline", name, alpha, power) for name in conditions]
     reject, mc_adj = holm([c.mcnemar_p for c in comps], alpha)
     _, z_adj = holm([c.ztest_p for c in comps], alpha)
     return [BaselineRow(name, c, m, z, r) for name, c, m, z, r in zip(conditions, comps, mc_adj, z_adj, reject)]
@@ -452,7 +623,7 @@ def decompose(
     acc = {name: float(paired.correct[name].mean()) for name in named}
 
     def part(label, frm, to, total):
-        c = _compare_paired(paired, frm, to)
+        c = compare_paired(paired, frm, to)
         share = c.difference / total if total else None
         return Component(label, c.difference, share, c.mcnemar_p, c.ztest_p)
 
@@ -529,15 +700,17 @@ def render_comparison(c: Comparison, name_a: str = "A", name_b: str = "B") -> st
     se = "SE —" if c.se_paired is None else f"SE {100 * c.se_paired:.2f} pp"
     if c.se_clustered is not None:
         se += f", clustered by subject ({c.n_subjects}) {100 * c.se_clustered:.2f} pp"
+    ci_lo, ci_hi = c.difference_ci
     out += [
         "",
         f"difference ({name_b} - {name_a}): {_pp(c.difference)} ({se})",
+        f"{conf} CI of the difference: [{_pp(ci_lo)}, {_pp(ci_hi)}], {c.difference_ci_method}",
         f"two-proportion z-test (unpaired): z = {c.z:+.3f}, p = {_p(c.ztest_p)}",
         f"McNemar exact (paired):           p = {_p(c.mcnemar_p)}",
         f"flips: fixed {c.fixed} (wrong -> right), broken {c.broken} (right -> wrong), "
         f"flip rate {100 * c.flip_rate:.2f}%",
-        f"MDE (alpha {c.alpha:g}, power {c.power:g}): paired {100 * c.paired_mde:.2f} pp at the observed flip "
-        f"rate; unpaired "
+        f"MDE (alpha {c.alpha:g}, power {c.power:g}): paired {100 * c.paired_mde:.2f} pp at a planning flip rate of "
+        f"{100 * c.paired_mde_flip_rate:.2f}% ({c.paired_mde_flip_rate_source}); unpaired "
         + ("—" if c.unpaired_mde is None else f"{100 * c.unpaired_mde:.2f} pp")
         + f" at {name_a}'s accuracy",
     ]

@@ -47,7 +47,9 @@ Python. Allowed:
   ``mcnemar_p(X, Y)`` two-sided exact McNemar p on the paired items
   ``fixed(X, Y)``     items wrong in Y and right in X; ``broken(X, Y)`` right in Y and wrong in X
   ``flip_rate(X, Y)`` (fixed + broken) / n
-  ``paired_mde(X, Y)`` smallest paired difference detectable at the observed flip rate (alpha, power)
+  ``paired_mde(X, Y)`` smallest paired difference detectable (alpha, power) at a planning flip rate: the upper
+                      end of the (1 - alpha) Wilson interval of flip_rate(X, Y), never the observed rate,
+                      so it is never 0 (no flips cannot make a design look sensitive)
   ``se(X, Y)``        iid standard error of the paired difference diff(X, Y)
   ``se_clustered(X, Y)`` the same, cluster-robust by subject (error if items lack subjects)
   ==================  ===========================================================================
@@ -415,10 +417,10 @@ class _Env:
         self._cache = {}
 
     def comparison(self, x, y):
-        from reqnoise.stats.inference import _compare_paired
+        from reqnoise.stats.inference import compare_paired
 
         if (x, y) not in self._cache:  # reference Y, condition X: difference = acc(X) - acc(Y)
-            self._cache[x, y] = _compare_paired(self.paired, y, x, self.crit.alpha, self.crit.power)
+            self._cache[x, y] = compare_paired(self.paired, y, x, self.crit.alpha, self.crit.power)
         return self._cache[x, y]
 
     def call(self, fname, args):

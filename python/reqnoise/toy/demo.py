@@ -19,9 +19,12 @@
 
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from reqnoise import atomic
+from reqnoise.stats.formatting import pct
+from reqnoise.stats.inference import MARGIN, equivalence, holm
 from reqnoise.toy.world import build_world
 
 CRITERIA = """title = "Set-G knowledge injection (demo)"
@@ -209,9 +212,12 @@ def stage2_adapter(name: str, data: str, *, rank: int, scale: float, lr: float, 
     ]
 
 
-def run_demo(out="reqnoise-demo", *, quick: bool = False, progress: bool = True, log=print) -> dict:
+def run_demo(
+    out="reqnoise-demo", *, quick: bool = False, progress: bool = True, log=print, margin: float = MARGIN
+) -> dict:
     """Build the world and the spec under ``out`` and run it; print what the run shows. Re-running resumes
-    from the step cache. Returns the results dict."""
+    from the step cache. ``margin``: equivalence margin (fraction) of the checks' "matched" lines. Returns the
+    results dict."""
     from reqnoise.distributed import on_root
     from reqnoise.experiment.runner import run_spec
 
@@ -221,7 +227,7 @@ def run_demo(out="reqnoise-demo", *, quick: bool = False, progress: bool = True,
     results = run_spec(out / "spec.toml", out, progress=progress, log=log)
     if not results:  # a rank other than 0 under mlx.launch
         return results
-    results["checks"] = demo_checks(out, results)
+    results["checks"] = demo_checks(out, results, margin)
     atomic.write_text(out / "results.json", json.dumps(results, indent=2, default=str) + "\n", overwrite=True)
     log("")
     log(summarize_demo(results))
@@ -234,8 +240,6 @@ EVALS = (("setg_test", "Set-G test"), ("recall_trained", "recall, trained"), ("r
 
 def summarize_demo(results: dict) -> str:
     """The lines a reader needs: accuracies, the decompositions, identity, the checks and the verdict."""
-    from reqnoise.experiment.report import _pct
-
     c = results["conditions"]
     lines = [f"{'condition':10s}" + "".join(f"{title:>19s}" for _, title in EVALS) + "   identity"]
     for name, row in c.items():
@@ -243,7 +247,7 @@ def summarize_demo(results: dict) -> str:
             continue
         ident = results["identity"].get(name) or {}
         cells = "".join(
-            f"{_pct(row[ev]['accuracy']) + ' (n=' + str(row[ev]['n']) + ')' if ev in row else '-':>19s}"
+            f"{pct(row[ev]['accuracy']) + ' (n=' + str(row[ev]['n']) + ')' if ev in row else '-':>19s}"
             for ev, _ in EVALS
         )
         lines.append(f"{name:10s}{cells}   {ident.get('score', '-')}/{ident.get('n', '-')}")
@@ -269,100 +273,245 @@ def _same_weights(a: Path, b: Path) -> bool:
     return set(wa) == set(wb) and all(wa[k].dtype == wb[k].dtype and mx.array_equal(wa[k], wb[k]).item() for k in wa)
 
 
-def _effect(c) -> str:
-    return f"{100 * c['difference']:+.1f} pp (McNemar p = {c['mcnemar_p']:.2g})"
+# The comparisons (eval, condition, comparison row) whose McNemar tests a check's [ok] rests on: one Holm
+# family. Only the positive control claims a difference; the "matched" / "no held-out knowledge" lines claim
+# equivalence (their McNemar p is printed for information, unadjusted) and say per line why they need no
+# correction.
+HOLM_FAMILY = (
+    ("recall_trained", "P1_fresh", "vs_P0_fresh"),
+    ("recall_trained", "P1_fresh", "vs_S1_fresh"),
+)
+NO_CORRECTION = "no multiplicity correction: [ok] needs every comparison named to be equivalent"
 
 
-def demo_checks(out: Path, results: dict) -> list:
-    """What the demo must show, each as {text, ok}: the invariants first (they cannot depend on luck), then
-    the findings (they depend on this run's numbers and are reported as measured)."""
-    from reqnoise.eval.records import read_records
-    from reqnoise.experiment.runner import letter_prior_warnings
+@dataclass
+class DemoRun:
+    """What the checks read: the run's output directory and results, the equivalence margin (fraction) and
+    the Holm-adjusted McNemar p of each comparison in ``HOLM_FAMILY`` that the run has."""
 
-    steps = out / "steps"
-    checks = []
+    out: Path
+    results: dict
+    margin: float = MARGIN
+    holm_p: dict = field(default_factory=dict)
 
-    def add(text, ok):
-        checks.append({"text": text, "ok": bool(ok)})
+    @classmethod
+    def of(cls, out: Path, results: dict, margin: float = MARGIN) -> "DemoRun":
+        run = cls(Path(out), results, margin)
+        family = [key for key in HOLM_FAMILY if run.comparison(*key) is not None]
+        _, adjusted = holm([run.comparison(*key)["mcnemar_p"] for key in family])
+        run.holm_p = dict(zip(family, adjusted))
+        return run
 
-    def answers(ev, cond):  # (item id, prediction) in record order
-        return [(r["id"], r["prediction"]) for r in read_records(out / "results" / ev / f"{cond}.jsonl")]
+    @property
+    def steps(self) -> Path:
+        return self.out / "steps"
 
-    same = _same_weights(steps / "model-A0_keep" / "model", steps / "model-persona" / "model")
-    add("keep-grid zero-delta control A0 has weights bit-identical to the persona model", same)
-    for ev, _ in EVALS:
-        add(
-            f"keep-grid A0 answers every {ev} item exactly as the persona model",
-            answers(ev, "A0_keep") == answers(ev, "persona"),
-        )
-    c, cmp = results["conditions"], results["comparisons"]
-    prior = letter_prior_warnings([steps / f"eval-all-{m}" / "records.jsonl" for m in ("base", "persona")])
-    add(
-        "Set G comes from models whose answers depend on the item (no letter above 60% of predictions)"
-        + ("" if not prior else ": " + "; ".join(prior)),
-        not prior,
-    )
+    def answers(self, ev, cond) -> list:
+        """(item id, prediction) in record order."""
+        from reqnoise.eval.records import read_records
 
-    def gain(m, ev="setg_test"):
+        return [(r["id"], r["prediction"]) for r in read_records(self.out / "results" / ev / f"{cond}.jsonl")]
+
+    def comparison(self, ev, cond, row) -> dict | None:
+        return self.results["comparisons"].get(ev, {}).get(cond, {}).get(row)
+
+    def gain(self, m, ev="setg_test") -> float:
+        """Accuracy of m minus the persona model's, in pp."""
+        c = self.results["conditions"]
         return 100 * (c[m][ev]["accuracy"] - c["persona"][ev]["accuracy"])
 
-    noise = results.get("noise") or {}
+    def effect(self, ev, cond, row) -> str:
+        c = self.comparison(ev, cond, row)
+        holm_p = self.holm_p.get((ev, cond, row))
+        return f"{100 * c['difference']:+.1f} pp (McNemar p = {c['mcnemar_p']:.2g}" + (
+            ")" if holm_p is None else f", Holm p = {holm_p:.2g})"
+        )
+
+    def matched(self, named: list, claim: str, topic: str) -> tuple[str, bool]:
+        """The clause for "no difference in any of ``named`` ((label, comparison dict) pairs)" and whether
+        it holds: only when every comparison is equivalent within the margin."""
+        eqs = [(label, equivalence(c, self.margin)) for label, c in named]
+        cis = ", ".join(f"{label} [{100 * e.tost_ci[0]:+.1f}, {100 * e.tost_ci[1]:+.1f}]" for label, e in eqs)
+        level = f"{100 * (1 - 2 * eqs[0][1].alpha):g}% CI"
+        if all(e.verdict == "equivalent" for _, e in eqs):
+            return f"{claim}: equivalent within ±{100 * self.margin:g} pp ({level} {cis} pp)", True
+        effects = [(label, e) for label, e in eqs if e.verdict == "effect"]
+        if effects:
+            return f"{topic}: " + "; ".join(f"{label}: {e.describe()}" for label, e in effects), False
+        open_ = [e for _, e in eqs if e.verdict != "equivalent"]
+        ns = "/".join(str(n) for n in sorted({e.n for e in open_}))
+        worst = max(e.not_excluded for e in open_)
+        return (
+            f"{topic}: inconclusive at n = {ns}: effects up to {100 * worst:.1f} pp are not excluded "
+            f"({level} {cis} pp; margin ±{100 * self.margin:g} pp)",
+            False,
+        )
+
+
+def _check(text: str, ok) -> dict:
+    return {"text": text, "ok": bool(ok)}
+
+
+def check_keep_grid_weights(run: DemoRun) -> list:
+    """Invariant: keep-grid requantization of a zero delta leaves every weight as it was."""
+    same = _same_weights(run.steps / "model-A0_keep" / "model", run.steps / "model-persona" / "model")
+    return [_check("keep-grid zero-delta control A0 has weights bit-identical to the persona model", same)]
+
+
+def check_keep_grid_answers(run: DemoRun) -> list:
+    """Invariant: ... and so every answer, in every eval."""
+    return [
+        _check(
+            f"keep-grid A0 answers every {ev} item exactly as the persona model",
+            run.answers(ev, "A0_keep") == run.answers(ev, "persona"),
+        )
+        for ev, _ in EVALS
+    ]
+
+
+def check_letter_prior(run: DemoRun) -> list:
+    """Set G is only meaningful when the models it is built from answer by item, not by a favourite letter."""
+    from reqnoise.experiment.runner import letter_prior_warnings
+
+    prior = letter_prior_warnings([run.steps / f"eval-all-{m}" / "records.jsonl" for m in ("base", "persona")])
+    return [
+        _check(
+            "Set G comes from models whose answers depend on the item (no letter above 60% of predictions)"
+            + ("" if not prior else ": " + "; ".join(prior)),
+            not prior,
+        )
+    ]
+
+
+def check_artifact(run: DemoRun) -> list:
+    """Finding: what fresh requantization of a zero delta does on its own (measured, no test: the line reports
+    point estimates and counts, and claims only that one of them is a gain)."""
+    noise = run.results.get("noise") or {}
 
     def moved(m):  # how far the zero delta moved the weights, the outputs (the noise report) and the answers
         n = noise.get(m) or {}
         codes, kl = (n.get("summary") or {}).get("mean_code_change_frac"), (n.get("outputs") or {}).get("kl_fused_base")
-        ours, ref = dict(answers("setg_test", m)), dict(answers("setg_test", "persona"))
+        ours, ref = dict(run.answers("setg_test", m)), dict(run.answers("setg_test", "persona"))
         changed = f", {sum(ours.get(k) != v for k, v in ref.items())} of {len(ref)} answers changed"
         return changed + (
             "" if codes is None or kl is None else f" ({100 * codes:.1f}% of codes, KL to persona {kl:.1g} nats)"
         )
 
-    add(
-        f"fresh requantization alone 'gains' on Set-G test over the persona model (the artifact): A0 "
-        f"{gain('A0_fresh'):+.1f} pp{moved('A0_fresh')}, P0 {gain('P0_fresh'):+.1f} pp{moved('P0_fresh')}",
-        gain("A0_fresh") > 0 or gain("P0_fresh") > 0,
+    return [
+        _check(
+            f"fresh requantization alone 'gains' on Set-G test over the persona model (the artifact): A0 "
+            f"{run.gain('A0_fresh'):+.1f} pp{moved('A0_fresh')}, P0 {run.gain('P0_fresh'):+.1f} pp{moved('P0_fresh')}",
+            run.gain("A0_fresh") > 0 or run.gain("P0_fresh") > 0,
+        )
+    ]
+
+
+def check_study_adapter(run: DemoRun) -> list:
+    """Finding: the study's adapter against its zero-delta control, "matched" only by equivalence."""
+    a1 = run.comparison("setg_test", "A1_fresh", "vs_zero_control")
+    if a1 is None:
+        return []
+    verdict = ((run.results.get("noise") or {}).get("A1_fresh") or {}).get("verdict")
+    clause, ok = run.matched(
+        [("A1 - A0", a1)], "its held-out result is matched by the zero-delta control", "match by the zero-delta control"
     )
-    a1 = cmp.get("setg_test", {}).get("A1_fresh", {})
-    if "vs_zero_control" in a1:
-        verdict = (noise.get("A1_fresh") or {}).get("verdict")
-        add(
-            f"the study's adapter: A1 {gain('A1_fresh'):+.1f} pp on Set-G test, A1 - A0 = "
-            f"{_effect(a1['vs_zero_control'])}: its held-out result is matched by the zero-delta control"
-            + (f"; noise report: {verdict}" if verdict else ""),
-            a1["vs_zero_control"]["mcnemar_p"] >= 0.05,
+    return [
+        _check(
+            f"the study's adapter: A1 {run.gain('A1_fresh'):+.1f} pp on Set-G test, A1 - A0 = "
+            f"{run.effect('setg_test', 'A1_fresh', 'vs_zero_control')}: {clause}"
+            + (f"; noise report: {verdict}" if verdict else "")
+            + f" ({NO_CORRECTION})",
+            ok,
         )
-    p1 = {ev: cmp.get(ev, {}).get("P1_fresh", {}) for ev, _ in EVALS}
-    if all(k in p1["recall_trained"] for k in ("vs_P0_fresh", "vs_S1_fresh")):
-        pos = [p1["recall_trained"]["vs_P0_fresh"], p1["recall_trained"]["vs_S1_fresh"]]
-        add(
-            f"positive control, trained facts asked in other words: P1 - P0 = {_effect(pos[0])}, P1 - shuffled-answer "
-            f"control = {_effect(pos[1])}: content is real only if P1 beats both nulls",
-            all(x["mcnemar_p"] < 0.05 and x["difference"] > 0 for x in pos),
+    ]
+
+
+def check_positive_control(run: DemoRun) -> list:
+    """Finding: the positive control beats both nulls on the trained facts, by Holm-adjusted McNemar p."""
+    keys = [("recall_trained", "P1_fresh", row) for row in ("vs_P0_fresh", "vs_S1_fresh")]
+    if any(run.comparison(*k) is None for k in keys):
+        return []
+    alpha = run.comparison(*keys[0])["alpha"]
+    beats = [run.comparison(*k)["difference"] > 0 and run.holm_p[k] < alpha for k in keys]
+    return [
+        _check(
+            f"positive control, trained facts asked in other words: P1 - P0 = {run.effect(*keys[0])}, P1 - "
+            f"shuffled-answer control = {run.effect(*keys[1])}: content is real only if P1 beats both nulls "
+            f"(both Holm-adjusted p < {alpha:g}, Holm over the {len(run.holm_p)} McNemar tests the checks claim)",
+            all(beats),
         )
-    if all(k in p1["recall_heldout"] for k in ("vs_P0_fresh", "vs_S1_fresh")) and "vs_S1_fresh" in p1["setg_test"]:
-        held = [
-            p1["recall_heldout"]["vs_P0_fresh"],
-            p1["recall_heldout"]["vs_S1_fresh"],
-            p1["setg_test"]["vs_S1_fresh"],
-        ]
-        add(
-            f"the same adapter on held-out facts: recall P1 - P0 = {_effect(held[0])}, P1 - S1 = {_effect(held[1])}; "
-            f"Set-G test (multiple choice) P1 - S1 = {_effect(held[2])}: no held-out knowledge",
-            all(x["mcnemar_p"] >= 0.05 for x in held[1:]),
+    ]
+
+
+def check_heldout(run: DemoRun) -> list:
+    """Finding: no held-out knowledge, only when every comparison the sentence names is equivalent."""
+    keys = [
+        ("recall_heldout", "P1_fresh", "vs_P0_fresh"),
+        ("recall_heldout", "P1_fresh", "vs_S1_fresh"),
+        ("setg_test", "P1_fresh", "vs_S1_fresh"),
+    ]
+    if any(run.comparison(*k) is None for k in keys):
+        return []
+    labels = ("recall P1 - P0", "recall P1 - S1", "Set-G P1 - S1")
+    clause, ok = run.matched(
+        [(label, run.comparison(*k)) for label, k in zip(labels, keys)], "no held-out knowledge", "held-out knowledge"
+    )
+    return [
+        _check(
+            f"the same adapter on held-out facts: recall P1 - P0 = {run.effect(*keys[0])}, P1 - S1 = "
+            f"{run.effect(*keys[1])}; Set-G test (multiple choice) P1 - S1 = {run.effect(*keys[2])}: {clause} "
+            f"({NO_CORRECTION})",
+            ok,
         )
-    ident = results.get("identity", {})
-    if ident.get("persona") and ident.get("base"):
-        add(
+    ]
+
+
+def check_identity(run: DemoRun) -> list:
+    """Finding: the stage-1 adapter gives the persona (counts, no test)."""
+    ident = run.results.get("identity", {})
+    if not (ident.get("persona") and ident.get("base")):
+        return []
+    return [
+        _check(
             f"identity: persona {ident['persona']['score']}/{ident['persona']['n']}, base "
             f"{ident['base']['score']}/{ident['base']['n']}",
             ident["persona"]["score"] > ident["base"]["score"],
         )
-    if ident.get("A1_fresh") and ident.get("persona"):
-        p1i = ident.get("P1_fresh") or {}
-        add(
+    ]
+
+
+def check_identity_stacking(run: DemoRun) -> list:
+    """Finding: stacking the study's adapter keeps the persona (within 2 answers; counts, no test)."""
+    ident = run.results.get("identity", {})
+    if not (ident.get("A1_fresh") and ident.get("persona")):
+        return []
+    p1i = ident.get("P1_fresh") or {}
+    return [
+        _check(
             f"identity survives stacking the study's adapter: A1 (fresh) {ident['A1_fresh']['score']}/"
             f"{ident['A1_fresh']['n']}"
             + (f" (the positive control's far larger delta: P1 {p1i['score']}/{p1i['n']})" if p1i else ""),
             ident["A1_fresh"]["score"] >= ident["persona"]["score"] - 2,
         )
-    return checks
+    ]
+
+
+# The invariants first (they cannot depend on luck), then the findings (this run's numbers, as measured).
+CHECKS = (
+    check_keep_grid_weights,
+    check_keep_grid_answers,
+    check_letter_prior,
+    check_artifact,
+    check_study_adapter,
+    check_positive_control,
+    check_heldout,
+    check_identity,
+    check_identity_stacking,
+)
+
+
+def demo_checks(out: Path, results: dict, margin: float = MARGIN) -> list:
+    """What the demo must show, each as {text, ok}, from ``CHECKS`` in order. ``margin`` (fraction): the
+    equivalence margin of the "matched" / "no held-out knowledge" lines."""
+    run = DemoRun.of(out, results, margin)
+    return [check for fn in CHECKS for check in fn(run)]

@@ -1,0 +1,120 @@
+"""The demo's checks (reqnoise.toy.demo), one function per check, on hand-built comparisons: "matched" and
+"no held-out knowledge" only from an equivalence test, every named comparison in the condition, Holm-adjusted
+p-values (statsmodels as the oracle). The full pipeline runs in tests/test_runner.py (slow)."""
+
+import json
+
+import numpy as np
+import pytest
+from scipy.stats import norm
+from statsmodels.stats.multitest import multipletests
+
+from reqnoise.stats.inference import compare
+from reqnoise.toy import demo
+
+
+def records(correct, prefix="q"):
+    return [
+        {"id": f"{prefix}{i}", "subject": None, "correct": bool(c), "parsed": True, "prediction": "A", "answer": "A"}
+        for i, c in enumerate(correct)
+    ]
+
+
+def table(both_right, fixed, broken, both_wrong, seed=0):
+    """Stored comparison (as in results.json) of B against A with these paired counts."""
+    a = [1] * both_right + [0] * fixed + [1] * broken + [0] * both_wrong
+    b = [1] * both_right + [1] * fixed + [0] * broken + [0] * both_wrong
+    order = np.random.default_rng(seed).permutation(len(a))
+    c = compare(records([a[i] for i in order]), records([b[i] for i in order]))
+    return json.loads(json.dumps(c.to_dict()))
+
+
+def results(comparisons, accuracy=None):
+    """A results dict with the given {(eval, condition, row): comparison} and flat accuracies."""
+    out = {"comparisons": {}, "conditions": {}, "noise": {}, "identity": {}}
+    for (ev, cond, row), c in comparisons.items():
+        out["comparisons"].setdefault(ev, {}).setdefault(cond, {})[row] = c
+    for m, acc in (accuracy or {}).items():
+        out["conditions"][m] = {"setg_test": {"accuracy": acc}}
+    return out
+
+
+A1 = ("setg_test", "A1_fresh", "vs_zero_control")
+ACC = {"persona": 0.0, "A1_fresh": 0.0}
+
+
+def study_line(res, margin=demo.MARGIN):
+    (check,) = demo.check_study_adapter(demo.DemoRun.of("unused", res, margin))
+    return check
+
+
+def test_no_flips_at_n33_is_inconclusive_not_matched():
+    # Issue #14 §3: McNemar p = 1 at n = 33 used to print "[ok] ... matched by the zero-delta control".
+    check = study_line(results({A1: table(0, 0, 0, 33)}, ACC))
+    z2 = norm.ppf(0.95) ** 2  # each end of the 90% CI: the 90% Wilson upper bound of 0/33, by hand
+    assert not check["ok"]
+    assert f"inconclusive at n = 33: effects up to {100 * z2 / (33 + z2):.1f} pp are not excluded" in check["text"]
+    assert "matched by the zero-delta control:" not in check["text"]
+    assert "[NO] " in demo.summarize_demo({"conditions": {}, "decomposition": {}, "checks": [check]})
+
+
+def test_equivalent_prints_matched_and_the_margin_is_an_option():
+    check = study_line(results({A1: table(0, 4, 5, 991)}, ACC))
+    assert (
+        check["ok"] and "matched by the zero-delta control: equivalent within ±5 pp (90% CI A1 - A0 [" in check["text"]
+    )
+    assert demo.NO_CORRECTION in check["text"]
+    wide = study_line(results({A1: table(0, 0, 0, 33)}, ACC), margin=0.10)
+    assert wide["ok"] and "equivalent within ±10 pp" in wide["text"]
+
+
+def test_an_effect_is_not_matched():
+    check = study_line(results({A1: table(0, 12, 0, 21)}, {"persona": 0.0, "A1_fresh": 12 / 33}))
+    assert not check["ok"] and "match by the zero-delta control: A1 - A0: an effect" in check["text"]
+
+
+HELD = [
+    ("recall_heldout", "P1_fresh", "vs_P0_fresh"),
+    ("recall_heldout", "P1_fresh", "vs_S1_fresh"),
+    ("setg_test", "P1_fresh", "vs_S1_fresh"),
+]
+
+
+def test_heldout_condition_covers_every_named_comparison():
+    # The old condition left recall P1 - P0 out: an effect there still printed "[ok] ... no held-out knowledge".
+    null = table(0, 4, 5, 991)
+    res = results({HELD[0]: table(100, 120, 10, 770), HELD[1]: null, HELD[2]: null})
+    (check,) = demo.check_heldout(demo.DemoRun.of("unused", res))
+    assert not check["ok"] and "held-out knowledge: recall P1 - P0: an effect" in check["text"]
+    res = results({k: null for k in HELD})
+    (check,) = demo.check_heldout(demo.DemoRun.of("unused", res))
+    assert check["ok"] and "no held-out knowledge: equivalent within ±5 pp" in check["text"]
+    for label in ("recall P1 - P0 [", "recall P1 - S1 [", "Set-G P1 - S1 ["):
+        assert label in check["text"]
+
+
+def test_positive_control_needs_holm_adjusted_p():
+    # Both raw McNemar p just under 0.05 (0.041, 0.049); Holm-adjusted over the two, neither is.
+    pos = [("recall_trained", "P1_fresh", "vs_P0_fresh"), ("recall_trained", "P1_fresh", "vs_S1_fresh")]
+    assert list(demo.HOLM_FAMILY) == pos
+    comps = {pos[0]: table(0, 15, 5, 80), pos[1]: table(0, 13, 4, 83), A1: table(0, 0, 0, 33)}
+    comps.update({k: table(0, 1, 4, 90, seed=i) for i, k in enumerate(HELD)})
+    assert comps[pos[0]]["mcnemar_p"] < comps[pos[1]]["mcnemar_p"] < 0.05
+    run = demo.DemoRun.of("unused", results(comps))
+    expected = multipletests([comps[k]["mcnemar_p"] for k in pos], method="holm")[1]
+    assert [run.holm_p[k] for k in pos] == pytest.approx(list(expected))
+    assert set(run.holm_p) == set(pos)  # the equivalence lines' p-values are not in the family
+    (check,) = demo.check_positive_control(run)
+    assert run.holm_p[pos[1]] >= 0.05 and not check["ok"]
+    assert f"Holm p = {run.holm_p[pos[1]]:.2g}" in check["text"] and "over the 2 McNemar tests" in check["text"]
+    comps[pos[1]] = table(0, 30, 2, 68)
+    (check,) = demo.check_positive_control(demo.DemoRun.of("unused", results(comps)))
+    assert check["ok"]
+
+
+def test_one_function_per_check_in_order():
+    assert demo.CHECKS[:3] == (demo.check_keep_grid_weights, demo.check_keep_grid_answers, demo.check_letter_prior)
+    assert len(set(demo.CHECKS)) == len(demo.CHECKS) == 9
+    # A check whose comparisons are missing prints nothing rather than a line about absent numbers.
+    empty = demo.DemoRun.of("unused", results({}))
+    assert demo.check_study_adapter(empty) == demo.check_heldout(empty) == demo.check_positive_control(empty) == []
