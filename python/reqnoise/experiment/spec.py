@@ -65,6 +65,7 @@ import tomllib
 from pathlib import Path
 
 from reqnoise.errors import ReqnoiseError
+from reqnoise.train.config import TrainConfig
 
 MODEL_KINDS = ("path", "toy", "quantize", "adapter")
 
@@ -87,22 +88,7 @@ def analysis_pair(pair) -> dict:
     }
 
 
-TRAIN_KEYS = {
-    "model",
-    "data",
-    "fine_tune_type",
-    "rank",
-    "scale",
-    "lr",
-    "iters",
-    "batch_size",
-    "layers",
-    "modules",
-    "keys",
-    "mask_prompt",
-    "seed",
-    "max_seq_length",
-}
+TRAIN_KEYS = {"model", "data", *TrainConfig.names()}
 FUSE_KEYS = {"from", "adapter", "requant", "control", "seed", "out_bits", "layers"}
 EVAL_KEYS = {"items", "mode", "models", "batch_size", "max_tokens", "limit", "calibrate"}
 
