@@ -103,7 +103,7 @@ def test_modules_and_layers_select_expert_down_proj_by_type():
 
     from reqnoise.toy.model import toy_config
 
-    moe = qwen3_moe.Model(qwen3_moe.ModelArgs.from_dict(toy_config(256, num_layers=24)))
+    moe = qwen3_moe.Model(qwen3_moe.ModelArgs.from_dict(toy_config(vocab_size=256, num_layers=24)))
     nn.quantize(moe, group_size=64, bits=3)
     assert find_targets(moe, layers=[8, 14, 20], modules=["down_proj"]) == [
         "model.layers.8.mlp.switch_mlp.down_proj",
