@@ -12,7 +12,7 @@ from reqnoise.errors import ReqnoiseError
 from reqnoise.eval.items import Item, build_prompt, load_items
 from reqnoise.eval.records import write_records
 from reqnoise.eval.setg import build_setg, stratified_split, wrong_everywhere
-from reqnoise.train.tuner import load_chat_data
+from reqnoise.train.data import load_chat_data
 
 SUBJECT_SIZES = {"chemistry": 23, "law": 11, "history": 6, "math": 1}
 

@@ -1,5 +1,6 @@
 """The embedded toy MoE model: determinism, mlx-lm compatibility, quantization layout, tokenizer, CLI."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,7 +17,7 @@ from safetensors.numpy import load_file
 import reqnoise
 from reqnoise.cli import main as cli_main
 from reqnoise.errors import ReqnoiseError
-from reqnoise.toy.model import build_toy_model
+from reqnoise.toy.model import ToyShape, build_toy_model, toy_config
 from reqnoise.toy.tokenizer import OPTION_LETTERS, train_tokenizer
 
 NUM_LAYERS, NUM_EXPERTS = 4, 8
@@ -57,6 +58,53 @@ def test_same_seed_gives_identical_bytes_and_other_seed_differs(toy_model_dir, t
     assert other["model.safetensors"] != _files(toy_model_dir)["model.safetensors"]
     # The tokenizer depends on the corpus only, so models built from different seeds share it.
     assert other["tokenizer.json"] == _files(toy_model_dir)["tokenizer.json"]
+
+
+# --- shape ------------------------------------------------------------------------------------------------
+
+# build_toy_model's size keywords and defaults as they were written out before ToyShape (hand-copied oracle).
+SHAPE_DEFAULTS = {
+    "num_layers": 4,
+    "num_experts": 8,
+    "num_experts_per_tok": 2,
+    "hidden_size": 128,
+    "moe_intermediate_size": 128,
+    "intermediate_size": 256,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "vocab_size": 2048,
+}
+
+
+def test_shape_defaults_and_config_names():
+    assert dataclasses.asdict(ToyShape()) == SHAPE_DEFAULTS
+    config = toy_config(ToyShape(num_layers=3, head_dim=64), dtype="bfloat16")
+    assert config == toy_config(num_layers=3, head_dim=64, dtype="bfloat16")
+    renamed = {"num_layers": "num_hidden_layers"}
+    assert {renamed.get(k, k): config[renamed.get(k, k)] for k in SHAPE_DEFAULTS} == {
+        renamed.get(k, k): v for k, v in (SHAPE_DEFAULTS | {"num_layers": 3, "head_dim": 64}).items()
+    }
+    assert config["torch_dtype"] == "bfloat16"
+    with pytest.raises(TypeError, match="unknown toy shape field"):
+        toy_config(num_heads=4)
+
+
+def test_shape_keywords_toyshape_and_cli_build_the_same_model(tmp_path):
+    sizes = dict(num_layers=1, num_experts=4, num_experts_per_tok=1, hidden_size=256)
+    by_keywords = build_toy_model(tmp_path / "kw", bits=None, **sizes)
+    by_shape = build_toy_model(tmp_path / "shape", ToyShape(**sizes), bits=None)
+    assert _files(by_shape) == _files(by_keywords)
+    config = _config(by_keywords)
+    assert (config["num_hidden_layers"], config["num_experts"], config["num_experts_per_tok"]) == (1, 4, 1)
+    assert config["hidden_size"] == 256 and config["moe_intermediate_size"] == 128
+    argv = ["toy-model", "--save-path", str(tmp_path / "cli"), "--bits", "none", "--num-layers", "1"]
+    assert cli_main(argv + ["--num-experts", "4", "--num-experts-per-tok", "1", "--hidden-size", "256"]) == 0
+    assert _files(tmp_path / "cli") == _files(by_keywords)
+    with pytest.raises(TypeError, match="unknown toy shape field"):
+        build_toy_model(tmp_path / "bad", num_heads=4)
+    assert cli_main(["toy-model", "--save-path", str(tmp_path / "bad"), "--num-experts-per-tok", "9"]) == 1
+    assert not (tmp_path / "bad").exists()
 
 
 # --- mlx-lm compatibility ---------------------------------------------------------------------------------

@@ -18,7 +18,10 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 from reqnoise.errors import ReqnoiseError
-from reqnoise.train.tuner import find_targets, seeded_batches, train_adapter
+from reqnoise.train.config import TrainConfig
+from reqnoise.train.data import seeded_batches
+from reqnoise.train.targets import find_targets
+from reqnoise.train.tuner import train_adapter
 
 MEMO = [
     {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
@@ -100,7 +103,7 @@ def test_modules_and_layers_select_expert_down_proj_by_type():
 
     from reqnoise.toy.model import toy_config
 
-    moe = qwen3_moe.Model(qwen3_moe.ModelArgs.from_dict(toy_config(256, num_layers=24)))
+    moe = qwen3_moe.Model(qwen3_moe.ModelArgs.from_dict(toy_config(vocab_size=256, num_layers=24)))
     nn.quantize(moe, group_size=64, bits=3)
     assert find_targets(moe, layers=[8, 14, 20], modules=["down_proj"]) == [
         "model.layers.8.mlp.switch_mlp.down_proj",
@@ -199,13 +202,102 @@ def test_bad_data_and_existing_output_are_refused_before_training(toy_model_dir,
         train_adapter(toy_model_dir, MEMO, tmp_path / "b", mask_prompt=True, max_seq_length=8, progress=False)
 
 
+# ------------------------------------------------------------------------------------------- settings
+
+# The options and defaults of train_adapter as they were written out before TrainConfig (hand-copied oracle).
+OPTION_DEFAULTS = {
+    "fine_tune_type": "lora",
+    "rank": 8,
+    "scale": 20.0,
+    "lr": 1e-4,
+    "iters": 100,
+    "batch_size": 4,
+    "layers": None,
+    "modules": None,
+    "keys": None,
+    "mask_prompt": False,
+    "seed": 0,
+    "max_seq_length": 512,
+}
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(fine_tune_type="qlora"), "fine_tune_type must be one of ('lora', 'dora', 'full'), got 'qlora'"),
+        (dict(rank=0), "rank must be a positive integer, got 0"),
+        (dict(iters=2.5), "iters must be a positive integer, got 2.5"),
+        (dict(batch_size=-1), "batch_size must be a positive integer, got -1"),
+        (dict(max_seq_length=1), "max_seq_length must be at least 2, got 1"),
+        (dict(lr=0.0), "lr must be a positive number, got 0.0"),
+        (dict(lr=float("nan")), "lr must be a positive number, got nan"),
+        (dict(scale=float("inf")), "scale must be a finite number, got inf"),
+    ],
+)
+def test_bad_settings_are_refused_before_the_model_is_read(tmp_path, options, message):
+    with pytest.raises(ReqnoiseError) as err:
+        TrainConfig(**options).check()
+    assert str(err.value) == message
+    # train_adapter checks them first: the model directory does not even exist here
+    with pytest.raises(ReqnoiseError) as err:
+        train_adapter(tmp_path / "no-model", MEMO, tmp_path / "a", progress=False, **options)
+    assert str(err.value) == message
+    with pytest.raises(ReqnoiseError) as err:
+        train_adapter(tmp_path / "no-model", MEMO, tmp_path / "a", TrainConfig(**options), progress=False)
+    assert str(err.value) == message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_options_are_refused(tmp_path):
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['learning_rate'\]"):
+        train_adapter(tmp_path / "m", MEMO, tmp_path / "a", learning_rate=1e-3)
+    with pytest.raises(TypeError, match="config must be a TrainConfig"):
+        train_adapter(tmp_path / "m", MEMO, tmp_path / "a", {"rank": 4})
+
+
+def test_config_fields_are_the_options_the_cli_and_the_spec_accept():
+    from reqnoise.cli import build_parser
+    from reqnoise.cli.train import _config
+    from reqnoise.experiment.spec import TRAIN_KEYS
+
+    assert {f: getattr(TrainConfig(), f) for f in TrainConfig.names()} == OPTION_DEFAULTS
+    assert TRAIN_KEYS == {"model", "data", *OPTION_DEFAULTS}
+    parser = build_parser()
+    base = ["train", "--model", "m", "--data", "d", "--adapter-path", "a"]
+    assert _config(parser.parse_args(base)) == TrainConfig(**OPTION_DEFAULTS)
+    args = parser.parse_args(
+        base
+        + ["--fine-tune-type", "dora", "--rank", "4", "--scale", "2.5", "--learning-rate", "0.01", "--iters", "7"]
+        + ["--batch-size", "2", "--layers", "0-3,8", "--modules", "down_proj, q_proj", "--modules", "up_proj"]
+        + ["--keys", "lm_head", "--mask-prompt", "--seed", "5", "--max-seq-length", "64"]
+    )
+    assert _config(args) == TrainConfig(
+        fine_tune_type="dora",
+        rank=4,
+        scale=2.5,
+        lr=0.01,
+        iters=7,
+        batch_size=2,
+        layers=[0, 1, 2, 3, 8],
+        modules=["down_proj", "q_proj", "up_proj"],
+        keys=["lm_head"],
+        mask_prompt=True,
+        seed=5,
+        max_seq_length=64,
+    )
+    assert _config(parser.parse_args(base + ["--lr", "0.5"])).lr == 0.5
+    for bad in (["--fine-tune-type", "qlora"], ["--layers", "a-b"], ["--rank", "1.5"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(base + bad)
+
+
 # ---------------------------------------------------------------------------------------------- data
 
 
 def test_mask_prompt_trains_only_the_response_with_thinking_off(toy_model_dir):
     from mlx_lm import load
 
-    from reqnoise.train.tuner import chat_dataset
+    from reqnoise.train.data import chat_dataset
 
     _, tok = load(str(toy_model_dir))
     ex = {
@@ -310,6 +402,11 @@ def test_same_inputs_and_seed_give_identical_bytes_and_exact_targets(toy_model_d
     train_adapter(toy_model_dir, data, tmp_path / "c", **{**kw, "seed": 4})
     a, b, c = ((tmp_path / x / "adapters.safetensors").read_bytes() for x in "abc")
     assert a == b and a != c
+    # the same settings as a TrainConfig (its seed overridden by a keyword) give the same adapter and config
+    config = TrainConfig(**{k: v for k, v in kw.items() if k != "progress"} | {"seed": 99})
+    train_adapter(toy_model_dir, data, tmp_path / "d", config, seed=3, progress=False)
+    assert (tmp_path / "d" / "adapters.safetensors").read_bytes() == a
+    assert (tmp_path / "d" / "adapter_config.json").read_text() == (tmp_path / "a" / "adapter_config.json").read_text()
     tensors = _header(tmp_path / "a" / "adapters.safetensors")
     oracle = {
         n[: -len(".weight")]

@@ -1,6 +1,9 @@
 """``reqnoise toy-model``: write the embedded small qwen3_moe model as an mlx-lm model directory."""
 
 import argparse
+from dataclasses import fields
+
+from reqnoise.toy.model import DEFAULT_DTYPE, SUPPORTED_DTYPES, ToyShape, build_toy_model
 
 
 def _bits(text: str):
@@ -13,8 +16,6 @@ def _bits(text: str):
 
 
 def register(subparsers) -> None:
-    from reqnoise.toy.model import DEFAULT_DTYPE, SUPPORTED_DTYPES
-
     p = subparsers.add_parser(
         "toy-model",
         help="build the small offline qwen3_moe test model (random weights, quantized)",
@@ -36,8 +37,13 @@ def register(subparsers) -> None:
         choices=SUPPORTED_DTYPES,
         help=f"dtype of weights and quantization scales (default {DEFAULT_DTYPE}: fastest on CPU)",
     )
-    p.add_argument("--num-layers", type=int, default=4, help="decoder layers (default 4)")
-    p.add_argument("--num-experts", type=int, default=8, help="experts per MoE layer (default 8, top-2 routing)")
+    for f in fields(ToyShape):  # one option per size: --num-layers, --num-experts, ...
+        p.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=int,
+            default=f.default,
+            help=f"{f.metadata['help']} (default {f.default})",
+        )
     p.add_argument(
         "--mlp-std",
         type=float,
@@ -51,16 +57,13 @@ def register(subparsers) -> None:
 
 
 def _run(args) -> int:
-    from reqnoise.toy.model import build_toy_model
-
     path = build_toy_model(
         args.save_path,
+        ToyShape(**{f.name: getattr(args, f.name) for f in fields(ToyShape)}),
         bits=args.bits,
         group_size=args.group_size,
         seed=args.seed,
         dtype=args.dtype,
-        num_layers=args.num_layers,
-        num_experts=args.num_experts,
         mlp_std=None if args.mlp_std is None else tuple(args.mlp_std),
         overwrite=args.overwrite,
     )

@@ -1,6 +1,15 @@
 """``reqnoise train`` (an adapter through mlx-lm's tuner) and ``reqnoise clean-data`` (chat data cleaning)."""
 
 import json
+from dataclasses import fields
+from pathlib import Path
+
+from reqnoise.atomic import write_text
+from reqnoise.distributed import rank_and_size
+from reqnoise.errors import ReqnoiseError
+from reqnoise.fuse.model_io import layer_index
+from reqnoise.train.clean_data import DEFAULT_DROP_PATTERNS, clean_chat_data
+from reqnoise.train.config import TrainConfig
 
 
 def _layers(text: str):
@@ -22,6 +31,42 @@ def _names(values):
     return [n.strip() for v in values for n in v.split(",") if n.strip()]
 
 
+# What the command line adds to a TrainConfig field: list syntax, and mlx-lm's flag name for lr as an alias.
+# A field of another type than bool/int/float/str needs an entry here (register refuses it otherwise).
+_CLI_FORM = {
+    "lr": {"flags": ("--lr", "--learning-rate")},
+    "layers": {"type": _layers},
+    "modules": {"action": "append"},
+    "keys": {"action": "append"},
+}
+
+
+def _add_config_options(p) -> None:
+    """One option per TrainConfig field: ``--field-name``, the field's default, help and choices."""
+    for f in fields(TrainConfig):
+        form = dict(_CLI_FORM.get(f.name, {}))
+        flags = form.pop("flags", ("--" + f.name.replace("_", "-"),))
+        kw = {"dest": f.name, "default": f.default, "help": f.metadata["help"]}
+        if "choices" in f.metadata:
+            kw["choices"] = list(f.metadata["choices"])
+        if f.type is bool:
+            kw["action"] = "store_true"
+        elif f.type in (int, float, str):
+            kw["type"] = f.type
+        elif not form:
+            raise TypeError(f"TrainConfig.{f.name} ({f.type}) has no command-line form; add one to _CLI_FORM")
+        p.add_argument(*flags, **kw, **form)
+
+
+def _config(args) -> TrainConfig:
+    """The TrainConfig of parsed arguments; repeated/comma-separated list options flattened."""
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+    for name, form in _CLI_FORM.items():
+        if form.get("action") == "append":
+            values[name] = _names(values[name])
+    return TrainConfig(**values)
+
+
 def register(sub) -> None:
     p = sub.add_parser(
         "train",
@@ -34,29 +79,7 @@ def register(sub) -> None:
     p.add_argument("--model", required=True, help="mlx-lm model directory (a fused model for stacking)")
     p.add_argument("--data", required=True, help="directory with train.jsonl (and valid.jsonl), chat format")
     p.add_argument("--adapter-path", required=True, help="output adapter directory (created atomically)")
-    p.add_argument("--fine-tune-type", choices=["lora", "dora", "full"], default="lora")
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--scale", type=float, default=20.0, help="mlx-lm's LoRA scale (a plain multiplier)")
-    p.add_argument("--lr", "--learning-rate", dest="lr", type=float, default=1e-4, help="Adam learning rate")
-    p.add_argument("--iters", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--layers", type=_layers, default=None, help="block indices, e.g. 8,14,20 or 0-3")
-    p.add_argument(
-        "--modules",
-        action="append",
-        default=None,
-        help="block-relative name suffixes, e.g. down_proj or self_attn.q_proj (comma-separated "
-        "or repeated); default: every linear-type module in the selected blocks",
-    )
-    p.add_argument(
-        "--keys",
-        action="append",
-        default=None,
-        help="exact full module paths (comma-separated or repeated); exclusive with --layers/--modules",
-    )
-    p.add_argument("--mask-prompt", action="store_true", help="train only on the last assistant message")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-seq-length", type=int, default=512)
+    _add_config_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --adapter-path")
     p.add_argument("--quiet", action="store_true", help="no training display")
     p.add_argument("--summary-json", default=None, help="also write the training summary to this JSON file")
@@ -86,8 +109,6 @@ def register(sub) -> None:
 
 
 def _compact(paths) -> str:
-    from reqnoise.fuse.model_io import layer_index
-
     groups: dict = {}
     for p in paths:
         li = layer_index(p)
@@ -97,10 +118,7 @@ def _compact(paths) -> str:
 
 
 def run_train(args) -> int:
-    from pathlib import Path
-
-    from reqnoise.atomic import write_text
-    from reqnoise.errors import ReqnoiseError
+    # mlx is imported with the tuner, here and not at the top, so that `reqnoise --help` stays fast
     from reqnoise.train.tuner import train_adapter
 
     if args.summary_json and Path(args.summary_json).exists() and not args.overwrite:
@@ -109,23 +127,10 @@ def run_train(args) -> int:
         args.model,
         args.data,
         args.adapter_path,
-        fine_tune_type=args.fine_tune_type,
-        rank=args.rank,
-        scale=args.scale,
-        lr=args.lr,
-        iters=args.iters,
-        batch_size=args.batch_size,
-        layers=args.layers,
-        modules=_names(args.modules),
-        keys=_names(args.keys),
-        mask_prompt=args.mask_prompt,
-        seed=args.seed,
-        max_seq_length=args.max_seq_length,
+        _config(args),
         overwrite=args.overwrite,
         progress=not args.quiet,
     )
-    from reqnoise.distributed import rank_and_size
-
     if rank_and_size()[0] != 0:  # under mlx.launch (data-parallel) rank 0 wrote the adapter and reports
         return 0
     first = summary["train_losses"][0][1]
@@ -147,8 +152,6 @@ def run_train(args) -> int:
 
 
 def run_clean(args) -> int:
-    from reqnoise.train.clean_data import DEFAULT_DROP_PATTERNS, clean_chat_data
-
     patterns = DEFAULT_DROP_PATTERNS if args.drop_pattern is None else tuple(args.drop_pattern)
     counts = clean_chat_data(
         args.input,

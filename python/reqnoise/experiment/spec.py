@@ -68,6 +68,7 @@ from pathlib import Path
 
 from reqnoise.errors import ReqnoiseError
 from reqnoise.fuse.options import FuseOptions
+from reqnoise.train.config import TrainConfig
 
 MODEL_KINDS = ("path", "toy", "quantize", "adapter")
 
@@ -90,22 +91,7 @@ def analysis_pair(pair) -> dict:
     }
 
 
-TRAIN_KEYS = {
-    "model",
-    "data",
-    "fine_tune_type",
-    "rank",
-    "scale",
-    "lr",
-    "iters",
-    "batch_size",
-    "layers",
-    "modules",
-    "keys",
-    "mask_prompt",
-    "seed",
-    "max_seq_length",
-}
+TRAIN_KEYS = {"model", "data", *TrainConfig.names()}
 FUSE_KEYS = {"from", "adapter", *FuseOptions.names()}
 EVAL_KEYS = {"items", "mode", "models", "batch_size", "max_tokens", "limit", "calibrate", "calibrate_from"}
 

@@ -7,8 +7,10 @@ Every quantizable input dimension divides by 128, so group sizes 32, 64 and 128 
 """
 
 import contextlib
+import dataclasses
 import io
 import zlib
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,7 @@ from reqnoise.errors import ReqnoiseError
 from reqnoise.kernel.formats import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from reqnoise.toy.tokenizer import DEFAULT_VOCAB_SIZE, builtin_corpus, save_tokenizer, train_tokenizer
 
-__all__ = ["build_toy_model", "toy_config", "init_toy_weights", "builtin_corpus", "train_tokenizer"]
+__all__ = ["ToyShape", "build_toy_model", "toy_config", "init_toy_weights", "builtin_corpus", "train_tokenizer"]
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 # float32 by default: on CPU, bf16/fp16 quantized matmuls are several times slower (see build_toy_model).
@@ -26,34 +28,73 @@ DEFAULT_DTYPE = "float32"
 WEIGHT_STD = 0.02
 
 
-def toy_config(
-    vocab_size: int,
-    *,
-    num_layers: int = 4,
-    num_experts: int = 8,
-    num_experts_per_tok: int = 2,
-    hidden_size: int = 128,
-    moe_intermediate_size: int = 128,
-    intermediate_size: int = 256,
-    num_attention_heads: int = 4,
-    num_key_value_heads: int = 2,
-    head_dim: int = 32,
-    dtype: str = DEFAULT_DTYPE,
-) -> dict:
-    """The config.json fields of the toy model (before quantization), in Qwen3-MoE's naming."""
+@dataclass(frozen=True)
+class ToyShape:
+    """The toy model's sizes, in Qwen3-MoE's config names (``vocab_size`` is also the tokenizer's size).
+
+    Every layer is an MoE layer; ``intermediate_size`` (the dense MLP width) is written to config.json only.
+    """
+
+    num_layers: int = field(default=4, metadata={"help": "decoder layers"})
+    num_experts: int = field(default=8, metadata={"help": "experts per MoE layer"})
+    num_experts_per_tok: int = field(default=2, metadata={"help": "experts each token is routed to: top-k routing"})
+    hidden_size: int = field(default=128, metadata={"help": "residual stream width, a multiple of 128"})
+    moe_intermediate_size: int = field(default=128, metadata={"help": "expert MLP width, a multiple of 128"})
+    intermediate_size: int = field(
+        default=256, metadata={"help": "dense MLP width in config.json (every toy layer is MoE), a multiple of 128"}
+    )
+    num_attention_heads: int = field(default=4, metadata={"help": "query heads"})
+    num_key_value_heads: int = field(default=2, metadata={"help": "key/value heads (grouped-query attention)"})
+    head_dim: int = field(default=32, metadata={"help": "width of one attention head"})
+    vocab_size: int = field(
+        default=DEFAULT_VOCAB_SIZE, metadata={"help": "tokens of the tokenizer trained on the spot and of the model"}
+    )
+
+    @classmethod
+    def of(cls, shape: "ToyShape | None" = None, **sizes) -> "ToyShape":
+        """``shape`` (None = the defaults) with the given fields replaced; an unknown name is a TypeError."""
+        unknown = sorted(set(sizes) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TypeError(f"unknown toy shape field(s) {unknown}; ToyShape has {[f.name for f in fields(cls)]}")
+        return dataclasses.replace(shape if shape is not None else cls(), **sizes)
+
+    def check(self) -> None:
+        """Refuse sizes the toy cannot be built or fully quantized with (ReqnoiseError)."""
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ReqnoiseError(
+                f"num_experts_per_tok={self.num_experts_per_tok} must be between 1 and num_experts={self.num_experts}"
+            )
+        # mlx-lm's quantize_model silently leaves a layer in float when its input dim does not divide.
+        inputs = {
+            "hidden_size": self.hidden_size,
+            "num_attention_heads*head_dim": self.num_attention_heads * self.head_dim,
+            "moe_intermediate_size": self.moe_intermediate_size,
+            "intermediate_size": self.intermediate_size,
+        }
+        for name, size in inputs.items():
+            if size <= 0 or size % 128:
+                raise ReqnoiseError(f"{name}={size} must be a positive multiple of 128 (quantization group sizes)")
+
+
+def toy_config(shape: ToyShape | None = None, *, dtype: str = DEFAULT_DTYPE, **sizes) -> dict:
+    """The config.json fields of the toy model (before quantization), in Qwen3-MoE's naming.
+
+    ``sizes`` are ToyShape fields replacing those of ``shape``.
+    """
+    shape = ToyShape.of(shape, **sizes)
     return {
         "architectures": ["Qwen3MoeForCausalLM"],
         "model_type": "qwen3_moe",
-        "vocab_size": vocab_size,
-        "hidden_size": hidden_size,
-        "num_hidden_layers": num_layers,
-        "intermediate_size": intermediate_size,
-        "moe_intermediate_size": moe_intermediate_size,
-        "num_attention_heads": num_attention_heads,
-        "num_key_value_heads": num_key_value_heads,
-        "head_dim": head_dim,
-        "num_experts": num_experts,
-        "num_experts_per_tok": num_experts_per_tok,
+        "vocab_size": shape.vocab_size,
+        "hidden_size": shape.hidden_size,
+        "num_hidden_layers": shape.num_layers,
+        "intermediate_size": shape.intermediate_size,
+        "moe_intermediate_size": shape.moe_intermediate_size,
+        "num_attention_heads": shape.num_attention_heads,
+        "num_key_value_heads": shape.num_key_value_heads,
+        "head_dim": shape.head_dim,
+        "num_experts": shape.num_experts,
+        "num_experts_per_tok": shape.num_experts_per_tok,
         "decoder_sparse_step": 1,
         "mlp_only_layers": [],
         "norm_topk_prob": True,
@@ -120,7 +161,7 @@ def init_toy_weights(model, config: dict, seed: int, dtype: str = DEFAULT_DTYPE,
     mx.eval(model.parameters())
 
 
-def _validate(config: dict, bits, group_size: int, dtype: str, mlp_std=None) -> None:
+def _validate(shape: ToyShape, bits, group_size: int, dtype: str, mlp_std=None) -> None:
     if mlp_std is not None and (
         not isinstance(mlp_std, (list, tuple))
         or len(mlp_std) != 2
@@ -133,52 +174,31 @@ def _validate(config: dict, bits, group_size: int, dtype: str, mlp_std=None) -> 
         raise ReqnoiseError(f"group_size={group_size} is not one of {SUPPORTED_GROUP_SIZES}")
     if dtype not in SUPPORTED_DTYPES:
         raise ReqnoiseError(f"dtype={dtype!r} is not one of {SUPPORTED_DTYPES}")
-    if not 1 <= config["num_experts_per_tok"] <= config["num_experts"]:
-        raise ReqnoiseError(
-            f"num_experts_per_tok={config['num_experts_per_tok']} must be between 1 and "
-            f"num_experts={config['num_experts']}"
-        )
-    # mlx-lm's quantize_model silently leaves a layer in float when its input dim does not divide.
-    inputs = {
-        "hidden_size": config["hidden_size"],
-        "num_attention_heads*head_dim": config["num_attention_heads"] * config["head_dim"],
-        "moe_intermediate_size": config["moe_intermediate_size"],
-        "intermediate_size": config["intermediate_size"],
-    }
-    for field, size in inputs.items():
-        if size <= 0 or size % 128:
-            raise ReqnoiseError(f"{field}={size} must be a positive multiple of 128 (quantization group sizes)")
+    shape.check()
 
 
 def build_toy_model(
     save_path,
+    shape: ToyShape | None = None,
     *,
     bits: int | None = 3,
     group_size: int = 64,
     seed: int = 0,
     dtype: str = DEFAULT_DTYPE,
     overwrite: bool = False,
-    num_layers: int = 4,
-    num_experts: int = 8,
-    num_experts_per_tok: int = 2,
-    hidden_size: int = 128,
-    moe_intermediate_size: int = 128,
-    intermediate_size: int = 256,
-    num_attention_heads: int = 4,
-    num_key_value_heads: int = 2,
-    head_dim: int = 32,
-    vocab_size: int = DEFAULT_VOCAB_SIZE,
     extra_corpus: list[str] | None = None,
     mlp_std: tuple[float, float] | None = None,
+    **sizes,
 ) -> Path:
     """Build the toy qwen3_moe model and write it as an mlx-lm model directory at ``save_path``.
 
-    Weights are random from ``seed`` and stored in ``dtype``; with ``bits`` set they are then quantized by
-    ``mlx_lm.utils.quantize_model`` (affine, ``group_size``), keeping mlx-lm's qwen3_moe predicate, which
-    puts the routers at 8 bits group 64. ``bits=None`` writes the unquantized model. The tokenizer is
-    trained on the built-in corpus plus ``extra_corpus``; ``vocab_size`` is its total token count and the
-    model's. Same arguments give byte-identical files. The directory appears only when complete; an existing
-    ``save_path`` is refused unless ``overwrite``. Returns the directory's path.
+    The sizes are ``shape`` (None = ToyShape's defaults) with ``sizes`` (ToyShape fields as keywords, e.g.
+    ``num_experts=32``) replacing its fields. Weights are random from ``seed`` and stored in ``dtype``; with
+    ``bits`` set they are then quantized by ``mlx_lm.utils.quantize_model`` (affine, ``group_size``), keeping
+    mlx-lm's qwen3_moe predicate, which puts the routers at 8 bits group 64. ``bits=None`` writes the
+    unquantized model. The tokenizer is trained on the built-in corpus plus ``extra_corpus``; ``vocab_size``
+    is its total token count and the model's. Same arguments give byte-identical files. The directory appears
+    only when complete; an existing ``save_path`` is refused unless ``overwrite``. Returns the directory's path.
 
     ``mlp_std`` = (gate/up std, down std) of the MLP projections (experts and dense); None keeps 0.02 and the
     depth-scaled 0.02 / sqrt(2 L), at which the experts' pre-activations are ~0.2, SiLU is nearly linear and
@@ -198,25 +218,14 @@ def build_toy_model(
     from mlx_lm.models import qwen3_moe
 
     save_path = Path(save_path)
-    config = toy_config(
-        vocab_size,
-        num_layers=num_layers,
-        num_experts=num_experts,
-        num_experts_per_tok=num_experts_per_tok,
-        hidden_size=hidden_size,
-        moe_intermediate_size=moe_intermediate_size,
-        intermediate_size=intermediate_size,
-        num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_key_value_heads,
-        head_dim=head_dim,
-        dtype=dtype,
-    )
-    _validate(config, bits, group_size, dtype, mlp_std)
+    shape = ToyShape.of(shape, **sizes)
+    _validate(shape, bits, group_size, dtype, mlp_std)
+    config = toy_config(shape, dtype=dtype)
     with atomic_dir(save_path, overwrite=overwrite) as tmp:
-        tokenizer = train_tokenizer(extra_corpus, vocab_size=vocab_size)
-        if len(tokenizer) != vocab_size:
+        tokenizer = train_tokenizer(extra_corpus, vocab_size=shape.vocab_size)
+        if len(tokenizer) != shape.vocab_size:
             raise ReqnoiseError(
-                f"the toy tokenizer reached only {len(tokenizer)} tokens, not vocab_size={vocab_size}: "
+                f"the toy tokenizer reached only {len(tokenizer)} tokens, not vocab_size={shape.vocab_size}: "
                 "pass a smaller vocab_size or a larger extra_corpus"
             )
         config.update(bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)

@@ -6,7 +6,9 @@ by one), ChatML special tokens, ``<think>``/``</think>`` as ordinary added token
 Option letters A..J are single tokens alone and after a space, since evaluation scores them by log-likelihood.
 """
 
+import json
 import random
+from pathlib import Path
 
 # Qwen2/Qwen3's pre-tokenizer split: contractions, letter runs with one leading non-letter, single digits,
 # punctuation runs, newlines, spaces.
@@ -288,6 +290,8 @@ def train_tokenizer(extra_corpus: list[str] | None = None, vocab_size: int = DEF
     appended to the built-in corpus (e.g. the demo's synthetic world), so its words get their own merges.
     Deterministic: the same corpus gives the same vocabulary, merges and ids.
     """
+    # tokenizers/transformers take over a second to import: imported here so that `reqnoise --help` (which imports this module
+    # through the toy-model command) stays fast.
     from tokenizers import (
         AddedToken,
         Regex,
@@ -345,9 +349,6 @@ def save_tokenizer(tokenizer, directory) -> None:
     The config names the class ``PreTrainedTokenizerFast`` rather than transformers 5's ``TokenizersBackend``
     so that transformers 4.x loads it too; the template is kept inline for the same reason.
     """
-    import json
-    from pathlib import Path
-
     tokenizer.save_pretrained(str(directory), save_jinja_files=False)
     config_path = Path(directory) / "tokenizer_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))

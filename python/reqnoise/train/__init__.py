@@ -1,1 +1,1 @@
-"""Adapter training through mlx-lm's tuner: target selection, chat data and batches, data cleaning."""
+"""Adapter training (mlx-lm's tuner): settings, targets, chat data and batches, the tuner call, data cleaning."""
