@@ -3,6 +3,7 @@
 import argparse
 from dataclasses import fields
 
+from reqnoise.kernel.formats import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from reqnoise.toy.model import DEFAULT_DTYPE, SUPPORTED_DTYPES, ToyShape, build_toy_model
 
 
@@ -25,10 +26,13 @@ def register(subparsers) -> None:
     )
     p.add_argument("--save-path", required=True, help="output model directory (must not exist unless --overwrite)")
     p.add_argument(
-        "--bits", type=_bits, default=3, help="affine bits 2/3/4/5/6/8, or 'none' for unquantized (default 3)"
+        "--bits",
+        type=_bits,
+        default=3,
+        help=f"affine bits {'/'.join(map(str, SUPPORTED_BITS))}, or 'none' for unquantized (default 3)",
     )
     p.add_argument(
-        "--group-size", type=int, default=64, choices=(32, 64, 128), help="quantization group size (default 64)"
+        "--group-size", type=int, default=64, choices=SUPPORTED_GROUP_SIZES, help="quantization group size (default 64)"
     )
     p.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     p.add_argument(
