@@ -206,10 +206,13 @@ def test_out_bits_8_keeps_the_adapter(toy_model_dir, tmp_path):
     assert cosine(tmp_path / "f8") > 0.9 > 0.5 > cosine(tmp_path / "f3")
 
 
-def test_dora_adapter_fuses_like_mlx_lm(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_dora_adapter_fuses_like_mlx_lm(tmp_path, dtype):
+    """Every tensor equal to mlx-lm's DoRA fuse, dtypes included: mlx-lm's float32 row factor makes a DoRA
+    module's new scales and biases float32 even in a bfloat16 model, and reqnoise writes the same."""
     from reqnoise.toy.model import build_toy_model
 
-    model = build_toy_model(tmp_path / "toy8", bits=8)
+    model = build_toy_model(tmp_path / "toy8", bits=8, dtype=dtype)
     ad = make_adapter(
         model, tmp_path / "dora", keys=["self_attn.q_proj", "self_attn.o_proj"], dyadic=False, fine_tune_type="dora"
     )
@@ -230,9 +233,12 @@ def test_dora_adapter_fuses_like_mlx_lm(tmp_path):
         check=True,
         capture_output=True,
     )
-    for layer in range(4):
-        for proj in ("q_proj", "o_proj"):
-            k = f"model.layers.{layer}.self_attn.{proj}"
-            ours, theirs = dequantized(tmp_path / "ours", k), dequantized(tmp_path / "theirs", k)
-            step = np.abs(ours).max() / 100  # a couple of 8-bit steps
-            assert np.max(np.abs(ours - theirs)) <= step, k
+    ours, theirs = weights(tmp_path / "ours"), weights(tmp_path / "theirs")
+    assert set(ours) == set(theirs)
+    for k in theirs:
+        assert ours[k].dtype == theirs[k].dtype and ours[k].shape == theirs[k].shape, k
+        assert mx.array_equal(ours[k], theirs[k]).item(), k
+    dora_scales = [k for k in theirs if k.endswith(("q_proj.scales", "o_proj.scales"))]
+    assert len(dora_scales) == 8
+    assert all(ours[k].dtype == mx.float32 for k in dora_scales)
+    assert all(ours[k].dtype == getattr(mx, dtype) for k in ours if k.endswith("v_proj.scales"))

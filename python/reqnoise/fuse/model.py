@@ -98,6 +98,14 @@ def fuse_module(parts: dict, qp, factors, requant: str, out_bits) -> dict:
     if requant == "dequantize":
         w = mx.dequantize(parts["weight"], parts["scales"], parts["biases"], group_size=group, bits=bits)
         return {"weight": _fuse_float(w, factors)}
+    if requant == "fresh" and factors is not None and factors.magnitude is not None:
+        # DoRA: mlx-lm's DoRALinear.fuse op for op on the CPU stream. Its row norm is MLX's float32 reduction
+        # (the kernel's is float64), and its float32 row factor makes the new scales and biases float32
+        # whatever the model's dtype; only the same ops give the same bytes.
+        with mx.stream(mx.cpu):
+            w = mx.dequantize(parts["weight"], parts["scales"], parts["biases"], group_size=group, bits=bits)
+            wq, s, b = mx.quantize(_fuse_float(w, factors), group_size=group, bits=out_bits or bits)
+        return {"weight": wq, "scales": s, "biases": b}
     kw = {}
     if factors is not None:
         kw = dict(lora_a=factors.a, lora_b=factors.b, scale=factors.scale, dora_magnitude=factors.magnitude)
