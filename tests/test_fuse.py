@@ -11,7 +11,6 @@ import pytest
 from fuse_helpers import dequantized, make_adapter, weights
 from reqnoise.errors import ReqnoiseError
 from reqnoise.fuse.adapters import load_adapter
-from reqnoise.fuse.controls import delta_norms
 from reqnoise.fuse.model import fuse_model
 from reqnoise.fuse.options import FuseOptions
 
@@ -143,19 +142,34 @@ def test_fresh_zero_control_is_the_requantization_artifact(toy_model_dir, adapte
     assert mx.array_equal(ours["model.layers.1.mlp.gate.weight"], base["model.layers.1.mlp.gate.weight"]).item()
 
 
+def _dense_deltas(adapter_dir):
+    """{module: scale * B @ A} in float64, read straight from mlx-lm's adapter files (its layouts: LoRALinear
+    stores lora_a [in, r] and lora_b [r, out], LoRASwitchLinear [E, r, in] and [E, out, r])."""
+    scale = json.loads((adapter_dir / "adapter_config.json").read_text())["lora_parameters"]["scale"]
+    tensors = {k: np.array(v, dtype=np.float64) for k, v in mx.load(str(adapter_dir / "adapters.safetensors")).items()}
+    out = {}
+    for k in tensors:
+        if k.endswith(".lora_a"):
+            module = k[: -len(".lora_a")]
+            a, b = tensors[k], tensors[f"{module}.lora_b"]
+            out[module] = scale * (b @ a if a.ndim == 3 else b.T @ a.T)
+    return out
+
+
 def test_random_control_matches_the_adapters_delta_norms(toy_model_dir, adapter, tmp_path):
     fuse_model(toy_model_dir, adapter, tmp_path / "r1", requant="dequantize", control="random", seed=1, progress=False)
     fuse_model(toy_model_dir, adapter, tmp_path / "r2", requant="dequantize", control="random", seed=2, progress=False)
     fuse_model(toy_model_dir, adapter, tmp_path / "r1b", requant="dequantize", control="random", seed=1, progress=False)
-    ad = load_adapter(adapter)
-    for module, mod in ad.modules.items():
+    dense = _dense_deltas(adapter)
+    assert len(dense) == 16
+    for module, own in dense.items():
         base = dequantized(toy_model_dir, module)
         eff = dequantized(tmp_path / "r1", module) - base
-        want = np.asarray(delta_norms(np.array(mod.a), np.array(mod.b), mod.scale))
+        # Per expert (or for the whole dense module): the norm of the dense delta, summed in numpy.
+        want = np.sqrt((own**2).sum(axis=(-1, -2)))
         got = np.sqrt((eff.astype(np.float64) ** 2).sum(axis=(-1, -2)))
         np.testing.assert_allclose(got, want, rtol=1e-3, err_msg=module)
         # ... and its direction is not the adapter's
-        own = np.array(mx.array(mod.scale) * mod.b @ mod.a)
         cos = (eff * own).sum() / (np.linalg.norm(eff) * np.linalg.norm(own))
         assert abs(cos) < 0.3, (module, cos)
         other = dequantized(tmp_path / "r2", module) - base
@@ -206,10 +220,13 @@ def test_out_bits_8_keeps_the_adapter(toy_model_dir, tmp_path):
     assert cosine(tmp_path / "f8") > 0.9 > 0.5 > cosine(tmp_path / "f3")
 
 
-def test_dora_adapter_fuses_like_mlx_lm(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_dora_adapter_fuses_like_mlx_lm(tmp_path, dtype):
+    """Every tensor equal to mlx-lm's DoRA fuse, dtypes included: mlx-lm's float32 row factor makes a DoRA
+    module's new scales and biases float32 even in a bfloat16 model, and reqnoise writes the same."""
     from reqnoise.toy.model import build_toy_model
 
-    model = build_toy_model(tmp_path / "toy8", bits=8)
+    model = build_toy_model(tmp_path / "toy8", bits=8, dtype=dtype)
     ad = make_adapter(
         model, tmp_path / "dora", keys=["self_attn.q_proj", "self_attn.o_proj"], dyadic=False, fine_tune_type="dora"
     )
@@ -230,12 +247,15 @@ def test_dora_adapter_fuses_like_mlx_lm(tmp_path):
         check=True,
         capture_output=True,
     )
-    for layer in range(4):
-        for proj in ("q_proj", "o_proj"):
-            k = f"model.layers.{layer}.self_attn.{proj}"
-            ours, theirs = dequantized(tmp_path / "ours", k), dequantized(tmp_path / "theirs", k)
-            step = np.abs(ours).max() / 100  # a couple of 8-bit steps
-            assert np.max(np.abs(ours - theirs)) <= step, k
+    ours, theirs = weights(tmp_path / "ours"), weights(tmp_path / "theirs")
+    assert set(ours) == set(theirs)
+    for k in theirs:
+        assert ours[k].dtype == theirs[k].dtype and ours[k].shape == theirs[k].shape, k
+        assert mx.array_equal(ours[k], theirs[k]).item(), k
+    dora_scales = [k for k in theirs if k.endswith(("q_proj.scales", "o_proj.scales"))]
+    assert len(dora_scales) == 8
+    assert all(ours[k].dtype == mx.float32 for k in dora_scales)
+    assert all(ours[k].dtype == getattr(mx, dtype) for k in ours if k.endswith("v_proj.scales"))
 
 
 def _reshard(src, dst, shard_of):

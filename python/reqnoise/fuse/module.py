@@ -77,12 +77,20 @@ def fuse_module(parts: dict, qp, factors, options: FuseOptions) -> dict:
     if options.requant == "dequantize":
         w = mx.dequantize(parts["weight"], parts["scales"], parts["biases"], group_size=group, bits=bits)
         return {"weight": _fuse_float(w, factors)}
+    out_bits, out_group = options.output_quant(qp)
+    if options.requant == "fresh" and factors is not None and factors.magnitude is not None:
+        # DoRA: mlx-lm's DoRALinear.fuse op for op on the CPU stream. Its row norm is MLX's float32 reduction
+        # (the kernel's is float64), and its float32 row factor makes the new scales and biases float32
+        # whatever the model's dtype; only the same ops give the same bytes.
+        with mx.stream(mx.cpu):
+            w = mx.dequantize(parts["weight"], parts["scales"], parts["biases"], group_size=group, bits=bits)
+            wq, s, b = mx.quantize(_fuse_float(w, factors), group_size=out_group, bits=out_bits)
+        return {"weight": wq, "scales": s, "biases": b}
     kw = {}
     if factors is not None:
         kw = dict(lora_a=factors.a, lora_b=factors.b, scale=factors.scale, dora_magnitude=factors.magnitude)
         if factors.magnitude is not None and parts["weight"].ndim == 3:
             kw["dora_magnitude"] = mx.broadcast_to(factors.magnitude, parts["weight"].shape[:2])
-    out_bits, out_group = options.output_quant(qp)
     wq, s, b = fuse_quantized(
         parts["weight"],
         parts["scales"],
