@@ -277,7 +277,7 @@ def demo_checks(out: Path, results: dict) -> list:
     """What the demo must show, each as {text, ok}: the invariants first (they cannot depend on luck), then
     the findings (they depend on this run's numbers and are reported as measured)."""
     from reqnoise.eval.records import read_records
-    from reqnoise.experiment.runner import letter_prior_warnings
+    from reqnoise.eval.setg import letter_prior_warnings
 
     steps = out / "steps"
     checks = []
