@@ -248,3 +248,31 @@ def test_criteria_from_the_start_are_preregistered_also_after_a_resume(
     assert again["verdict"]["preregistered"] is True and sidecar.read_text() == before
     fresh = tmp_path / "fresh"
     assert _run(spec, fresh)["verdict"]["preregistered"] is True
+
+
+def test_results_recomputed_after_the_lock_from_models_made_before_it_are_not_preregistered(tmp_path, toy_model_dir_fp):
+    # The evaluation reruns after the lock (its options changed), but the model it scores was made before:
+    # the provenance of every upstream step counts, not only the evaluation's.
+    items = tmp_path / "items.jsonl"
+    items.write_text(
+        "".join(
+            json.dumps({"id": f"q{i}", "question": f"Is {w} a colour?", "options": ["yes", "no"], "answer": "A"}) + "\n"
+            for i, w in enumerate(["red", "blue", "green", "pink"])
+        )
+    )
+    (tmp_path / "criteria.toml").write_text('kill_if = "acc(q) > 2"\n')
+    base = (
+        'conditions = ["q"]\n'
+        f'[models.fp]\npath = "{toy_model_dir_fp}"\n'
+        '[models.q]\nfrom = "fp"\nquantize = { bits = 4, group_size = 64 }\n'
+        '[evals.e]\nitems = "items.jsonl"\n'
+    )
+    out = tmp_path / "out"
+    _run(write(tmp_path, base), out)
+    spec = write(tmp_path, base + 'batch_size = 2\n[criteria]\nfile = "criteria.toml"\neval = "e"\n')
+    v = _run(spec, out)["verdict"]
+    assert not v["preregistered"] and len(v["provenance"]) == 1, v["text"]
+    assert "model-q computed" in v["provenance"][0] and "with no lock" in v["provenance"][0]
+    assert "eval-e-q" not in v["provenance"][0]  # the evaluation itself ran under the lock
+    steps = json.loads((out / "results" / "e" / "q.provenance.json").read_text())["steps"]
+    assert list(steps) == ["model-q", "eval-e-q"]
