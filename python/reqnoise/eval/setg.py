@@ -12,7 +12,9 @@ the seed, not on which other subjects exist.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import random
 import shutil
 import zlib
 from collections import Counter
@@ -43,8 +45,6 @@ LETTER_PRIOR_LIMIT = 0.6
 
 
 def _named_records(records) -> dict[str, list[dict]]:
-    from reqnoise.eval.records import read_records
-
     if isinstance(records, Mapping):
         named = {str(k): list(v) for k, v in records.items()}
     else:
@@ -129,9 +129,6 @@ def shuffled_answers(items: Sequence[Item], seed: int) -> list[Item]:
     its subject (a seeded permutation), so the adapter trained on them sees the same questions, format and
     per-subject answer distribution but no item's true answer. A justification naming the true option is
     rewritten to name the new one; one that does not name it is dropped (it could carry the answer)."""
-    import dataclasses
-    import random
-
     rng = random.Random(seed)
     by_subject: dict = {}
     for i, it in enumerate(items):

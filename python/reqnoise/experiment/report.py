@@ -7,6 +7,8 @@ draws everything from that dict alone, so a report can be redrawn from a saved `
 import json
 from pathlib import Path
 
+import numpy as np
+
 from reqnoise import atomic
 from reqnoise.eval.records import read_records
 from reqnoise.experiment.spec import analysis_pair
@@ -108,7 +110,6 @@ def plot_accuracy(results, path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     conds = list(results["conditions"])
     evals = sorted({ev for c in results["conditions"].values() for ev in c})

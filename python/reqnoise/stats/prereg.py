@@ -81,7 +81,9 @@ from pathlib import Path
 
 from reqnoise import __version__, atomic
 from reqnoise.errors import RefusedError, ReqnoiseError
+from reqnoise.eval.records import read_records
 from reqnoise.jsonl import read_json
+from reqnoise.stats.inference import pair_records
 
 LOCK_FORMAT = "reqnoise-prereg-lock/1"
 PROVENANCE_FORMAT = "reqnoise-provenance/1"
@@ -564,9 +566,6 @@ def evaluate_lock(lock_path, results_dir) -> Verdict:
     criterion. Raises RefusedError (exit 2) for a changed criteria file or lock. Results not computed under
     the lock are still evaluated, but the verdict's first line says the criteria were NOT pre-registered for
     them and ``preregistered`` is False."""
-    from reqnoise.eval.records import read_records
-    from reqnoise.stats.inference import pair_records
-
     lock, crit, locked_at = verify_lock(lock_path)
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
