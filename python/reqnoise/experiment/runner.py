@@ -85,7 +85,6 @@ class Runner:
                 inputs.append(self._external(opts["extra_corpus"]))
 
             def build(tmp):
-
                 kw = dict(opts)
                 if kw.get("bits") == "none":  # TOML has no null: an unquantized toy
                     kw["bits"] = None
@@ -144,7 +143,6 @@ class Runner:
             inputs.append(data_path)
 
         def train(tmp):
-
             if str(data).startswith("setg:") and not data_path.is_dir():
                 raise ReqnoiseError(
                     f"adapters.{name}: Set G has no {data_path.name}/ data: {data!r} needs a cloze "
@@ -184,7 +182,6 @@ class Runner:
         calibrate = e.get("calibrate", False)  # True, False or "subject" (spec-checked)
 
         def run(tmp):
-
             if rank_and_size()[1] > 1:  # every rank scores a length-balanced share of the items
                 recs, summary = evaluate_distributed(model, items, log=self.log, progress=False, **opts)
             else:
@@ -216,7 +213,6 @@ class Runner:
         model = self.model(model_name)
 
         def run(tmp):
-
             recs, summary = run_identity(model, persona, suite=suite, progress=self.progress)
             (tmp / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
             return summary.to_dict()
