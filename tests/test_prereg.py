@@ -4,7 +4,8 @@ import builtins
 import hashlib
 import json
 import os
-from datetime import datetime
+import re
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
@@ -42,11 +43,29 @@ def lock_time(lock):
     return datetime.fromisoformat(lock["locked_at"]).timestamp()
 
 
+def sha256_file(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_sidecar(records_path, lock_sha, computed_at, records_sha=None):
+    """A provenance file written by hand (the format of the prereg module docstring): one step, eval-X."""
+    doc = {
+        "format": "reqnoise-provenance/1",
+        "records": records_path.name,
+        "records_sha256": records_sha or sha256_file(records_path),
+        "steps": {
+            f"eval-{records_path.stem}": {"computed_at": computed_at, "lock_sha256": lock_sha, "reqnoise_version": "x"}
+        },
+    }
+    records_path.with_name(records_path.stem + ".provenance.json").write_text(json.dumps(doc))
+
+
 @pytest.fixture
 def study(tmp_path):
-    """criteria.toml + lock.json in tmp_path, results written after the lock in tmp_path/results."""
+    """criteria.toml + lock.json in tmp_path, results in tmp_path/results computed 10 s after the lock (their
+    provenance says so) unless ``provenance=False`` (hand-made records)."""
 
-    def build(criteria_text=PUBLISHED, arms=None):
+    def build(criteria_text=PUBLISHED, arms=None, provenance=True):
         crit = tmp_path / "criteria.toml"
         crit.write_text(criteria_text, encoding="utf-8")
         lock = prereg.lock_criteria(crit, tmp_path / "lock.json")
@@ -57,6 +76,9 @@ def study(tmp_path):
             write_records(path, make_records(correct), overwrite=True)
             t = lock_time(lock) + 10
             os.utime(path, (t, t))
+            if provenance:
+                when = datetime.fromtimestamp(t, UTC).isoformat()
+                write_sidecar(path, sha256_file(tmp_path / "lock.json"), when)
         return tmp_path / "lock.json", res, lock
 
     return build
@@ -217,12 +239,54 @@ def test_verdict_refuses_missing_criteria_file(study):
         prereg.evaluate_lock(lock, res)
 
 
-def test_verdict_refuses_stale_results(study):
+def test_verdict_preregistered_reads_provenance_not_file_times(study):
     lock, res, data = study()
     t = lock_time(data) - 60
-    os.utime(res / "A1.jsonl", (t, t))
-    with pytest.raises(RefusedError, match="A1.jsonl was last modified .* before the criteria were locked"):
-        prereg.evaluate_lock(lock, res)
+    os.utime(res / "A1.jsonl", (t, t))  # a file time before the lock does not matter: provenance does
+    v = prereg.evaluate_lock(lock, res)
+    assert v.preregistered and v.provenance == [] and v.text.startswith("criteria: ")
+    assert "NOT pre-registered" not in v.text
+
+
+def test_hand_made_records_are_not_preregistered(study):
+    lock, res, _ = study(provenance=False)
+    v = prereg.evaluate_lock(lock, res)
+    assert not v.preregistered and v.met  # still evaluated, with its numbers
+    first = v.text.splitlines()[0]
+    assert first.startswith("NOT pre-registered") and "2 of 2 result file(s)" in first
+    assert len(v.provenance) == 2 and all("no provenance" in p for p in v.provenance)
+    assert v.text.rstrip().endswith("(post hoc: NOT pre-registered)")
+
+
+@pytest.mark.parametrize(
+    "case,reason",
+    [
+        ("no lock", "eval-A1 computed .* with no lock"),
+        ("other lock", "eval-A1 computed .* under another lock"),
+        ("before", "eval-A1 computed .*, before the lock"),
+        ("edited", "its records are not the ones computed"),
+        ("garbled", "unreadable provenance"),
+    ],
+)
+def test_results_not_computed_under_this_lock_are_not_preregistered(study, case, reason):
+    lock, res, data = study()
+    a1 = res / "A1.jsonl"
+    locked = datetime.fromisoformat(data["locked_at"])
+    after, sha = (locked + timedelta(seconds=5)).isoformat(), sha256_file(lock)
+    if case == "no lock":
+        write_sidecar(a1, None, after)
+    elif case == "other lock":
+        write_sidecar(a1, hashlib.sha256(b"another lock").hexdigest(), after)
+    elif case == "before":
+        write_sidecar(a1, sha, (locked - timedelta(seconds=5)).isoformat())
+    elif case == "edited":
+        write_records(a1, make_records(published_arms(fixed=90)[1]), overwrite=True)
+    else:
+        (res / "A1.provenance.json").write_text("{")
+    v = prereg.evaluate_lock(lock, res)
+    assert not v.preregistered and len(v.provenance) == 1
+    assert re.match(f"A1.jsonl: {reason}", v.provenance[0]), v.provenance
+    assert v.text.splitlines()[0].startswith("NOT pre-registered") and "1 of 2" in v.text.splitlines()[0]
 
 
 def test_verdict_missing_result_and_mismatched_items(study):

@@ -171,3 +171,108 @@ def test_resumed_run_reuses_finished_steps_and_reruns_only_dependents(demo_run, 
     } <= cached
     assert "adapter-factual" in rerun and "model-A1_fresh" in rerun
     assert "eval-setg_test-persona" in cached
+
+
+# ---------------------------------------------------------------- the lock binds the results (issue 14 §1)
+# Two ready-made models (the session's toy fixtures, as `path` models) and six items: a run is evaluation
+# only, a few seconds, so the lock's scenarios can run end to end through the real runner.
+
+
+def _small_study(tmp_path, toy_model_dir, toy_model_dir_fp, criteria=True):
+    items = tmp_path / "items.jsonl"
+    items.write_text(
+        "".join(
+            json.dumps({"id": f"q{i}", "question": f"Which is {w}?", "options": ["red", "blue", w], "answer": "C"})
+            + "\n"
+            for i, w in enumerate(["green", "black", "white", "pink", "grey", "gold"])
+        )
+    )
+    (tmp_path / "criteria.toml").write_text('kill_if = "acc(q3) > 2 or acc(fp) > 2"\n')
+    text = (
+        'name = "lock scenarios"\nconditions = ["q3", "fp"]\n'
+        f'[models.q3]\npath = "{toy_model_dir}"\n[models.fp]\npath = "{toy_model_dir_fp}"\n'
+        '[evals.e]\nitems = "items.jsonl"\n'
+    )
+    if criteria:
+        text += '[criteria]\nfile = "criteria.toml"\neval = "e"\n'
+    return write(tmp_path, text)
+
+
+def _run(spec, out, **kw):
+    from reqnoise.experiment.runner import run_spec
+
+    return run_spec(spec, out, progress=False, log=lambda *a, **k: None, **kw)
+
+
+def test_criteria_added_after_the_results_are_not_preregistered(tmp_path, toy_model_dir, toy_model_dir_fp):
+    out = tmp_path / "out"
+    first = _run(_small_study(tmp_path, toy_model_dir, toy_model_dir_fp, criteria=False), out)
+    assert first["verdict"] is None
+    # The results have been seen; now the criteria are added and the spec rerun: every eval comes from the cache.
+    results = _run(_small_study(tmp_path, toy_model_dir, toy_model_dir_fp, criteria=True), out)
+    v = results["verdict"]
+    assert v is not None and "NOT pre-registered" in v["text"].splitlines()[0], v and v["text"]
+    assert v["preregistered"] is False
+    assert json.loads((out / "results.json").read_text())["verdict"]["preregistered"] is False
+    assert "NOT pre-registered" in (out / "report.md").read_text()
+
+
+def test_criteria_from_the_start_are_preregistered_also_after_a_resume(
+    tmp_path, toy_model_dir, toy_model_dir_fp, monkeypatch
+):
+    from reqnoise.experiment import runner
+
+    spec = _small_study(tmp_path, toy_model_dir, toy_model_dir_fp)
+    # Interrupted: the second evaluation dies (as a Ctrl-C would), after the lock and the first eval step.
+    real, calls = runner.evaluate_items, []
+
+    def dies_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(runner, "evaluate_items", dies_second)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        _run(spec, out)
+    assert (out / "lock.json").is_file() and not (out / "results.json").exists()
+    monkeypatch.setattr(runner, "evaluate_items", real)
+    resumed = _run(spec, out)
+    assert resumed["verdict"]["preregistered"] is True
+    assert "NOT pre-registered" not in resumed["verdict"]["text"]
+    # Served again from the cache (fresh copies in results/), the provenance is what it was when computed.
+    sidecar = out / "results" / "e" / "q3.provenance.json"
+    before = sidecar.read_text()
+    again = _run(spec, out)
+    assert again["verdict"]["preregistered"] is True and sidecar.read_text() == before
+    fresh = tmp_path / "fresh"
+    assert _run(spec, fresh)["verdict"]["preregistered"] is True
+
+
+def test_results_recomputed_after_the_lock_from_models_made_before_it_are_not_preregistered(tmp_path, toy_model_dir_fp):
+    # The evaluation reruns after the lock (its options changed), but the model it scores was made before:
+    # the provenance of every upstream step counts, not only the evaluation's.
+    items = tmp_path / "items.jsonl"
+    items.write_text(
+        "".join(
+            json.dumps({"id": f"q{i}", "question": f"Is {w} a colour?", "options": ["yes", "no"], "answer": "A"}) + "\n"
+            for i, w in enumerate(["red", "blue", "green", "pink"])
+        )
+    )
+    (tmp_path / "criteria.toml").write_text('kill_if = "acc(q) > 2"\n')
+    base = (
+        'conditions = ["q"]\n'
+        f'[models.fp]\npath = "{toy_model_dir_fp}"\n'
+        '[models.q]\nfrom = "fp"\nquantize = { bits = 4, group_size = 64 }\n'
+        '[evals.e]\nitems = "items.jsonl"\n'
+    )
+    out = tmp_path / "out"
+    _run(write(tmp_path, base), out)
+    spec = write(tmp_path, base + 'batch_size = 2\n[criteria]\nfile = "criteria.toml"\neval = "e"\n')
+    v = _run(spec, out)["verdict"]
+    assert not v["preregistered"] and len(v["provenance"]) == 1, v["text"]
+    assert "model-q computed" in v["provenance"][0] and "with no lock" in v["provenance"][0]
+    assert "eval-e-q" not in v["provenance"][0]  # the evaluation itself ran under the lock
+    steps = json.loads((out / "results" / "e" / "q.provenance.json").read_text())["steps"]
+    assert list(steps) == ["model-q", "eval-e-q"]

@@ -245,3 +245,19 @@ def test_recall_training_data_is_the_cloze_sentence_with_the_true_or_shuffled_op
     (tmp_path / "bare.jsonl").write_text("".join(json.dumps(it.to_dict()) + "\n" for it in bare))
     summary = build_setg(tmp_path / "bare.jsonl", [tmp_path / "a.jsonl"], tmp_path / "out3", seed=2)
     assert "recall" not in summary["files"] and not (tmp_path / "out3" / "recall").exists()
+
+
+def test_letter_prior_warnings_name_models_dominated_by_one_letter(tmp_path):
+    from reqnoise.eval.setg import letter_prior_warnings
+
+    paths = []
+    for name, preds in (("skewed", "AAAAAAABCD"), ("at_limit", "AAAAAABBCD")):  # 70% and exactly 60% 'A'
+        (tmp_path / name).mkdir()
+        recs = [
+            {"id": f"q{i}", "subject": None, "correct": False, "parsed": True, "prediction": p, "answer": "A"}
+            for i, p in enumerate(preds)
+        ]
+        write_records(tmp_path / name / "records.jsonl", recs)
+        paths.append(tmp_path / name / "records.jsonl")
+    warnings = letter_prior_warnings(paths)
+    assert len(warnings) == 1 and warnings[0].startswith("skewed: 70% of predictions are 'A'")

@@ -26,7 +26,10 @@ def run(args) -> int:
     v = results.get("verdict")
     print(f"results in {args.out}/results.json and {args.out}/report.md")
     if v:
-        print("kill criterion met" if v["met"] else "kill criterion not met")
+        print(
+            ("kill criterion met" if v["met"] else "kill criterion not met")
+            + ("" if v["preregistered"] else " (post hoc: the criteria were NOT pre-registered for these results)")
+        )
     return 0
 
 

@@ -12,8 +12,12 @@ the seed, not on which other subjects exist.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import random
+import shutil
 import zlib
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -21,7 +25,8 @@ import numpy as np
 
 from reqnoise.atomic import atomic_dir
 from reqnoise.errors import ReqnoiseError
-from reqnoise.eval.items import Item, as_items, chat_example, dumps_items, recall_example
+from reqnoise.eval.items import Item, as_items, chat_example, dumps_items, load_items, recall_example
+from reqnoise.eval.records import read_records
 
 NO_SUBJECT = "(none)"
 CHAT_DIR = "chat"
@@ -35,11 +40,11 @@ TRAIN_DATA = {
     "setg:train-recall": RECALL_DIR,
     "setg:train-recall-shuffled": SHUFFLED_RECALL_DIR,
 }
+# A model whose predictions are more than this share one letter makes Set G a letter-prior artifact.
+LETTER_PRIOR_LIMIT = 0.6
 
 
 def _named_records(records) -> dict[str, list[dict]]:
-    from reqnoise.eval.records import read_records
-
     if isinstance(records, Mapping):
         named = {str(k): list(v) for k, v in records.items()}
     else:
@@ -124,9 +129,6 @@ def shuffled_answers(items: Sequence[Item], seed: int) -> list[Item]:
     its subject (a seeded permutation), so the adapter trained on them sees the same questions, format and
     per-subject answer distribution but no item's true answer. A justification naming the true option is
     rewritten to name the new one; one that does not name it is dropped (it could carry the answer)."""
-    import dataclasses
-    import random
-
     rng = random.Random(seed)
     by_subject: dict = {}
     for i, it in enumerate(items):
@@ -223,3 +225,39 @@ def render_summary(summary: dict) -> str:
     for s, c in summary["subjects"].items():
         lines.append(f"  {s:<{width}}  {c['set_g']:>6}  {c['train']:>6}  {c['test']:>6}")
     return "\n".join(lines)
+
+
+def build_setg_step(record_paths, items_path, out: Path, *, train_frac, seed, paraphrases=None) -> dict:
+    """The experiment runner's Set-G step: Set G into ``out`` itself (train/test items, chat/ training data),
+    plus ``paraphrased.jsonl``: the items of ``paraphrases`` whose id is ``<ID>-r`` for an ``<ID>`` of the train
+    split (the positive control: new wording of facts the adapter was trained on). Returns the summary with
+    ``letter_prior`` (``letter_prior_warnings`` of the records) and ``paraphrased`` (a count) added."""
+    d = out / "setg"
+    summary = build_setg(items_path, [str(p) for p in record_paths], d, train_frac=train_frac, seed=seed)
+    summary = dict(summary, letter_prior=letter_prior_warnings(record_paths))
+    for f in d.iterdir():
+        shutil.move(str(f), out / f.name)
+    d.rmdir()
+    if paraphrases is not None:
+        train_ids = {it.id for it in load_items(out / "train.jsonl")}
+        para = [it for it in load_items(paraphrases) if it.id.endswith("-r") and it.id[:-2] in train_ids]
+        (out / "paraphrased.jsonl").write_text(dumps_items(para))
+        summary = dict(summary, paraphrased=len(para))
+    return summary
+
+
+def letter_prior_warnings(record_paths) -> list:
+    """Models whose predictions are dominated by one letter (share above ``LETTER_PRIOR_LIMIT``), one line each,
+    named by the records file's directory. Set G built from such a model leaves out the items whose answer is
+    that letter, so any later shift of the letter prior looks like knowledge on Set G."""
+    out = []
+    for p in record_paths:
+        preds = Counter(r["prediction"] for r in read_records(p))
+        letter, count = preds.most_common(1)[0]
+        share = count / sum(preds.values())
+        if share > LETTER_PRIOR_LIMIT:
+            out.append(
+                f"{Path(p).parent.name}: {100 * share:.0f}% of predictions are {letter!r}; Set G then "
+                f"excludes answer {letter!r} and a shifted letter prior will pass for knowledge"
+            )
+    return out

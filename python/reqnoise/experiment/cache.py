@@ -4,6 +4,9 @@ A step's key is the SHA-256 of its kind, parameters, the keys of the steps it de
 the external files it reads. Its outputs live in ``OUT/steps/<name>/`` with ``step.json`` written last; a
 directory whose ``step.json`` holds the current key is reused, anything else is recomputed. A changed step
 therefore reruns itself and, through the keys, exactly the steps that depend on it.
+
+``step.json`` also holds the step's provenance (``reqnoise.stats.prereg.step_provenance``: when it was computed,
+under which lock), written once when the step is computed; a cache hit serves it unchanged.
 """
 
 import hashlib
@@ -12,6 +15,7 @@ import time
 from pathlib import Path
 
 from reqnoise import __version__, atomic
+from reqnoise.stats.prereg import step_provenance
 
 STEP_FILE = "step.json"
 
@@ -57,9 +61,13 @@ def step_key(kind: str, params: dict, dep_keys: list, inputs: list) -> str:
 
 
 class StepCache:
-    def __init__(self, root: Path):
+    """Step directories under ``root/steps``. ``lock_sha256``: the SHA-256 of the pre-registration lock in
+    force (None: no lock), recorded in the provenance of every step computed from now on."""
+
+    def __init__(self, root: Path, lock_sha256: str | None = None):
         self.root = Path(root) / "steps"
         self.root.mkdir(parents=True, exist_ok=True)
+        self.lock_sha256 = lock_sha256
 
     def dir(self, name: str) -> Path:
         return self.root / name
@@ -77,13 +85,20 @@ class StepCache:
 
     def run(self, name: str, key: str, fn):
         """Reuse or compute a step. ``fn(tmp_dir) -> dict`` writes the step's files into ``tmp_dir``.
-        Returns (record, cached)."""
+        Returns (record, cached); the record's ``provenance`` is that of the computation, never of a reuse."""
         hit = self.lookup(name, key)
         if hit is not None:
             return hit, True
         t0 = time.perf_counter()
+        provenance = step_provenance(self.lock_sha256)  # the time the computation starts
         with atomic.atomic_dir(self.dir(name), overwrite=True) as tmp:
             summary = fn(tmp) or {}
-            rec = {"name": name, "key": key, "seconds": round(time.perf_counter() - t0, 3), "summary": summary}
+            rec = {
+                "name": name,
+                "key": key,
+                "seconds": round(time.perf_counter() - t0, 3),
+                "summary": summary,
+                "provenance": provenance,
+            }
             (tmp / STEP_FILE).write_text(json.dumps(rec, indent=2, default=str) + "\n")
         return rec, False

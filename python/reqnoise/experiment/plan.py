@@ -22,6 +22,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from reqnoise.distributed import (
+    balanced_shards,
+    check_statuses,
+    failure_text,
+    gather_objects,
+    on_root,
+    raise_failures,
+    rank_and_size,
+)
+from reqnoise.errors import ReqnoiseError
+
 # Rough relative cost per kind: only the balance of independent steps across ranks depends on it.
 COST = {"noise": 3.0, "identity": 3.0, "fuse": 1.0, "quantize": 1.0, "toy": 1.0, "setg": 0.1}
 
@@ -55,16 +66,6 @@ def execute(steps: dict, cache, *, log=print) -> tuple[dict, list]:
 
     Returns (records: name -> the step's cache record, timeline: one dict per step with ``step, kind,
     cached, seconds, rank``). Collective over every launched rank."""
-    from reqnoise.distributed import (
-        balanced_shards,
-        check_statuses,
-        gather_objects,
-        on_root,
-        raise_failures,
-        rank_and_size,
-    )
-    from reqnoise.errors import ReqnoiseError
-
     rank, size = rank_and_size()
 
     def entry(n, seconds=0.0, r=None, cached=False):
@@ -131,7 +132,5 @@ def _run_step(step: PlannedStep, cache, *, write: bool, size: int):
             with tempfile.TemporaryDirectory(prefix="reqnoise-rank-") as tmp:
                 step.fn(Path(tmp))
     except Exception as err:  # noqa: BLE001  (every failure must reach the other ranks)
-        from reqnoise.distributed import failure_text
-
         return failure_text(err)
     return None

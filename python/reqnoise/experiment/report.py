@@ -1,16 +1,26 @@
-"""Results of an experiment run: ``results.json``, ``report.md`` and PNG plots."""
+"""Results of an experiment run: ``results.json``, ``report.md`` and PNG plots.
+
+Plain data in, files out: ``collect`` builds the results dict from records and summaries, ``write_outputs``
+draws everything from that dict alone, so a report can be redrawn from a saved ``results.json``.
+"""
 
 import json
 from pathlib import Path
 
+import numpy as np
+
 from reqnoise import atomic
+from reqnoise.eval.records import read_records
+from reqnoise.experiment.spec import analysis_pair
+from reqnoise.stats.formatting import pct
+from reqnoise.stats.inference import compare, decompose, render_decomposition, wilson_ci
 
 
-def _acc_row(records):
-    from reqnoise.stats.inference import wilson_ci
-
+def accuracy_row(records) -> dict:
+    """n, correct, accuracy (fraction, None for no records), its 95% Wilson interval and the unparsed count.
+    An unparsed answer is wrong, whatever its ``correct`` field says (the convention everywhere in reqnoise)."""
     n = len(records)
-    k = sum(1 for r in records if r["correct"])
+    k = sum(1 for r in records if r["correct"] and r["parsed"])
     lo, hi = wilson_ci(k, n)
     acc = k / n if n else None
     if acc is not None:  # statsmodels' bounds can miss the estimate by a rounding error at k = 0 or n
@@ -24,31 +34,35 @@ def _comparison_dict(c):
     return json.loads(json.dumps(c.to_dict(), default=str))
 
 
-def collect(runner, record_paths, identity, noise, lock) -> dict:
-    from reqnoise.eval.records import read_records
-    from reqnoise.stats.inference import compare, decompose
+def verdict_dict(v) -> dict:
+    """A ``reqnoise.stats.prereg.Verdict`` as stored in ``results.json``."""
+    return dict(met=v.met, text=v.text, numbers=v.numbers, preregistered=v.preregistered, provenance=v.provenance)
 
-    spec = runner.spec
+
+def collect(*, name, spec_path, analysis, record_paths, identity, noise, timeline, verdict=None) -> dict:
+    """The results dict of a run.
+
+    ``record_paths``: eval -> condition -> records file; ``analysis``: the spec's [analysis] table (or None);
+    ``identity`` / ``noise``: condition -> step summary; ``timeline``: one dict per step (``plan.execute``);
+    ``verdict``: ``verdict_dict`` of the locked criteria, or None."""
     recs = {ev: {m: read_records(p) for m, p in by_model.items()} for ev, by_model in record_paths.items()}
     results = dict(
-        name=spec.name,
-        spec=str(spec.path),
+        name=name,
+        spec=str(spec_path),
         conditions={},
         comparisons={},
         decomposition={},
         noise=noise,
         identity=identity,
-        verdict=None,
-        steps=runner.timeline,
+        verdict=verdict,
+        steps=timeline,
+        analysis=analysis,
     )
     for ev, by_model in recs.items():
         for m, r in by_model.items():
-            results["conditions"].setdefault(m, {})[ev] = _acc_row(r)
-    a = spec.analysis
+            results["conditions"].setdefault(m, {})[ev] = accuracy_row(r)
+    a = analysis
     if a:
-        from reqnoise.experiment.spec import analysis_pair
-        from reqnoise.stats.inference import render_decomposition
-
         # The main (trained, zero control) pair with its random band, then the pairs.
         main = analysis_pair(
             {k: a[k] for k in ("trained", "zero_control", "random_controls", "trained_controls") if k in a}
@@ -89,11 +103,6 @@ def collect(runner, record_paths, identity, noise, lock) -> dict:
                     key = ev if trained == a["trained"] else f"{ev} ({trained} vs {zero})"
                     results["decomposition"][key] = _comparison_dict(dec)
                     results["decomposition"][key]["table"] = render_decomposition(dec)
-    if lock is not None:
-        from reqnoise.stats.prereg import evaluate_lock
-
-        v = evaluate_lock(lock, runner.out / "results" / spec.criteria["eval"])
-        results["verdict"] = dict(met=v.met, text=v.text, numbers=v.numbers)
     return results
 
 
@@ -102,7 +111,6 @@ def plot_accuracy(results, path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     conds = list(results["conditions"])
     evals = sorted({ev for c in results["conditions"].values() for ev in c})
@@ -159,18 +167,17 @@ def plot_flips(results, path, zero_control):
     plt.close(fig)
 
 
-def _pct(x):
-    return "-" if x is None else f"{100 * x:.1f}%"
-
-
-def render_markdown(results, spec) -> str:
+def render_markdown(results, out) -> str:
+    """``report.md`` from the results dict; ``out``: the run's directory (where the noise plots are)."""
     lines = [f"# {results['name']}", ""]
     if results.get("verdict"):
         v = results["verdict"]
+        post_hoc = v.get("preregistered") is False
         lines += [
             "## Verdict",
             "",
-            f"**{'kill criterion met' if v['met'] else 'kill criterion not met'}**",
+            f"**{'kill criterion met' if v['met'] else 'kill criterion not met'}**"
+            + (" (post hoc: the criteria were NOT pre-registered for these results)" if post_hoc else ""),
             "",
             "```",
             v["text"].strip(),
@@ -186,7 +193,7 @@ def render_markdown(results, spec) -> str:
         for ev in evals:
             r = row.get(ev)
             cells.append(
-                "-" if not r else f"{_pct(r['accuracy'])} [{_pct(r['ci_low'])}, {_pct(r['ci_high'])}] n={r['n']}"
+                "-" if not r else f"{pct(r['accuracy'])} [{pct(r['ci_low'])}, {pct(r['ci_high'])}] n={r['n']}"
             )
         ident = results["identity"].get(c)
         if results["identity"]:
@@ -228,7 +235,7 @@ def render_markdown(results, spec) -> str:
         lines += ["## Does the adapter survive the fuse?", ""]
         for m, n in results["noise"].items():
             lines.append(f"- **{m}**: {n['verdict']}")
-            if (Path(spec["out"]) / "steps" / f"noise-{m}" / "noise.png").is_file():
+            if (Path(out) / "steps" / f"noise-{m}" / "noise.png").is_file():
                 lines.append(f"  ![noise {m}](steps/noise-{m}/noise.png)")
         lines.append("")
     lines += ["## Steps", "", "| step | cached | seconds |", "|---|---|---|"]
@@ -236,12 +243,11 @@ def render_markdown(results, spec) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(runner, record_paths, identity, noise, lock) -> dict:
-    results = collect(runner, record_paths, identity, noise, lock)
-    out = runner.out
+def write_outputs(results, out) -> None:
+    """Write ``results.json``, ``report.md`` and the plots of a results dict into the run directory ``out``."""
+    out = Path(out)
     plot_accuracy(results, out / "accuracy.png")
-    if runner.spec.analysis:
-        plot_flips(results, out / "flips.png", runner.spec.analysis["zero_control"])
+    if results.get("analysis"):
+        plot_flips(results, out / "flips.png", results["analysis"]["zero_control"])
     atomic.write_text(out / "results.json", json.dumps(results, indent=2, default=str) + "\n", overwrite=True)
-    atomic.write_text(out / "report.md", render_markdown(results, {"out": str(out)}), overwrite=True)
-    return results
+    atomic.write_text(out / "report.md", render_markdown(results, out), overwrite=True)

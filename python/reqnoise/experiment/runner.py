@@ -4,17 +4,36 @@ Every step is cached by content hash (``reqnoise.experiment.cache``): an interru
 and a changed step reruns only what depends on it. Outputs: ``DIR/lock.json`` (written before any training),
 ``DIR/steps/*`` (models, adapters, records), ``DIR/results/<eval>/<condition>.jsonl``, ``DIR/results.json``,
 ``DIR/report.md`` and PNG plots.
+
+Every step records, when it is computed, its provenance (time, the lock in force, version; see
+``reqnoise.stats.prereg``); ``results/<eval>/<condition>.provenance.json`` carries that of the evaluation and of
+every step upstream of it, so a verdict can tell results computed under the lock from results served from a
+cache filled before it.
 """
 
 import json
 import shutil
 from pathlib import Path
 
+from reqnoise import atomic
+from reqnoise.distributed import evaluate_distributed, on_root, rank_and_size
 from reqnoise.errors import ReqnoiseError
+from reqnoise.eval.calibration import calibrate_records, option_prior
+from reqnoise.eval.identity import run_identity
+from reqnoise.eval.multiple_choice import evaluate_items, summarize
+from reqnoise.eval.records import read_records, write_records
+from reqnoise.eval.setg import TRAIN_DATA, build_setg_step
 from reqnoise.experiment.cache import StepCache, step_key
+from reqnoise.experiment.models import quantize_model_dir
 from reqnoise.experiment.plan import PlannedStep, execute
+from reqnoise.experiment.report import collect, verdict_dict, write_outputs
 from reqnoise.experiment.spec import load_spec
 from reqnoise.fuse.options import FuseOptions
+from reqnoise.jsonl import read_json
+from reqnoise.noise.plot import plot_noise
+from reqnoise.stats.prereg import evaluate_lock, lock_criteria, lock_sha256, verify_lock, write_provenance
+from reqnoise.toy.model import build_toy_model
+from reqnoise.train.tuner import train_adapter
 
 LOCKED_CRITERIA = "criteria.locked.toml"
 
@@ -67,8 +86,6 @@ class Runner:
                 inputs.append(self._external(opts["extra_corpus"]))
 
             def build(tmp):
-                from reqnoise.toy.model import build_toy_model
-
                 kw = dict(opts)
                 if kw.get("bits") == "none":  # TOML has no null: an unquantized toy
                     kw["bits"] = None
@@ -92,8 +109,8 @@ class Runner:
             opts = FuseOptions.table_subset(m)
 
             def fuse(tmp):
+                # fuse.model imports mlx at its top: it loads when a fuse step runs, not when a spec is planned.
                 from reqnoise.fuse.model import apply_full_weights, fuse_model
-                from reqnoise.jsonl import read_json
 
                 if read_json(ad / "adapter_config.json", "adapter config").get("fine_tune_type") == "full":
                     return apply_full_weights(src, ad, tmp / "model")
@@ -113,8 +130,6 @@ class Runner:
         deps = [f"model-{self.spec.adapters[name]['model']}"]
         inputs = []
         if str(data).startswith("setg:"):
-            from reqnoise.eval.setg import TRAIN_DATA
-
             self.setg()
             which = TRAIN_DATA.get(str(data))
             if which is None:
@@ -129,8 +144,6 @@ class Runner:
             inputs.append(data_path)
 
         def train(tmp):
-            from reqnoise.train.tuner import train_adapter
-
             if str(data).startswith("setg:") and not data_path.is_dir():
                 raise ReqnoiseError(
                     f"adapters.{name}: Set G has no {data_path.name}/ data: {data!r} needs a cloze "
@@ -177,11 +190,6 @@ class Runner:
             params["calibrate_from"] = e["calibrate_from"]  # only when set: other specs keep their cache keys
 
         def run(tmp):
-            from reqnoise.distributed import evaluate_distributed, rank_and_size
-            from reqnoise.eval.calibration import calibrate_records, option_prior
-            from reqnoise.eval.multiple_choice import evaluate_items, summarize
-            from reqnoise.eval.records import read_records, write_records
-
             if rank_and_size()[1] > 1:  # every rank scores a length-balanced share of the items
                 recs, summary = evaluate_distributed(model, items, log=self.log, progress=False, **opts)
             else:
@@ -218,8 +226,6 @@ class Runner:
         model = self.model(model_name)
 
         def run(tmp):
-            from reqnoise.eval.identity import run_identity
-
             recs, summary = run_identity(model, persona, suite=suite, progress=self.progress)
             (tmp / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
             return summary.to_dict()
@@ -261,8 +267,7 @@ class Runner:
         outputs = bool(self.spec.noise.get("outputs", True))
 
         def run(tmp):
-            from reqnoise.noise.plot import plot_noise
-            from reqnoise.noise.report import noise_report
+            from reqnoise.noise.report import noise_report  # imports mlx at its top, as fuse.model
 
             rep = noise_report(src, ad, outputs=outputs, progress=self.progress, **opts)
             (tmp / "noise.json").write_text(json.dumps(rep, indent=1) + "\n")
@@ -283,16 +288,20 @@ class Runner:
     def run(self) -> dict:
         """Plan every step, execute (on every launched rank), then write the outputs (rank 0). Returns the
         results dict on rank 0 and ``{}`` on the other ranks."""
-        from reqnoise.distributed import on_root, rank_and_size
-        from reqnoise.experiment.report import write_outputs
-
         spec = self.spec
         rank, _ = rank_and_size()
         if rank != 0:  # one voice: rank 0 reports for all (per-rank throughput included)
             self.log, self.progress = (lambda *a, **k: None), False
         lock = None
         if spec.criteria:
-            lock = Path(on_root(lambda: str(self.lock())))  # before anything is trained
+
+            def locked():
+                path = self.lock()
+                return [str(path), lock_sha256(path)]
+
+            # Before anything is trained; every rank records the lock in the provenance of the steps it computes.
+            lock, self.cache.lock_sha256 = on_root(locked)
+            lock = Path(lock)
         for name in spec.model_order():
             if name in spec.identity_models() or any(name in spec.eval_models(e) for e in spec.evals):
                 self.model(name)
@@ -310,16 +319,42 @@ class Runner:
         for ev, by_model in evals.items():
             for m, src in by_model.items():
                 dst = results_dir / ev / f"{m}.jsonl"
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src, dst)  # a fresh copy: newer than the lock, as the verdict requires
-                records.setdefault(ev, {})[m] = src
-        identity = {m: self.records[n]["summary"] for m, n in ident_steps.items()}
-        noise = {m: self.records[n]["summary"] for m, n in noise_steps.items()}
-        return write_outputs(self, records, identity, noise, lock)
+                with open(src, "rb") as fin, atomic.atomic_file(dst, overwrite=True, mode="wb") as fout:
+                    shutil.copyfileobj(fin, fout)
+                # The provenance recorded when the steps were computed, not the time of this copy.
+                write_provenance(dst, self.provenance(f"eval-{ev}-{m}"))
+                records.setdefault(ev, {})[m] = dst
+        verdict = None
+        if lock is not None:
+            v = evaluate_lock(lock, results_dir / spec.criteria["eval"])
+            verdict = verdict_dict(v)
+            if not v.preregistered:
+                self.log("warning: " + v.text.splitlines()[0])
+        results = collect(
+            name=spec.name,
+            spec_path=spec.path,
+            analysis=spec.analysis,
+            record_paths=records,
+            identity={m: self.records[n]["summary"] for m, n in ident_steps.items()},
+            noise={m: self.records[n]["summary"] for m, n in noise_steps.items()},
+            timeline=self.timeline,
+            verdict=verdict,
+        )
+        write_outputs(results, self.out)
+        return results
 
-    def lock(self):
-        from reqnoise.stats.prereg import lock_criteria, verify_lock
+    def provenance(self, name) -> dict:
+        """Step ``name`` and every planned step upstream of it -> the provenance each recorded when computed."""
+        order, todo = [], [name]
+        while todo:
+            n = todo.pop()
+            if n not in order:
+                order.append(n)
+                todo += self.plan[n].deps
+        return {n: self.records[n].get("provenance") for n in sorted(order, key=list(self.plan).index)}
 
+    def lock(self) -> Path:
+        """Lock the spec's criteria in ``OUT/lock.json`` (a resumed run verifies the existing lock instead)."""
         crit = self.spec.resolve(self.spec.criteria["file"])
         lock_path = self.out / "lock.json"
         if lock_path.is_file():
@@ -336,62 +371,6 @@ class Runner:
         lock_criteria(self.out / LOCKED_CRITERIA, lock_path)
         self.log(f"[locked] criteria {crit.name} -> {lock_path}")
         return lock_path
-
-
-def quantize_model_dir(src: Path, dst: Path, *, bits: int, group_size: int) -> dict:
-    """mlx-lm's own quantization of a float model directory (its quant predicate included)."""
-    import contextlib
-    import io
-
-    from mlx_lm import convert
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        convert(str(src), mlx_path=str(dst), quantize=True, q_bits=bits, q_group_size=group_size)
-    return {"bits": bits, "group_size": group_size}
-
-
-def build_setg_step(record_paths, items_path, out: Path, *, train_frac, seed, paraphrases=None) -> dict:
-    """Set G into ``out`` (train/test items, chat/ training data), plus ``paraphrased.jsonl``: the items of
-    ``paraphrases`` whose id is ``<ID>-r`` for an ``<ID>`` of the train split (the positive control: new
-    wording of facts the adapter was trained on)."""
-    from reqnoise.eval.items import dumps_items, load_items
-    from reqnoise.eval.setg import build_setg
-
-    d = out / "setg"
-    summary = build_setg(items_path, [str(p) for p in record_paths], d, train_frac=train_frac, seed=seed)
-    summary = dict(summary, letter_prior=letter_prior_warnings(record_paths))
-    for f in d.iterdir():
-        shutil.move(str(f), out / f.name)
-    d.rmdir()
-    if paraphrases is not None:
-        train_ids = {it.id for it in load_items(out / "train.jsonl")}
-        para = [it for it in load_items(paraphrases) if it.id.endswith("-r") and it.id[:-2] in train_ids]
-        (out / "paraphrased.jsonl").write_text(dumps_items(para))
-        summary = dict(summary, paraphrased=len(para))
-    return summary
-
-
-LETTER_PRIOR_LIMIT = 0.6
-
-
-def letter_prior_warnings(record_paths) -> list:
-    """Models whose predictions are dominated by one letter. Set G built from such a model leaves out the items
-    whose answer is that letter, so any later shift of the letter prior looks like knowledge on Set G."""
-    from collections import Counter
-
-    from reqnoise.eval.records import read_records
-
-    out = []
-    for p in record_paths:
-        preds = Counter(r["prediction"] for r in read_records(p))
-        letter, count = preds.most_common(1)[0]
-        share = count / sum(preds.values())
-        if share > LETTER_PRIOR_LIMIT:
-            out.append(
-                f"{Path(p).parent.name}: {100 * share:.0f}% of predictions are {letter!r}; Set G then "
-                f"excludes answer {letter!r} and a shifted letter prior will pass for knowledge"
-            )
-    return out
 
 
 def run_spec(spec_path, out, progress=True, log=print) -> dict:

@@ -70,8 +70,6 @@ from reqnoise.errors import ReqnoiseError
 from reqnoise.fuse.options import FuseOptions
 from reqnoise.train.config import TrainConfig
 
-MODEL_KINDS = ("path", "toy", "quantize", "adapter")
-
 
 def analysis_pair(pair) -> dict:
     """An ``analysis.pairs`` entry as {trained, zero_control, random_controls, trained_controls}."""
@@ -133,6 +131,18 @@ class Spec:
         raise ReqnoiseError(f"{self.path}: {msg}")
 
     def _check(self):
+        """Check every table before anything runs (one method per table); the first problem raises."""
+        self._check_models()
+        self._check_adapters()
+        self._check_evals()
+        self._check_conditions()
+        self._check_setg()
+        self._check_analysis()
+        self._check_identity()
+        self._check_criteria()
+        self.model_order()  # refuses cycles
+
+    def _check_models(self):
         if not self.models:
             self._err("no [models.*] tables")
         for name, m in self.models.items():
@@ -150,6 +160,8 @@ class Spec:
                     extra = set(m) - FUSE_KEYS
                     if extra:
                         self._err(f"models.{name}: unknown keys {sorted(extra)} (allowed: {sorted(FUSE_KEYS)})")
+
+    def _check_adapters(self):
         for name, a in self.adapters.items():
             if a.get("model") not in self.models:
                 self._err(f"adapters.{name}.model names unknown model {a.get('model')!r}")
@@ -160,6 +172,8 @@ class Spec:
             extra = set(a) - TRAIN_KEYS
             if extra:
                 self._err(f"adapters.{name}: unknown keys {sorted(extra)} (allowed: {sorted(TRAIN_KEYS)})")
+
+    def _check_evals(self):
         for name, e in self.evals.items():
             if e.get("calibrate", False) not in (True, False, "subject"):
                 self._err(f'evals.{name}: calibrate must be true, false or "subject", got {e["calibrate"]!r}')
@@ -178,46 +192,59 @@ class Spec:
             for m in e.get("models", []):
                 if m not in self.models:
                     self._err(f"evals.{name}.models names unknown model {m!r}")
+
+    def _check_conditions(self):
         for c in self.conditions:
             if c not in self.models:
                 self._err(f"conditions names unknown model {c!r}")
-        if self.setg:
-            if self.setg.get("eval") not in self.evals:
-                self._err(f"setg.eval names unknown eval {self.setg.get('eval')!r}")
-            for m in self.setg.get("models", []):
-                if m not in self.models:
-                    self._err(f"setg.models names unknown model {m!r}")
-        if self.analysis:
-            for key in ("baseline", "trained", "zero_control"):
-                if self.analysis.get(key) not in self.conditions:
-                    self._err(f"analysis.{key} must name a condition, got {self.analysis.get(key)!r}")
-            for key in ("random_controls", "trained_controls"):
-                for r in self.analysis.get(key, []):
-                    if r not in self.conditions:
-                        self._err(f"analysis.{key} names {r!r}, which is not a condition")
-            for pair in self.analysis.get("pairs", []):
-                p = analysis_pair(pair)
-                names = [p["trained"], p["zero_control"]] + p["random_controls"] + p["trained_controls"]
-                extra = set(pair) - set(p) if isinstance(pair, dict) else set()
-                if extra or any(x not in self.conditions for x in names):
-                    self._err(
-                        "analysis.pairs entries are [trained, zero_control] condition pairs or tables "
-                        f"{{trained, zero_control, random_controls?, trained_controls?}} of conditions, got {pair!r}"
-                    )
-            if self.analysis.get("eval") not in self.evals:
-                self._err(f"analysis.eval names unknown eval {self.analysis.get('eval')!r}")
-        if self.identity:
-            if "persona" not in self.identity:
-                self._err("[identity] needs 'persona'")
-            for m in self.identity.get("models", []):
-                if m not in self.models:
-                    self._err(f"identity.models names unknown model {m!r}")
-        if self.criteria:
-            if "file" not in self.criteria or not self.resolve(self.criteria["file"]).is_file():
-                self._err(f"criteria.file {self.criteria.get('file')!r} does not exist")
-            if self.criteria.get("eval") not in self.evals:
-                self._err(f"criteria.eval names unknown eval {self.criteria.get('eval')!r}")
-        self.model_order()  # refuses cycles
+
+    def _check_setg(self):
+        if not self.setg:
+            return
+        if self.setg.get("eval") not in self.evals:
+            self._err(f"setg.eval names unknown eval {self.setg.get('eval')!r}")
+        for m in self.setg.get("models", []):
+            if m not in self.models:
+                self._err(f"setg.models names unknown model {m!r}")
+
+    def _check_analysis(self):
+        if not self.analysis:
+            return
+        for key in ("baseline", "trained", "zero_control"):
+            if self.analysis.get(key) not in self.conditions:
+                self._err(f"analysis.{key} must name a condition, got {self.analysis.get(key)!r}")
+        for key in ("random_controls", "trained_controls"):
+            for r in self.analysis.get(key, []):
+                if r not in self.conditions:
+                    self._err(f"analysis.{key} names {r!r}, which is not a condition")
+        for pair in self.analysis.get("pairs", []):
+            p = analysis_pair(pair)
+            names = [p["trained"], p["zero_control"]] + p["random_controls"] + p["trained_controls"]
+            extra = set(pair) - set(p) if isinstance(pair, dict) else set()
+            if extra or any(x not in self.conditions for x in names):
+                self._err(
+                    "analysis.pairs entries are [trained, zero_control] condition pairs or tables "
+                    f"{{trained, zero_control, random_controls?, trained_controls?}} of conditions, got {pair!r}"
+                )
+        if self.analysis.get("eval") not in self.evals:
+            self._err(f"analysis.eval names unknown eval {self.analysis.get('eval')!r}")
+
+    def _check_identity(self):
+        if not self.identity:
+            return
+        if "persona" not in self.identity:
+            self._err("[identity] needs 'persona'")
+        for m in self.identity.get("models", []):
+            if m not in self.models:
+                self._err(f"identity.models names unknown model {m!r}")
+
+    def _check_criteria(self):
+        if not self.criteria:
+            return
+        if "file" not in self.criteria or not self.resolve(self.criteria["file"]).is_file():
+            self._err(f"criteria.file {self.criteria.get('file')!r} does not exist")
+        if self.criteria.get("eval") not in self.evals:
+            self._err(f"criteria.eval names unknown eval {self.criteria.get('eval')!r}")
 
     def model_order(self) -> list:
         """Model names in dependency order (a model after the models and adapters it needs)."""

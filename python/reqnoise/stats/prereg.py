@@ -2,10 +2,18 @@
 
 Workflow: write the criteria in a TOML file, lock it (``reqnoise preregister criteria.toml --out lock.json``)
 *before* producing any result file, then evaluate (``reqnoise verdict lock.json --results DIR``). The verdict
-refuses (exit code 2) when the criteria file beside the lock no longer hashes to the locked SHA-256, or when a
-result file was last modified before the lock was written. (The lock and the file times guard against honest
-mistakes and quiet post-hoc edits; they are not a signature against someone who rewrites both on purpose.
-Commit the lock, or send its SHA-256 to someone, for that.)
+refuses (exit code 2) when the criteria file beside the lock no longer hashes to the locked SHA-256.
+
+Provenance: whether the results came after the lock is read from what was written when they were *computed*,
+never from file times (a copy or a cache hit refreshes those). ``reqnoise run`` writes, beside each result file
+``X.jsonl``, ``X.provenance.json``: the SHA-256 of the records and, for the step that computed them and every
+step upstream of it, the UTC time it was computed, the SHA-256 of the lock file that existed then (null if none)
+and the reqnoise version. The verdict still evaluates the criterion, but its first line says the criteria were
+NOT pre-registered for these results (and ``Verdict.preregistered`` is False) when a result file has no
+provenance (e.g. hand-made records), its records differ from those computed, or any of its steps was computed
+with no lock, under another lock, or before this lock's time. (Lock and provenance guard against honest mistakes
+and quiet post-hoc edits; they are not a signature against someone who rewrites them on purpose. Commit the
+lock, or send its SHA-256 to someone, for that.)
 
 Criteria file (TOML)
 --------------------
@@ -73,10 +81,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from reqnoise import atomic
+from reqnoise import __version__, atomic
 from reqnoise.errors import RefusedError, ReqnoiseError
+from reqnoise.eval.records import read_records
+from reqnoise.jsonl import read_json
+from reqnoise.stats.inference import pair_records
 
 LOCK_FORMAT = "reqnoise-prereg-lock/1"
+PROVENANCE_FORMAT = "reqnoise-provenance/1"
+PROVENANCE_SUFFIX = ".provenance.json"  # X.jsonl -> X.provenance.json
 MAX_EXPR_CHARS = 4000
 RULE_KEYS = ("success_if", "criterion", "kill_if")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -309,8 +322,6 @@ def lock_criteria(criteria_path, out_path, overwrite: bool = False) -> dict:
     """Validate a criteria file and write a lock (JSON, atomically) holding its text, SHA-256, the path of
     the criteria file relative to the lock's directory, and the UTC time. Refuses to replace an existing lock
     unless ``overwrite``. Returns the lock as a dict."""
-    from reqnoise import __version__
-
     criteria_path = Path(criteria_path)
     out_path = Path(out_path)
     if not criteria_path.is_file():
@@ -337,6 +348,76 @@ def lock_criteria(criteria_path, out_path, overwrite: bool = False) -> dict:
     }
     atomic.write_text(out_path, json.dumps(lock, indent=2, ensure_ascii=False) + "\n", overwrite=overwrite)
     return lock
+
+
+# ---------------------------------------------------------------- provenance
+
+
+def lock_sha256(lock_path) -> str:
+    """SHA-256 of a lock file's bytes: names one lock (the same criteria locked twice give two locks)."""
+    return _sha256(Path(lock_path).read_bytes())
+
+
+def step_provenance(lock_sha: str | None) -> dict:
+    """What a step records when it is computed: UTC time, the SHA-256 of the lock that existed then (None if
+    none) and the reqnoise version. Written once, with the step's outputs; never refreshed."""
+    return {
+        "computed_at": _utc_now().isoformat(timespec="microseconds"),
+        "lock_sha256": lock_sha,
+        "reqnoise_version": __version__,
+    }
+
+
+def provenance_path(records_path) -> Path:
+    """``DIR/X.jsonl`` -> ``DIR/X.provenance.json``."""
+    records_path = Path(records_path)
+    return records_path.with_name(records_path.name.removesuffix(".jsonl") + PROVENANCE_SUFFIX)
+
+
+def write_provenance(records_path, steps: dict) -> None:
+    """Write the provenance beside a result file. ``steps``: step name -> ``step_provenance`` dict as recorded
+    when that step was computed (the step that computed the records and every step upstream of it)."""
+    records_path = Path(records_path)
+    doc = {
+        "format": PROVENANCE_FORMAT,
+        "records": records_path.name,
+        "records_sha256": _sha256(records_path.read_bytes()),
+        "steps": steps,
+    }
+    atomic.write_text(provenance_path(records_path), json.dumps(doc, indent=2) + "\n", overwrite=True)
+
+
+def provenance_problem(records_path, lock_sha: str, locked_at: datetime) -> str | None:
+    """Why ``records_path`` cannot count as computed under the lock (``lock_sha``, written at ``locked_at``),
+    or None when its provenance shows every step computed under that lock."""
+    records_path = Path(records_path)
+    side = provenance_path(records_path)
+    name = records_path.name
+    if not side.is_file():
+        return f"{name}: no provenance ({side.name} missing), so nothing shows it was computed after the lock"
+    try:
+        doc = read_json(side, "provenance file")
+        if doc.get("format") != PROVENANCE_FORMAT or not isinstance(doc.get("steps"), dict) or not doc["steps"]:
+            raise ReqnoiseError("not a provenance file")
+        if doc.get("records_sha256") != _sha256(records_path.read_bytes()):
+            return f"{name}: its records are not the ones computed ({side.name} names other bytes)"
+        bad = []
+        for step, p in doc["steps"].items():
+            if p is None:  # a step whose record predates provenance
+                bad.append(f"{step} has no recorded provenance")
+                continue
+            at = datetime.fromisoformat(p["computed_at"])
+            if p.get("lock_sha256") is None:
+                bad.append(f"{step} computed {p['computed_at']} with no lock")
+            elif p["lock_sha256"] != lock_sha:
+                bad.append(f"{step} computed {p['computed_at']} under another lock ({p['lock_sha256'][:12]}...)")
+            elif at.tzinfo is None:
+                bad.append(f"{step} computed at a time without a time zone ({p['computed_at']})")
+            elif at < locked_at:
+                bad.append(f"{step} computed {p['computed_at']}, before the lock")
+    except (ReqnoiseError, KeyError, TypeError, ValueError, AttributeError):
+        return f"{name}: unreadable provenance in {side.name}"
+    return f"{name}: " + "; ".join(bad) if bad else None
 
 
 # ---------------------------------------------------------------- verdict
@@ -366,11 +447,11 @@ class Verdict:
     accuracies: dict  # condition -> accuracy, for context
     text: str
     lock: dict = field(repr=False, default_factory=dict)
+    preregistered: bool = True  # False: some result was not computed under this lock (see ``provenance``)
+    provenance: list = field(default_factory=list)  # one line per result file whose provenance fails
 
 
 def _read_lock(lock_path: Path) -> dict:
-    from reqnoise.jsonl import read_json
-
     lock = read_json(lock_path, "lock file")
     if lock.get("format") != LOCK_FORMAT:
         raise ReqnoiseError(f"lock file {lock_path}: not a {LOCK_FORMAT} lock")
@@ -483,11 +564,10 @@ def _fmt(v):
 
 def evaluate_lock(lock_path, results_dir) -> Verdict:
     """Verify a lock (see ``verify_lock``), load ``results_dir/<CONDITION>.jsonl`` for every condition the
-    criterion names, refuse result files last modified before the lock time (to the second), and evaluate the
-    criterion. Raises RefusedError (exit 2) for a changed criteria file or stale results."""
-    from reqnoise.eval.records import read_records
-    from reqnoise.stats.inference import pair_records
-
+    criterion names, check each file's provenance against the lock (``provenance_problem``) and evaluate the
+    criterion. Raises RefusedError (exit 2) for a changed criteria file or lock. Results not computed under
+    the lock are still evaluated, but the verdict's first line says the criteria were NOT pre-registered for
+    them and ``preregistered`` is False."""
     lock, crit, locked_at = verify_lock(lock_path)
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
@@ -496,13 +576,8 @@ def evaluate_lock(lock_path, results_dir) -> Verdict:
     for name, path in files.items():
         if not path.is_file():
             raise ReqnoiseError(f"no result file for condition {name}: {path} does not exist")
-        mtime = datetime.fromtimestamp(path.stat().st_mtime, UTC)
-        # Whole seconds: file systems with 1 s time stamps must not refuse results written right after the lock.
-        if mtime < locked_at.replace(microsecond=0):
-            raise RefusedError(
-                f"result file {path} was last modified {mtime.isoformat()}, before the criteria "
-                f"were locked at {lock['locked_at']}; results must be produced after the lock"
-            )
+    sha = lock_sha256(lock_path)
+    problems = [p for path in files.values() if (p := provenance_problem(path, sha, locked_at)) is not None]
     paired = pair_records({name: read_records(path) for name, path in files.items()})
     env = _Env(paired, crit)
     numbers, checks = {}, []
@@ -511,7 +586,14 @@ def evaluate_lock(lock_path, results_dir) -> Verdict:
     acc = {name: float(paired.correct[name].mean()) for name in crit.conditions}
 
     w = max(len(t) for t in numbers)
-    lines = [
+    lines = []
+    if problems:
+        lines.append(
+            f"NOT pre-registered: the criteria were NOT pre-registered for {len(problems)} of {len(files)} "
+            "result file(s); this verdict is post hoc"
+        )
+        lines += [f"  {p}" for p in problems]
+    lines += [
         f"criteria: {lock_path} -> {lock['criteria_path']} (SHA-256 {lock['criteria_sha256'][:16]}..., "
         f"locked {lock['locked_at']})",
         f"{crit.rule}: {' '.join(crit.expression.split())}",
@@ -526,6 +608,7 @@ def evaluate_lock(lock_path, results_dir) -> Verdict:
     lines.append(
         f"{crit.rule} is {'true' if value else 'false'} -> "
         + ("kill criterion met" if met else "kill criterion not met")
+        + (" (post hoc: NOT pre-registered)" if problems else "")
     )
     return Verdict(
         met=met,
@@ -538,4 +621,6 @@ def evaluate_lock(lock_path, results_dir) -> Verdict:
         accuracies=acc,
         text="\n".join(lines) + "\n",
         lock=lock,
+        preregistered=not problems,
+        provenance=problems,
     )

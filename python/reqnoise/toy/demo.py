@@ -371,7 +371,7 @@ def check_keep_grid_answers(run: DemoRun) -> list:
 
 def check_letter_prior(run: DemoRun) -> list:
     """Set G is only meaningful when the models it is built from answer by item, not by a favourite letter."""
-    from reqnoise.experiment.runner import letter_prior_warnings
+    from reqnoise.eval.setg import letter_prior_warnings
 
     prior = letter_prior_warnings([run.steps / f"eval-all-{m}" / "records.jsonl" for m in ("base", "persona")])
     return [
