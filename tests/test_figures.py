@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 from reqnoise.cli import main
+from reqnoise.errors import ReqnoiseError
 from reqnoise.experiment import figures
-from reqnoise.experiment.figures import analysis_roles, classify, condition_groups, forest_rows
+from reqnoise.experiment.figures import analysis_roles, condition_groups, forest_rows
+from reqnoise.stats.inference import classify_interval
 
 N = 40  # paired items per evaluation
 EVALS = ("setg_test", "recall")
@@ -167,13 +169,20 @@ def png_info(path):
     ],
 )
 def test_classify_hand_computed(lo, hi, margin, expected):
-    assert classify(lo, hi, margin) == expected
+    assert classify_interval((lo, hi), (lo, hi), margin) == expected
+
+
+def test_classify_uses_the_tost_interval_for_equivalence():
+    # 90% CI inside the margin, 95% CI not: equivalent (TOST at 5%); a 95% CI off zero alone: effect
+    assert classify_interval((-0.04, 0.045), (-0.05, 0.055), 0.05) == "equivalent"
+    assert classify_interval((0.02, 0.09), (0.01, 0.10), 0.05) == "effect"
+    assert classify_interval((-0.01, 0.09), (-0.02, 0.10), 0.05) == "inconclusive"
 
 
 @pytest.mark.parametrize("lo, hi, margin", [(0.1, 0.0, 0.05), (float("nan"), 0.1, 0.05), (-0.1, 0.1, 0.0)])
 def test_classify_rejects_bad_input(lo, hi, margin):
-    with pytest.raises(ValueError):
-        classify(lo, hi, margin)
+    with pytest.raises(ReqnoiseError):
+        classify_interval((lo, hi), (lo, hi), margin)
 
 
 @pytest.mark.parametrize("with_analysis", [True, False])

@@ -8,9 +8,7 @@ def _report(args):
     import json
     from pathlib import Path
 
-    from reqnoise import atomic
-    from reqnoise.experiment.figures import draw_figures
-    from reqnoise.experiment.report import render_markdown
+    from reqnoise.experiment.report import write_report
 
     src = Path(args.dir)
     path = src / "results.json"
@@ -23,16 +21,9 @@ def _report(args):
     if not isinstance(results, dict) or not isinstance(results.get("conditions"), dict):
         raise ReqnoiseError(f"{path}: not a reqnoise results.json (no 'conditions' table)")
     out = Path(args.out) if args.out else src
-    written = draw_figures(results, out, base_dir=src)
-    # render_markdown reads these keys unconditionally; a results.json from an older or partial run may lack them.
+    # A results.json from an older or partial run may lack keys the renderer reads.
     defaults = dict(name=str(src), verdict=None, comparisons={}, decomposition={}, noise={}, identity={}, steps=[])
-    md = render_markdown({**defaults, **results}, {"out": str(out)})
-    # Figures report.md does not show yet (the forest plot, the survival heatmaps): listed after it.
-    extra = [p for p in written if f"({p.name})" not in md]
-    if extra:
-        md += "\n## Figures\n\n" + "".join(f"![{p.stem}]({p.name})\n\n" for p in extra)
-    atomic.write_text(out / "report.md", md, overwrite=True)
-    for p in [*written, out / "report.md"]:
+    for p in write_report({**defaults, **results}, out, base_dir=src):
         print(p)
 
 

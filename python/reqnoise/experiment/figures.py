@@ -18,11 +18,12 @@ import re
 from pathlib import Path
 
 from reqnoise import atomic
+from reqnoise.experiment.spec import analysis_pair
+from reqnoise.stats.inference import MARGIN, classify_interval
 
 DPI = 100  # pixels per inch of every figure; widths below stay <= 16 in, i.e. <= 1600 px
 MAX_WIDTH_IN = 16.0
 MIN_FONT_PT = 8
-DEFAULT_MARGIN = 0.05  # the study's pre-registered 5 pp equivalence margin, when results carry none
 
 # Okabe & Ito (2008), "Color Universal Design".
 OKABE_ITO = {
@@ -74,30 +75,24 @@ ROLE_KEYS = ("baseline", "trained", "zero_control", "random_controls", "trained_
 # Classification and roles
 
 
-def classify(lo: float, hi: float, margin: float) -> str:
-    """A 95% CI [lo, hi] of a difference (fractions) against an equivalence margin (fraction, > 0):
-    "equivalent" when the CI lies inside [-margin, margin] (bounds included), else "effect" when it excludes 0,
-    else "inconclusive". Equivalence is tested first, so a CI such as [0.01, 0.03] with a 5 pp margin reads
-    "equivalent": the effect, if any, is smaller than what the study set out to detect."""
-    if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
-        raise ValueError(f"not a confidence interval: [{lo}, {hi}]")
-    if not margin > 0:
-        raise ValueError(f"equivalence margin must be > 0, got {margin}")
-    if -margin <= lo and hi <= margin:
-        return "equivalent"
-    if lo > 0 or hi < 0:
-        return "effect"
-    return "inconclusive"
+def row_class(comparison: dict, margin: float) -> str | None:
+    """The comparison's class, from the one rule (``stats.inference.classify_interval``): its stored
+    ``equivalence`` when the report computed one (TOST interval and 95% CI), else its ``difference_ci`` used for
+    both; None without an interval."""
+    eq = comparison.get("equivalence")
+    if eq:
+        return classify_interval(eq["tost_ci"], eq["ci"], margin)
+    ci = comparison.get("difference_ci")
+    return None if ci is None else classify_interval(ci, ci, margin)
 
 
 def margin_of(results: dict) -> float:
     """The equivalence margin (fraction): ``results["margin"]`` when present, else 5 pp."""
     m = results.get("margin")
-    return DEFAULT_MARGIN if m is None else float(m)
+    return MARGIN if m is None else float(m)
 
 
 def _normalise_pair(pair) -> dict:
-    from reqnoise.experiment.spec import analysis_pair
 
     return analysis_pair(pair)
 
@@ -241,7 +236,7 @@ def _comparison(results, ev, trained, control, roles) -> dict | None:
 def forest_rows(results: dict, roles: dict | None = None) -> dict:
     """{eval: [row]} for the forest plot, each row a dict: label, trained, control, kind ("zero delta",
     "random delta", "trained control"), n (paired items), difference (fraction, B - A = trained - control), ci ([lo, hi]
-    fractions, or None when the comparison carries no ``difference_ci``), cls (``classify`` against the
+    fractions, or None when the comparison carries no ``difference_ci``), cls (``row_class`` against the
     margin; None without a CI), band ([min, max] of random - zero_control from the decomposition, on the zero
     delta row only, else None). Comparisons that results.json does not hold are left out."""
     roles = roles or analysis_roles(results)
@@ -268,7 +263,7 @@ def forest_rows(results: dict, roles: dict | None = None) -> dict:
                             n=cmp.get("n"),
                             difference=float(cmp["difference"]),
                             ci=ci,
-                            cls=classify(ci[0], ci[1], margin) if ci else None,
+                            cls=row_class(cmp, margin),
                             band=[min(effects), max(effects)] if effects and kind == "zero delta" else None,
                         )
                     )

@@ -5,15 +5,15 @@ draws everything from that dict alone, so a report can be redrawn from a saved `
 """
 
 import json
+from dataclasses import asdict
 from pathlib import Path
-
-import numpy as np
 
 from reqnoise import atomic
 from reqnoise.eval.records import read_records
+from reqnoise.experiment.figures import draw_figures
 from reqnoise.experiment.spec import analysis_pair
 from reqnoise.stats.formatting import pct
-from reqnoise.stats.inference import compare, decompose, render_decomposition, wilson_ci
+from reqnoise.stats.inference import MARGIN, compare, decompose, equivalence, render_decomposition, wilson_ci
 
 
 def accuracy_row(records) -> dict:
@@ -30,8 +30,13 @@ def accuracy_row(records) -> dict:
     )
 
 
-def _comparison_dict(c):
-    return json.loads(json.dumps(c.to_dict(), default=str))
+def _comparison_dict(c, margin=None):
+    """A comparison as results.json holds it; with ``margin``, plus its ``equivalence`` (verdict, TOST and
+    95% intervals) so the text, the report and the figures use one classification."""
+    d = c.to_dict()
+    if margin is not None:
+        d["equivalence"] = asdict(equivalence(c, margin))
+    return json.loads(json.dumps(d, default=str))
 
 
 def verdict_dict(v) -> dict:
@@ -68,12 +73,12 @@ def collect(*, name, spec_path, analysis, record_paths, identity, noise, timelin
             {k: a[k] for k in ("trained", "zero_control", "random_controls", "trained_controls") if k in a}
         )
         pairs = [main] + [analysis_pair(p) for p in a.get("pairs", [])]
-        # vs_<control> rows: each adapter against the controls named for it. The main adapter's zero control has
-        # its vs_zero_control row; a pair given as a table is a second adapter with its own zero control.
-        named = [(main["trained"], main["trained_controls"])] + [
-            (p["trained"], [p["zero_control"]] + p["trained_controls"])
-            for raw, p in zip(a.get("pairs", []), pairs[1:])
-            if isinstance(raw, dict)
+        margin = a.get("margin", MARGIN)
+        results["margin"] = margin
+        # vs_<control> rows: each adapter against every control named for it (random deltas and trained controls;
+        # a pair's own zero control). The main adapter's zero control is its vs_zero_control row.
+        named = [(main["trained"], main["random_controls"] + main["trained_controls"])] + [
+            (p["trained"], [p["zero_control"]] + p["random_controls"] + p["trained_controls"]) for p in pairs[1:]
         ]
         for ev, by_model in recs.items():
             ref = by_model.get(a["zero_control"])
@@ -82,14 +87,14 @@ def collect(*, name, spec_path, analysis, record_paths, identity, noise, timelin
             for m, r in by_model.items():
                 row = {}
                 if base is not None and m != a["baseline"]:
-                    row["vs_baseline"] = _comparison_dict(compare(base, r))
+                    row["vs_baseline"] = _comparison_dict(compare(base, r), margin)
                 if ref is not None and m != a["zero_control"]:
-                    row["vs_zero_control"] = _comparison_dict(compare(ref, r))
+                    row["vs_zero_control"] = _comparison_dict(compare(ref, r), margin)
                 rows[m] = row
             for trained, controls in named:
                 for c in controls:
                     if trained in rows and c in by_model:
-                        rows[trained][f"vs_{c}"] = _comparison_dict(compare(by_model[c], by_model[trained]))
+                        rows[trained][f"vs_{c}"] = _comparison_dict(compare(by_model[c], by_model[trained]), margin)
             results["comparisons"][ev] = rows
             for p in pairs:
                 trained, zero, randoms = p["trained"], p["zero_control"], p["random_controls"]
@@ -106,69 +111,17 @@ def collect(*, name, spec_path, analysis, record_paths, identity, noise, timelin
     return results
 
 
-def plot_accuracy(results, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    conds = list(results["conditions"])
-    evals = sorted({ev for c in results["conditions"].values() for ev in c})
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(conds) * max(1, len(evals))), 4))
-    width = 0.8 / max(1, len(evals))
-    for j, ev in enumerate(evals):
-        xs, ys, lo, hi = [], [], [], []
-        for i, c in enumerate(conds):
-            row = results["conditions"][c].get(ev)
-            if row:
-                xs.append(i + j * width)
-                ys.append(100 * row["accuracy"])
-                # Wilson bounds at 0 or 1 can sit a rounding error on the wrong side of the estimate.
-                lo.append(max(0.0, 100 * (row["accuracy"] - row["ci_low"])))
-                hi.append(max(0.0, 100 * (row["ci_high"] - row["accuracy"])))
-        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=ev)
-    ax.set_xticks(np.arange(len(conds)) + width * (len(evals) - 1) / 2)
-    ax.set_xticklabels(conds, rotation=20, ha="right")
-    ax.set_ylabel("accuracy (%), 95% Wilson CI")
-    ax.legend(fontsize=8)
-    ax.set_title("accuracy per condition")
-    fig.tight_layout()
-    with atomic.atomic_file(path, overwrite=True, mode="wb") as fh:
-        fig.savefig(fh, format="png", dpi=110)
-    plt.close(fig)
+def _ci_cells(c) -> str:
+    eq = c.get("equivalence")
+    ci = c.get("difference_ci")
+    cell = "-" if ci is None else f"[{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}] pp"
+    return f"{cell} | {eq['verdict'] if eq else '-'}"
 
 
-def plot_flips(results, path, zero_control):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = []
-    for ev, by in results["comparisons"].items():
-        for m, r in by.items():
-            if "vs_zero_control" in r:
-                f = r["vs_zero_control"]
-                rows.append((f"{m}\n{ev}", f["fixed"], f["broken"]))
-    if not rows:
-        return
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 4))
-    xs = range(len(rows))
-    ax.bar([x - 0.2 for x in xs], [r[1] for r in rows], 0.4, label="fixed (wrong -> right)", color="tab:green")
-    ax.bar([x + 0.2 for x in xs], [r[2] for r in rows], 0.4, label="broken (right -> wrong)", color="tab:red")
-    ax.set_xticks(list(xs))
-    ax.set_xticklabels([r[0] for r in rows], fontsize=7)
-    ax.set_ylabel("items")
-    ax.set_title(f"flips against the zero-delta control ({zero_control})")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic.atomic_file(path, overwrite=True, mode="wb") as fh:
-        fig.savefig(fh, format="png", dpi=110)
-    plt.close(fig)
-
-
-def render_markdown(results, out) -> str:
-    """``report.md`` from the results dict; ``out``: the run's directory (where the noise plots are)."""
+def render_markdown(results, out, figures=()) -> str:
+    """``report.md`` from the results dict; ``out``: the run's directory (where the step outputs are);
+    ``figures``: the PNG files drawn beside it (``figures.draw_figures``), linked where they belong."""
+    drawn = {Path(f).name for f in figures}
     lines = [f"# {results['name']}", ""]
     if results.get("verdict"):
         v = results["verdict"]
@@ -184,7 +137,18 @@ def render_markdown(results, out) -> str:
             "```",
             "",
         ]
-    lines += ["## Accuracy per condition", "", "![accuracy](accuracy.png)", ""]
+    if "forest.png" in drawn:
+        margin = results.get("margin", MARGIN)
+        lines += [
+            "## Paired differences against every control",
+            "",
+            f"95% paired CIs; equivalent = the 90% CI inside the ±{100 * margin:g} pp margin (TOST), effect = the "
+            "95% CI excludes 0, else inconclusive.",
+            "",
+            "![forest](forest.png)",
+            "",
+        ]
+    lines += ["## Accuracy per condition", ""] + (["![accuracy](accuracy.png)", ""] if "accuracy.png" in drawn else [])
     evals = sorted({ev for c in results["conditions"].values() for ev in c})
     lines.append("| condition | " + " | ".join(evals) + (" | identity |" if results["identity"] else " |"))
     lines.append("|---" * (len(evals) + 1 + bool(results["identity"])) + "|")
@@ -192,9 +156,7 @@ def render_markdown(results, out) -> str:
         cells = []
         for ev in evals:
             r = row.get(ev)
-            cells.append(
-                "-" if not r else f"{pct(r['accuracy'])} [{pct(r['ci_low'])}, {pct(r['ci_high'])}] n={r['n']}"
-            )
+            cells.append("-" if not r else f"{pct(r['accuracy'])} [{pct(r['ci_low'])}, {pct(r['ci_high'])}] n={r['n']}")
         ident = results["identity"].get(c)
         if results["identity"]:
             cells.append("-" if not ident else f"{ident.get('score')}/{ident.get('n')}")
@@ -217,25 +179,27 @@ def render_markdown(results, out) -> str:
             "trained by the same recipe on content-free data (shuffled answers). What it gains beyond "
             "all of them is content.",
             "",
-            "| eval | trained | control | difference | fixed / broken | McNemar p |",
-            "|---|---|---|---|---|---|",
+            "| eval | trained | control | difference | 95% CI | class | fixed / broken | McNemar p |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for ev, by in results["comparisons"].items():
             for m, r in by.items():
                 for k in sorted(x for x in r if x in controls):
                     c = r[k]
                     lines.append(
-                        f"| {ev} | {m} | {k[3:]} | {100 * c['difference']:+.1f} pp | "
+                        f"| {ev} | {m} | {k[3:]} | {100 * c['difference']:+.1f} pp | {_ci_cells(c)} | "
                         f"{c['fixed']} / {c['broken']} | {c['mcnemar_p']:.2g} |"
                     )
         lines.append("")
-    if results["comparisons"]:
+    if "flips.png" in drawn:
         lines += ["## Flips against the zero-delta control", "", "![flips](flips.png)", ""]
     if results["noise"]:
         lines += ["## Does the adapter survive the fuse?", ""]
         for m, n in results["noise"].items():
             lines.append(f"- **{m}**: {n['verdict']}")
-            if (Path(out) / "steps" / f"noise-{m}" / "noise.png").is_file():
+            if f"survival-{m}.png" in drawn:
+                lines.append(f"  ![survival {m}](survival-{m}.png)")
+            elif (Path(out) / "steps" / f"noise-{m}" / "noise.png").is_file():
                 lines.append(f"  ![noise {m}](steps/noise-{m}/noise.png)")
         lines.append("")
     lines += ["## Steps", "", "| step | cached | seconds |", "|---|---|---|"]
@@ -243,11 +207,18 @@ def render_markdown(results, out) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(results, out) -> None:
-    """Write ``results.json``, ``report.md`` and the plots of a results dict into the run directory ``out``."""
+def write_report(results, out, *, base_dir=None) -> list:
+    """Draw every figure of ``results`` and ``report.md`` into ``out`` (``base_dir``: the run directory whose
+    ``steps/`` hold the noise reports, default ``out``). Needs nothing but the results dict; returns the paths."""
     out = Path(out)
-    plot_accuracy(results, out / "accuracy.png")
-    if results.get("analysis"):
-        plot_flips(results, out / "flips.png", results["analysis"]["zero_control"])
+    base_dir = Path(base_dir or out)
+    written = draw_figures(results, out, base_dir=base_dir)
+    atomic.write_text(out / "report.md", render_markdown(results, base_dir, written), overwrite=True)
+    return [*written, out / "report.md"]
+
+
+def write_outputs(results, out) -> list:
+    """Write ``results.json``, the figures and ``report.md`` of a results dict into the run directory ``out``."""
+    out = Path(out)
     atomic.write_text(out / "results.json", json.dumps(results, indent=2, default=str) + "\n", overwrite=True)
-    atomic.write_text(out / "report.md", render_markdown(results, out), overwrite=True)
+    return [out / "results.json", *write_report(results, out)]

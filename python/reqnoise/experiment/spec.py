@@ -53,6 +53,7 @@ the pre-registered criteria. Parsed and checked here, before anything runs.
     zero_control = "A0"
     random_controls = ["R1", "R2"]
     trained_controls = ["S1"]         # optional: adapters trained on content-free data (e.g. "setg:train-shuffled")
+    margin = 0.05                     # optional: equivalence margin (fraction) for equivalent/effect/inconclusive
     pairs = [["A1_keep", "A0_keep"]]  # optional: more (trained, zero control) pairs to decompose, or tables
     # {trained, zero_control, random_controls?, trained_controls?} for a second adapter with its own controls
 
@@ -68,6 +69,7 @@ from pathlib import Path
 
 from reqnoise.errors import ReqnoiseError
 from reqnoise.fuse.options import FuseOptions
+from reqnoise.stats.inference import MARGIN
 from reqnoise.train.config import TrainConfig
 
 
@@ -228,6 +230,9 @@ class Spec:
                 )
         if self.analysis.get("eval") not in self.evals:
             self._err(f"analysis.eval names unknown eval {self.analysis.get('eval')!r}")
+        margin = self.analysis.get("margin", MARGIN)
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 < margin < 1:
+            self._err(f"analysis.margin is the equivalence margin as a fraction in (0, 1), got {margin!r}")
 
     def _check_identity(self):
         if not self.identity:

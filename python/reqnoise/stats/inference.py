@@ -497,6 +497,23 @@ class Equivalence:
         return asdict(self)
 
 
+def classify_interval(tost_ci, ci, margin: float) -> str:
+    """The rule of ``Equivalence`` on given intervals (fractions): "equivalent" when ``tost_ci`` (coverage
+    1 - 2 alpha) lies inside [-margin, +margin], bounds included; else "effect" when ``ci`` (coverage 1 - alpha)
+    excludes 0; else "inconclusive". The one place the three words are decided: the printed checks, the
+    report and the figures all come here."""
+    (tlo, thi), (lo, hi) = tost_ci, ci
+    if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in (tlo, thi, lo, hi)) or tlo > thi or lo > hi:
+        raise ReqnoiseError(f"not confidence intervals: {tost_ci!r}, {ci!r}")
+    if not margin > 0:
+        raise ReqnoiseError(f"equivalence margin must be > 0, got {margin!r}")
+    if -margin <= tlo and thi <= margin:
+        return "equivalent"
+    if lo > 0 or hi < 0:
+        return "effect"
+    return "inconclusive"
+
+
 def equivalence(comparison, margin: float = MARGIN, alpha: float | None = None) -> Equivalence:
     """Equivalence of B and A within ``margin`` (fraction, e.g. 0.05) from a ``Comparison`` or its ``to_dict()``
     (as stored in results.json). ``alpha`` defaults to the comparison's; see ``Equivalence`` for the rule."""
@@ -513,14 +530,8 @@ def equivalence(comparison, margin: float = MARGIN, alpha: float | None = None) 
     tost = paired_difference_ci(*counts, alpha=2 * alpha)
     ci = paired_difference_ci(*counts, alpha=alpha)
     excludes_zero = ci[0] > 0 or ci[1] < 0
-    if -margin <= tost[0] and tost[1] <= margin:
-        verdict = "equivalent"
-    elif excludes_zero:
-        verdict = "effect"
-    else:
-        verdict = "inconclusive"
     return Equivalence(
-        verdict=verdict,
+        verdict=classify_interval(tost, ci, margin),
         n=sum(counts),
         margin=float(margin),
         alpha=float(alpha),
