@@ -169,10 +169,11 @@ class Runner:
         calibrate = e.get("calibrate", False)  # True, False or "subject" (spec-checked)
 
         def run(tmp):
-            from reqnoise.distributed import evaluate_distributed, rank_and_size
+            from reqnoise.distributed import rank_and_size
             from reqnoise.eval.calibration import calibrate_records
             from reqnoise.eval.multiple_choice import evaluate_items, summarize
             from reqnoise.eval.records import write_records
+            from reqnoise.eval.sharded import evaluate_distributed
 
             if rank_and_size()[1] > 1:  # every rank scores a length-balanced share of the items
                 recs, summary = evaluate_distributed(model, items, log=self.log, progress=False, **opts)
