@@ -3,7 +3,7 @@ log-likelihood of each option letter after the prompt, or of each option as a wh
 
 The first two render the same prompt with the model's chat template (thinking disabled, ``reqnoise.chat``):
 
-* ``generate``: temperature 0 (``make_sampler(temp=0.0)``), continuous batching with mlx-lm's
+* ``generate``: temperature 0 (``make_sampler(temp=0.0)``), each batch decoded in its own mlx-lm
   ``BatchGenerator`` (what ``batch_generate`` runs), the answer read by ``reqnoise.eval.items.extract_answer``.
   An unreadable reply is recorded with ``parsed: false`` and counted apart from wrong answers.
 * ``loglik``: the assistant turn is pre-filled with ``\\boxed{`` and each option letter's log-probability
