@@ -22,7 +22,7 @@ import ranks  # bench/ranks.py
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--per-subject", type=int, default=40)
-    ap.add_argument("--mode", default="loglik", choices=["loglik", "generate"])
+    ap.add_argument("--mode", default="loglik", choices=["loglik", "cloze", "generate"])
     args = ap.parse_args()
     from reqnoise.toy.model import build_toy_model
     from reqnoise.toy.world import build_world

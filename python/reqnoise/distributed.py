@@ -1,14 +1,13 @@
-"""Running on MLX's distributed runtime (``mlx.launch``): balanced item shards and record gathering.
+"""Running on MLX's distributed runtime (``mlx.launch``): the rank, balanced shards, gathering, failures.
 
-Under ``mlx.launch --backend ring -n N ...`` (or ``--hosts``) every rank loads the model, evaluates a share of
-the items balanced by prompt length (longest first onto the least-loaded rank, deterministic), and the records
-travel back through ``mx.distributed.all_gather``; rank 0 writes the same JSONL, in the same order, that a
-single process writes. A rank that fails sends its error instead of records, so every rank stops with that
+Under ``mlx.launch --backend ring -n N ...`` (or ``--hosts``) every rank runs the same command; work is split
+with ``balanced_shards`` (deterministic) and results travel back through ``mx.distributed.all_gather``
+(``gather_objects``). A rank that fails sends its error instead of results, so every rank stops with that
 rank's reason rather than a partial result. Without a launcher the group has size 1 and nothing changes.
+Sharded evaluation is ``reqnoise.eval.sharded``.
 """
 
 import json
-import time
 
 from reqnoise.errors import ReqnoiseError
 
@@ -94,38 +93,3 @@ def on_root(fn):
     status = gather_objects(status)[0]
     raise_failures([status.get("error")] + [None] * (size - 1))
     return status["value"]
-
-
-def evaluate_distributed(model, items, *, adapter_path=None, log=print, **kw):
-    """``evaluate_items`` across the launched ranks; returns (records in item order, summary) on every rank."""
-    from reqnoise.eval.items import as_items, build_prompt
-    from reqnoise.eval.multiple_choice import evaluate_loaded, load_model, summarize
-
-    rank, size = rank_and_size()
-    items = as_items(items)
-    limit = kw.pop("limit", None)  # applied here, before sharding
-    if limit:
-        items = items[:limit]
-    shards = balanced_shards([len(build_prompt(it)) for it in items], size)
-    mine = [items[i] for i in shards[rank]]
-    try:
-        net, tok = load_model(model, adapter_path)
-        t1 = time.perf_counter()
-        recs, _ = evaluate_loaded(net, tok, mine, **kw) if mine else ([], None)
-        status = {"records": recs, "seconds": time.perf_counter() - t1, "n": len(mine)}
-    except Exception as err:  # noqa: BLE001  (every failure must reach the other ranks)
-        status = {"error": failure_text(err)}
-    everyone = gather_objects(status)
-    raise_failures([st.get("error") for st in everyone])
-    out = [None] * len(items)
-    for r, st in enumerate(everyone):
-        for i, rec in zip(shards[r], st["records"]):
-            out[i] = rec
-    wall = max(st["seconds"] for st in everyone)
-    if rank == 0 and log is not None:
-        per = ", ".join(
-            f"rank {r}: {st['n']} items {st['n'] / st['seconds']:.1f}/s" if st["seconds"] else f"rank {r}: 0 items"
-            for r, st in enumerate(everyone)
-        )
-        log(f"{size} ranks ({per}); total {len(items) / wall:.1f} items/s" if wall else f"{size} ranks")
-    return out, summarize(out, kw.get("mode", "loglik"), wall)

@@ -124,10 +124,11 @@ def register(subparsers) -> None:
 
 
 def _eval(args):
-    from reqnoise.distributed import evaluate_distributed, rank_and_size
+    from reqnoise.distributed import rank_and_size
     from reqnoise.eval.items import load_items
     from reqnoise.eval.multiple_choice import evaluate_items
     from reqnoise.eval.records import write_records
+    from reqnoise.eval.sharded import evaluate_distributed
 
     _check_out(args.out, args.overwrite)
     items = load_items(args.items)  # bad lines stop the run before the model loads

@@ -3,7 +3,7 @@ log-likelihood of each option letter after the prompt, or of each option as a wh
 
 The first two render the same prompt with the model's chat template (thinking disabled, ``reqnoise.chat``):
 
-* ``generate``: temperature 0 (``make_sampler(temp=0.0)``), continuous batching with mlx-lm's
+* ``generate``: temperature 0 (``make_sampler(temp=0.0)``), each batch decoded in its own mlx-lm
   ``BatchGenerator`` (what ``batch_generate`` runs), the answer read by ``reqnoise.eval.items.extract_answer``.
   An unreadable reply is recorded with ``parsed: false`` and counted apart from wrong answers.
 * ``loglik``: the assistant turn is pre-filled with ``\\boxed{`` and each option letter's log-probability
@@ -17,8 +17,14 @@ The first two render the same prompt with the model's chat template (thinking di
 
 The tokens every prompt starts with (chat header and instruction, about half of a short question's prompt)
 are run once and reused as a KV cache by both modes (``PrefixCache``; attention-only caches, otherwise full
-prompts). Items are batched by prompt length (less padding) and records come back in the items' order. Same
-model, items and seed give the same records, byte for byte.
+prompts). Items are batched by prompt length (less padding) and records come back in the items' order.
+
+Batches are planned before anything runs (``plan_eval``): which items share a batch, hence its padding width
+and, in generate mode, which replies decode side by side, and the shared prefix, all follow from the whole item
+list and the options alone. A batch is then always computed whole, the same way, whichever process runs it,
+so an item's scores and reply depend on its batch only and never on how the batches are spread over
+``mlx.launch`` ranks (``reqnoise.eval.sharded``). Same model, items and options give the same records, byte
+for byte, with any number of ranks.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from reqnoise.eval.items import ANSWER_PREFIX, Item, as_items, build_messages, e
 
 MODES = ("loglik", "generate", "cloze")
 DEFAULT_MAX_TOKENS = 32  # answer-first replies: the box comes first, then one line
-LOGPROB_DECIMALS = 5
+LOGPROB_DECIMALS = 5  # record size only: rank-count independence comes from the batch plan, not from rounding
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -146,6 +152,13 @@ class PrefixCache:
 # ------------------------------------------------------------------------------------------ generation
 
 
+def length_batches(lengths: Sequence[int], size: int) -> list[list[int]]:
+    """Indices ``0..len(lengths)-1`` longest first (ties by index), cut into consecutive batches of ``size``:
+    rows of similar length share a batch, so little of a batch is padding."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[k : k + size] for k in range(0, len(order), size)]
+
+
 def generate_texts(
     model,
     tokenizer,
@@ -160,15 +173,11 @@ def generate_texts(
 ) -> list[str]:
     """Greedy (temperature 0) completions of token-id ``prompts``, batched with mlx-lm's ``BatchGenerator``.
 
-    At most ``batch_size`` sequences run at once; a finished one is replaced by the next prompt (continuous
-    batching). Prompts enter longest first. With ``share_prefix`` the tokens all prompts share are run once
-    and handed to the generator as each prompt's cache. Returns the decoded texts in the order of
+    Prompts are cut into batches of at most ``batch_size``, longest first (``length_batches``); each batch
+    decodes to its end in a generator of its own. With ``share_prefix`` the tokens all prompts share are run
+    once and handed to the generator as each prompt's cache. Returns the decoded texts in the order of
     ``prompts``; the stop token (eos) is not part of a text.
     """
-    import mlx.core as mx
-    from mlx_lm.generate import BatchGenerator
-    from mlx_lm.sample_utils import make_sampler
-
     if max_tokens < 1:
         raise ReqnoiseError(f"max_tokens must be at least 1, got {max_tokens}")
     if batch_size < 1:
@@ -176,39 +185,62 @@ def generate_texts(
     prompts = [list(p) for p in prompts]
     if not prompts:
         return []
-    mx.random.seed(seed)  # greedy decoding draws nothing; seeded anyway so any sampler stays reproducible
-    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
-    prefix = None
-    if share_prefix and len(prompts) > 1:
-        prefix = PrefixCache.build(model, prompts[0][: common_prefix_length(prompts)])
-    skip = prefix.length if prefix else 0
-    gen = BatchGenerator(
+    prefix = prompts[0][: common_prefix_length(prompts)] if share_prefix and len(prompts) > 1 else []
+    texts = _generate_batches(
         model,
+        tokenizer,
+        prompts,
+        length_batches([len(p) for p in prompts], batch_size),
+        prefix,
         max_tokens=max_tokens,
-        stop_tokens=[[t] for t in tokenizer.eos_token_ids],
-        sampler=make_sampler(temp=0.0),
-        completion_batch_size=batch_size,
-        prefill_batch_size=batch_size,
+        seed=seed,
+        progress=progress,
+        desc=desc,
     )
-    tokens: dict[int, list[int]] = {}
-    try:
-        uids = gen.insert(
-            [prompts[i][skip:] for i in order], caches=[prefix.caches() for _ in order] if prefix else None
-        )
-        index_of = dict(zip(uids, order))
-        tokens = {uid: [] for uid in uids}
-        with _progress(len(prompts), desc, progress) as bar:
-            while responses := gen.next_generated():
-                for r in responses:
-                    if r.finish_reason != "stop":
-                        tokens[r.uid].append(r.token)
-                    if r.finish_reason is not None:
-                        bar.update(1)
-    finally:
-        gen.close()
-    texts = [""] * len(prompts)
-    for uid, toks in tokens.items():
-        texts[index_of[uid]] = tokenizer.decode(toks)
+    return [texts[i] for i in range(len(prompts))]
+
+
+def _generate_batches(model, tokenizer, prompts, batches, prefix_tokens, *, max_tokens, seed, progress, desc):
+    """``{prompt index: text}`` for the prompts in ``batches`` (lists of indices into ``prompts``), each batch
+    decoded whole in a fresh ``BatchGenerator``. A finished reply is not replaced by a prompt from another
+    batch (as continuous batching over all prompts would): which replies decode side by side, and so the
+    numerics of every step, then depend on the batch alone, not on which batches this process was given."""
+    import mlx.core as mx
+    from mlx_lm.generate import BatchGenerator
+    from mlx_lm.sample_utils import make_sampler
+
+    prefix = PrefixCache.build(model, prefix_tokens)
+    skip = prefix.length if prefix else 0
+    texts: dict[int, str] = {}
+    with _progress(sum(map(len, batches)), desc, progress) as bar:
+        for batch in batches:
+            # Greedy decoding draws nothing; seeded per batch anyway so a sampler's draws would not depend on
+            # which batches ran before in this process.
+            mx.random.seed(seed)
+            gen = BatchGenerator(
+                model,
+                max_tokens=max_tokens,
+                stop_tokens=[[t] for t in tokenizer.eos_token_ids],
+                sampler=make_sampler(temp=0.0),
+                completion_batch_size=len(batch),
+                prefill_batch_size=len(batch),
+            )
+            try:
+                uids = gen.insert(
+                    [prompts[i][skip:] for i in batch], caches=[prefix.caches() for _ in batch] if prefix else None
+                )
+                index_of = dict(zip(uids, batch))
+                tokens: dict[int, list[int]] = {uid: [] for uid in uids}
+                while responses := gen.next_generated():
+                    for r in responses:
+                        if r.finish_reason != "stop":
+                            tokens[r.uid].append(r.token)
+                        if r.finish_reason is not None:
+                            bar.update(1)
+            finally:
+                gen.close()
+            for uid, toks in tokens.items():
+                texts[index_of[uid]] = tokenizer.decode(toks)
     return texts
 
 
@@ -348,27 +380,27 @@ def loglik_option_scores(
     ``share_prefix`` runs the tokens every prompt starts with once (see ``PrefixCache``); the scores agree
     with full-row scoring to float32 rounding.
     """
-    scorings = []
-    for item in items:
-        prompt = render_chat(tokenizer, build_messages(item, system, cloze=cloze), add_generation_prompt=True)
-        scorings.append(
-            cloze_scoring(tokenizer, prompt, item.cloze_replies())
-            if cloze
-            else letter_scoring(tokenizer, prompt + ANSWER_PREFIX, item.letters)
-        )
+    plan = plan_eval(
+        tokenizer,
+        items,
+        mode="cloze" if cloze else "loglik",
+        batch_size=batch_size,
+        system=system,
+        share_prefix=share_prefix,
+    )
+    scores = run_plan(model, tokenizer, plan, progress=progress)
+    return [scores[i] for i in range(len(plan.items))]
+
+
+def _score_batches(model, tokenizer, scorings, batches, prefix_tokens, *, progress, desc):
+    """``{item index: option log-probs}`` for the items in ``batches`` (lists of indices into ``scorings``),
+    one forward pass per batch over all the rows of its items."""
     head = _head(model)
-    prefix = None
-    if share_prefix and len(items) > 1:
-        all_rows = [r for sc in scorings for r in sc.rows]
-        prefix = PrefixCache.build(model, all_rows[0][: common_prefix_length(all_rows)])
+    prefix = PrefixCache.build(model, prefix_tokens)
     pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
-    order = sorted(range(len(items)), key=lambda i: (-max(map(len, scorings[i].rows)), i))
-    out: list = [None] * len(items)
-    # Cloze items bring one row per option: keep a batch's row count near the letter mode's.
-    per_batch = max(1, batch_size // 4) if cloze else batch_size
-    with _progress(len(items), "cloze" if cloze else "loglik", progress) as bar:
-        for start in range(0, len(order), per_batch):
-            batch = order[start : start + per_batch]
+    out: dict[int, np.ndarray] = {}
+    with _progress(sum(map(len, batches)), desc, progress) as bar:
+        for batch in batches:
             rows, queries, spans = [], [], []
             for i in batch:
                 base = len(rows)
@@ -383,6 +415,116 @@ def loglik_option_scores(
                 out[i] = np.array([lp[a:b].sum() for a, b in zip(bounds[:-1], bounds[1:])])
             bar.update(len(batch))
     return out
+
+
+# ------------------------------------------------------------------------------------------------- plan
+
+
+@dataclass
+class EvalPlan:
+    """Everything about an evaluation that is fixed before a model runs, from the items and options alone.
+
+    ``batches`` lists item indices (each batch is one forward pass, or one generator decoded to its end);
+    ``prefix`` holds the tokens every row or prompt starts with, run once (empty: none). Any process that
+    runs batch b of the same plan computes the same numbers for its items, so the batches may be spread over
+    ranks in any way (``reqnoise.eval.sharded``).
+    """
+
+    mode: str
+    items: list[Item]
+    work: list  # per item: a _Scoring (loglik, cloze) or the prompt's token ids (generate)
+    batches: list[list[int]]
+    prefix: list[int]
+    max_tokens: int
+    seed: int
+
+    def batch_costs(self) -> list[int]:
+        """Per batch, the tokens its forward passes cover past the prefix (generate: prompt width plus
+        ``max_tokens`` per reply): a proxy for its run time, to balance ranks."""
+        skip = len(self.prefix)
+        if self.mode == "generate":
+            return [len(b) * (max(len(self.work[i]) for i in b) - skip + self.max_tokens) for b in self.batches]
+        return [
+            sum(len(self.work[i].rows) for i in b) * (max(len(r) for i in b for r in self.work[i].rows) - skip)
+            for b in self.batches
+        ]
+
+    def record(self, i: int, result) -> dict:
+        """Item ``i``'s record from its ``run_plan`` result (option log-probs, or the generated text)."""
+        item = self.items[i]
+        if self.mode == "generate":
+            ex = extract_answer(result, item.options)
+            rec = _record(item, ex.letter, ex.parsed)
+            rec.update(mode=self.mode, response=result, extraction=ex.rule)
+            return rec
+        rec = _record(item, item.letters[int(np.argmax(result))], True)
+        rec["mode"] = self.mode
+        rec["option_logprobs"] = [round(float(v), LOGPROB_DECIMALS) for v in result]
+        return rec
+
+
+def plan_eval(
+    tokenizer,
+    items: Sequence[Item],
+    *,
+    mode: str = "loglik",
+    batch_size: int = 8,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    seed: int = 0,
+    system: str | None = None,
+    share_prefix: bool = True,
+) -> EvalPlan:
+    """Tokenize ``items`` for ``mode`` and fix the batches (``length_batches``: longest first; a cloze item
+    brings one row per option, so cloze batches hold ``batch_size // 4`` items to keep a batch's row count near
+    the letter mode's) and the shared prefix, over the whole item list (``Item``s, already checked)."""
+    items = list(items)
+    if mode == "cloze":
+        missing = [it.id for it in items if it.cloze is None]
+        if missing:
+            raise ReqnoiseError(
+                f"cloze mode needs a 'cloze' sentence in every item; {len(missing)} of {len(items)} "
+                f"lack one (e.g. {missing[:3]})"
+            )
+    if mode == "generate":
+        work = [
+            encode_prompt(tokenizer, render_chat(tokenizer, build_messages(it, system), add_generation_prompt=True))
+            for it in items
+        ]
+        lengths, rows, per_batch = [len(p) for p in work], work, batch_size
+    else:
+        cloze = mode == "cloze"
+        work = []
+        for item in items:
+            prompt = render_chat(tokenizer, build_messages(item, system, cloze=cloze), add_generation_prompt=True)
+            work.append(
+                cloze_scoring(tokenizer, prompt, item.cloze_replies())
+                if cloze
+                else letter_scoring(tokenizer, prompt + ANSWER_PREFIX, item.letters)
+            )
+        lengths = [max(map(len, sc.rows)) for sc in work]
+        rows = [r for sc in work for r in sc.rows]
+        per_batch = max(1, batch_size // 4) if cloze else batch_size
+    prefix = list(rows[0][: common_prefix_length(rows)]) if share_prefix and len(items) > 1 else []
+    return EvalPlan(mode, items, work, length_batches(lengths, per_batch), prefix, max_tokens, seed)
+
+
+def run_plan(model, tokenizer, plan: EvalPlan, batch_ids: Sequence[int] | None = None, *, progress: bool = True):
+    """Run the plan's batches numbered ``batch_ids`` (all by default) on a loaded model; returns ``{item index:
+    result}``: option log-probabilities (float64 array) or, in generate mode, the reply's text."""
+    batches = plan.batches if batch_ids is None else [plan.batches[b] for b in batch_ids]
+    if plan.mode == "generate":
+        return _generate_batches(
+            model,
+            tokenizer,
+            plan.work,
+            batches,
+            plan.prefix,
+            max_tokens=plan.max_tokens,
+            seed=plan.seed,
+            progress=progress,
+            desc="generate",
+        )
+    return _score_batches(model, tokenizer, plan.work, batches, plan.prefix, progress=progress, desc=plan.mode)
 
 
 # ---------------------------------------------------------------------------------------------- records
@@ -445,7 +587,8 @@ def _record(item: Item, prediction: str | None, parsed: bool) -> dict:
     }
 
 
-def _check_options(mode, batch_size, max_tokens, limit):
+def check_options(mode, batch_size, max_tokens, limit):
+    """Refuse a bad mode, batch size, token budget or limit (before a model is loaded)."""
     if mode not in MODES:
         raise ReqnoiseError(f"mode must be one of {MODES}, got {mode!r}")
     if batch_size < 1:
@@ -477,45 +620,14 @@ def evaluate_loaded(
     (loglik, cloze: natural-log probabilities of A, B, ... rounded to 5 decimals). ``max_tokens`` applies to
     generate only.
     """
-    _check_options(mode, batch_size, max_tokens, limit)
+    check_options(mode, batch_size, max_tokens, limit)
     items = as_items(items)[:limit]
     t0 = time.perf_counter()
-    records = []
-    missing = [it.id for it in items if it.cloze is None] if mode == "cloze" else []
-    if missing:
-        raise ReqnoiseError(
-            f"cloze mode needs a 'cloze' sentence in every item; {len(missing)} of {len(items)} "
-            f"lack one (e.g. {missing[:3]})"
-        )
-    if mode in ("loglik", "cloze"):
-        scores = loglik_option_scores(
-            model, tokenizer, items, batch_size=batch_size, system=system, progress=progress, cloze=mode == "cloze"
-        )
-        for item, s in zip(items, scores):
-            rec = _record(item, item.letters[int(np.argmax(s))], True)
-            rec["mode"] = mode
-            rec["option_logprobs"] = [round(float(v), LOGPROB_DECIMALS) for v in s]
-            records.append(rec)
-    else:
-        prompts = [
-            encode_prompt(tokenizer, render_chat(tokenizer, build_messages(it, system), add_generation_prompt=True))
-            for it in items
-        ]
-        texts = generate_texts(
-            model,
-            tokenizer,
-            prompts,
-            max_tokens=max_tokens,
-            batch_size=batch_size,
-            seed=seed,
-            progress=progress,
-            desc="generate",
-        )
-        for item, text in zip(items, texts):
-            ex = extract_answer(text, item.options)
-            rec = _record(item, ex.letter, ex.parsed)
-            rec.update(mode=mode, response=text, extraction=ex.rule)
-            records.append(rec)
+    plan = plan_eval(
+        tokenizer, items, mode=mode, batch_size=batch_size, max_tokens=max_tokens, seed=seed, system=system
+    )
+    results = run_plan(model, tokenizer, plan, progress=progress)
+    records = [plan.record(i, results[i]) for i in range(len(items))]
     return records, summarize(records, mode, time.perf_counter() - t0)
 
 
@@ -537,7 +649,7 @@ def evaluate_items(
     Inputs are checked before the model is loaded. See ``evaluate_loaded`` for the arguments and records;
     to evaluate many conditions on one loaded model, load once with ``load_model`` and call that.
     """
-    _check_options(mode, batch_size, max_tokens, limit)
+    check_options(mode, batch_size, max_tokens, limit)
     items = as_items(items)
     net, tokenizer = load_model(model, adapter_path)
     return evaluate_loaded(

@@ -16,13 +16,14 @@ import shutil
 from pathlib import Path
 
 from reqnoise import atomic
-from reqnoise.distributed import evaluate_distributed, on_root, rank_and_size
+from reqnoise.distributed import on_root, rank_and_size
 from reqnoise.errors import ReqnoiseError
 from reqnoise.eval.calibration import calibrate_records, option_prior
 from reqnoise.eval.identity import run_identity
 from reqnoise.eval.multiple_choice import evaluate_items, summarize
 from reqnoise.eval.records import read_records, write_records
 from reqnoise.eval.setg import TRAIN_DATA, build_setg_step
+from reqnoise.eval.sharded import evaluate_distributed
 from reqnoise.experiment.cache import StepCache, step_key
 from reqnoise.experiment.models import quantize_model_dir
 from reqnoise.experiment.plan import PlannedStep, execute
@@ -190,7 +191,7 @@ class Runner:
             params["calibrate_from"] = e["calibrate_from"]  # only when set: other specs keep their cache keys
 
         def run(tmp):
-            if rank_and_size()[1] > 1:  # every rank scores a length-balanced share of the items
+            if rank_and_size()[1] > 1:  # every rank scores whole batches, planned before sharding
                 recs, summary = evaluate_distributed(model, items, log=self.log, progress=False, **opts)
             else:
                 recs, summary = evaluate_items(model, items, progress=self.progress, **opts)
