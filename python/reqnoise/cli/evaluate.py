@@ -49,7 +49,7 @@ def _model_args(p, generation: bool = True, max_tokens: int = 32) -> None:
 
 
 def register(subparsers) -> None:
-    from reqnoise.eval.multiple_choice import DEFAULT_MAX_TOKENS
+    from reqnoise.eval.items import DEFAULT_MAX_TOKENS, MODES
 
     p = subparsers.add_parser(
         "eval",
@@ -66,7 +66,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="records JSONL to write")
     p.add_argument(
         "--mode",
-        choices=("generate", "loglik", "cloze"),
+        choices=MODES,
         default="loglik",
         help="default loglik; cloze scores each option inside the item's cloze sentence",
     )

@@ -4,7 +4,7 @@ import argparse
 from dataclasses import fields
 
 from reqnoise.kernel.formats import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
-from reqnoise.toy.model import DEFAULT_DTYPE, SUPPORTED_DTYPES, ToyShape, build_toy_model
+from reqnoise.toy.shape import DEFAULT_DTYPE, SUPPORTED_DTYPES, ToyShape
 
 
 def _bits(text: str):
@@ -61,6 +61,8 @@ def register(subparsers) -> None:
 
 
 def _run(args) -> int:
+    from reqnoise.toy.model import build_toy_model  # here: it loads numpy, which --help need not
+
     path = build_toy_model(
         args.save_path,
         ToyShape(**{f.name: getattr(args, f.name) for f in fields(ToyShape)}),

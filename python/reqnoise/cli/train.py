@@ -7,7 +7,6 @@ from pathlib import Path
 from reqnoise.atomic import write_text
 from reqnoise.distributed import rank_and_size
 from reqnoise.errors import ReqnoiseError
-from reqnoise.fuse.model_io import layer_index
 from reqnoise.train.clean_data import DEFAULT_DROP_PATTERNS, clean_chat_data
 from reqnoise.train.config import TrainConfig
 
@@ -109,6 +108,8 @@ def register(sub) -> None:
 
 
 def _compact(paths) -> str:
+    from reqnoise.fuse.model_io import layer_index  # here: model_io loads numpy and safetensors
+
     groups: dict = {}
     for p in paths:
         li = layer_index(p)

@@ -36,6 +36,10 @@ INSTRUCTION = (
 ANSWER_PREFIX = "\\boxed{"
 # Where an option's text goes in an item's cloze sentence.
 CLOZE_SLOT = "{option}"
+# How an item is scored (eval.multiple_choice): the option letter's log-likelihood, a generated reply, or each
+# option inside the item's cloze sentence. Here, not there, so the CLI can list them without loading numpy.
+MODES = ("loglik", "generate", "cloze")
+DEFAULT_MAX_TOKENS = 32  # generate mode: answer-first replies put the box first, then one line
 
 
 @dataclass(frozen=True)

@@ -38,10 +38,16 @@ import numpy as np
 
 from reqnoise.chat import render_chat
 from reqnoise.errors import ReqnoiseError
-from reqnoise.eval.items import ANSWER_PREFIX, Item, as_items, build_messages, extract_answer
+from reqnoise.eval.items import (
+    ANSWER_PREFIX,
+    DEFAULT_MAX_TOKENS,
+    MODES,
+    Item,
+    as_items,
+    build_messages,
+    extract_answer,
+)
 
-MODES = ("loglik", "generate", "cloze")
-DEFAULT_MAX_TOKENS = 32  # answer-first replies: the box comes first, then one line
 LOGPROB_DECIMALS = 5  # record size only: rank-count independence comes from the batch plan, not from rounding
 
 
