@@ -218,6 +218,9 @@ OPTION_DEFAULTS = {
     "mask_prompt": False,
     "seed": 0,
     "max_seq_length": 512,
+    "mode": "sft",
+    "beta": 0.1,
+    "reference": None,
 }
 
 

@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "evaluate",
     "fuse",
     "noise",
+    "probe",
     "report",
     "run",
     "stats",

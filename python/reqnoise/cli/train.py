@@ -37,6 +37,7 @@ _CLI_FORM = {
     "layers": {"type": _layers},
     "modules": {"action": "append"},
     "keys": {"action": "append"},
+    "reference": {"type": str},
 }
 
 
@@ -76,7 +77,12 @@ def register(sub) -> None:
         "rendered with thinking disabled.",
     )
     p.add_argument("--model", required=True, help="mlx-lm model directory (a fused model for stacking)")
-    p.add_argument("--data", required=True, help="directory with train.jsonl (and valid.jsonl), chat format")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="directory with train.jsonl (and valid.jsonl), chat format; with --mode dpo pairs of prompt, "
+        "chosen, rejected (a directory or one JSONL file)",
+    )
     p.add_argument("--adapter-path", required=True, help="output adapter directory (created atomically)")
     _add_config_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --adapter-path")
@@ -105,6 +111,7 @@ def register(sub) -> None:
     )
     c.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     c.set_defaults(func=run_clean)
+    register_dpo_pairs(sub)
 
 
 def _compact(paths) -> str:
@@ -171,4 +178,51 @@ def run_clean(args) -> int:
         )
         print(f"{name}: read {c['read']}, kept {c['kept']}, skipped {c['read'] - c['kept']} ({skipped}){system}")
     print(f"wrote {args.output}")
+    return 0
+
+
+def register_dpo_pairs(sub) -> None:
+    d = sub.add_parser(
+        "dpo-pairs",
+        help="DPO pairs: chosen = real replies in chat data, rejected = the base model's greedy replies",
+        description="Build DPO pairs for `reqnoise train --mode dpo`: for each single-turn example of "
+        "--chosen-from (cleaned as clean-data does), chosen is its real reply and rejected the --base "
+        "model's greedy reply to the same prompt (thinking off).",
+    )
+    d.add_argument("--base", required=True, help="model whose replies become 'rejected' (before SFT)")
+    d.add_argument("--model", default=None, help="the SFT model; its greedy reply is recorded as sft_reply")
+    d.add_argument("--prompts", default=None, help="JSONL of {'prompt': str}: use only these examples")
+    d.add_argument("--chosen-from", required=True, dest="chosen_from", help="chat JSONL file or directory")
+    d.add_argument("--out", required=True, help="output directory (train.jsonl, valid.jsonl)")
+    d.add_argument("--min-chars", type=int, default=10)
+    d.add_argument("--system", default=None, help="one-line system prompt for every pair")
+    d.add_argument("--drop-pattern", action="append", default=None, metavar="P")
+    d.add_argument("--max-tokens", type=int, default=256, help="length limit of the base replies")
+    d.add_argument("--batch-size", type=int, default=8)
+    d.add_argument("--overwrite", action="store_true")
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=run_dpo_pairs)
+
+
+def run_dpo_pairs(args) -> int:
+    from reqnoise.train.dpo import build_dpo_pairs
+
+    counts = build_dpo_pairs(
+        args.base,
+        args.chosen_from,
+        args.out,
+        model=args.model,
+        prompts=args.prompts,
+        min_chars=args.min_chars,
+        system=args.system,
+        drop_patterns=args.drop_pattern,
+        max_tokens=args.max_tokens,
+        batch_size=args.batch_size,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    skipped = ", ".join(f"{k} {v}" for k, v in counts["skipped"].items()) or "none"
+    pairs = ", ".join(f"{k} {v}" for k, v in counts["pairs"].items())
+    print(f"read {counts['read']} examples, wrote {counts['kept']} pairs ({pairs}); skipped: {skipped}")
+    print(f"wrote {args.out}")
     return 0

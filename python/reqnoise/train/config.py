@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from reqnoise.errors import ReqnoiseError
 
 FINE_TUNE_TYPES = ("lora", "dora", "full")
+MODES = ("sft", "dpo")
 
 
 @dataclass
@@ -47,6 +48,19 @@ class TrainConfig:
         default=512, metadata={"help": "tokens per example; longer ones are truncated (counted in the summary)"}
     )
 
+    mode: str = field(
+        default="sft",
+        metadata={
+            "help": "sft (chat data) or dpo (pairs with prompt, chosen, rejected; loss on mlx-lm's trainer)",
+            "choices": MODES,
+        },
+    )
+    beta: float = field(default=0.1, metadata={"help": "DPO: inverse temperature of the preference loss"})
+    reference: str | None = field(
+        default=None,
+        metadata={"help": "DPO: model directory anchoring the log-probabilities; default the stage's --model"},
+    )
+
     @classmethod
     def names(cls) -> tuple[str, ...]:
         """The option names, in field order."""
@@ -69,4 +83,10 @@ class TrainConfig:
             raise ReqnoiseError(f"lr must be a positive number, got {self.lr!r}")
         if not math.isfinite(self.scale):
             raise ReqnoiseError(f"scale must be a finite number, got {self.scale!r}")
+        if self.mode not in MODES:
+            raise ReqnoiseError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not (self.beta > 0 and math.isfinite(self.beta)):
+            raise ReqnoiseError(f"beta must be a positive number, got {self.beta!r}")
+        if self.reference is not None and self.mode != "dpo":
+            raise ReqnoiseError("reference is the DPO reference model; it needs mode='dpo'")
         return self

@@ -137,6 +137,35 @@ def _build_datasets(splits: dict, tokenizer, config: TrainConfig):
     return train_set, valid_set, truncated, misaligned
 
 
+def _prepare_dpo(model_path: Path, splits: dict, config: TrainConfig):
+    """Steps 1 and 2 of a DPO run: the reference log-probabilities are computed on the model before it is
+    wrapped (or on ``config.reference``, loaded and released first), then the targets are made trainable.
+
+    Returns ``(model, tokenizer, targets, trainable count, train_set, valid_set, truncated)``.
+    """
+    from mlx_lm.utils import load
+
+    from reqnoise.train.dpo import dpo_datasets
+
+    net, tokenizer = load(str(model_path))
+    targets = find_targets(net, layers=config.layers, modules=config.modules, keys=config.keys)
+    check_fine_tune_type(net, targets, config.fine_tune_type)
+    if config.reference is None:
+        reference = net
+    else:
+        if not (Path(config.reference) / "config.json").is_file():
+            raise ReqnoiseError(f"reference model directory {config.reference} has no config.json")
+        reference = load(str(config.reference))[0]
+    train_set, valid_set, truncated = dpo_datasets(splits, tokenizer, config, reference)
+    del reference
+    if truncated:
+        print(
+            f"reqnoise train: {truncated} DPO replies truncated to max_seq_length={config.max_seq_length}",
+            file=sys.stderr,
+        )
+    return net, tokenizer, targets, _wrap_targets(net, targets, config), train_set, valid_set, truncated
+
+
 def _train(net, train_set, valid_set, config: TrainConfig, adapter_file: Path, progress: bool, ranks: int):
     """Step 3: mlx-lm's training loop (Adam, validation once at the end, weights saved to ``adapter_file``).
 
@@ -161,6 +190,11 @@ def _train(net, train_set, valid_set, config: TrainConfig, adapter_file: Path, p
     t_train = time.perf_counter()
     # Under mlx.launch mlx-lm trains data-parallel over the global group; see seeded_batches.
     loss = {"loss": global_mean_loss} if ranks > 1 else {}
+    batches = seeded_batches
+    if config.mode == "dpo":
+        from reqnoise.train.dpo import dpo_loss, pair_batches
+
+        loss, batches = {"loss": functools.partial(dpo_loss, beta=config.beta)}, pair_batches
     with quiet:
         mlx_train(
             net,
@@ -168,7 +202,7 @@ def _train(net, train_set, valid_set, config: TrainConfig, adapter_file: Path, p
             train_set,
             valid_set,
             args=args,
-            iterate_batches=functools.partial(seeded_batches, seed=config.seed),
+            iterate_batches=functools.partial(batches, seed=config.seed),
             training_callback=log,
             **loss,
         )
@@ -197,6 +231,11 @@ def _adapter_config(model_path, data, targets, n_blocks: int, config: TrainConfi
         "mask_prompt": config.mask_prompt,
         "max_seq_length": config.max_seq_length,
         "seed": config.seed,
+        **(
+            {"mode": "dpo", "beta": config.beta, "reference": config.reference or str(model_path)}
+            if config.mode == "dpo"
+            else {}
+        ),
         "chat_rendering": "reqnoise.chat.render_chat (enable_thinking=False)",
         "trained_by": f"reqnoise {__version__}",
     }
@@ -218,6 +257,8 @@ def train_adapter(
         model: mlx-lm model directory (quantized or not; a fused model directory for stacking).
         data: directory with ``train.jsonl`` (and optional ``valid.jsonl``) in mlx-lm's chat format, or a
             list of ``{"messages": [...]}`` dicts. Every example must end with the assistant's message.
+            With ``mode="dpo"``: pairs ``{"prompt", "chosen", "rejected", "system"?}`` (a directory, a JSONL
+            file or a list), see ``reqnoise.train.dpo``; the reported losses are then DPO losses.
         adapter_path: output directory; appears only when complete; an existing one needs ``overwrite``.
         config: the settings (``TrainConfig``; None = its defaults).
         progress: mlx-lm's training display on stdout; False keeps stdout quiet.
@@ -228,7 +269,9 @@ def train_adapter(
             layers, modules, keys: target selection, see ``reqnoise.train.targets.find_targets``;
             mask_prompt: train only on the last assistant message;
             seed: LoRA initialisation and batch order; same inputs + seed give byte-identical adapters on CPU;
-            max_seq_length: tokens per example; longer ones are truncated (counted in the summary).
+            max_seq_length: tokens per example; longer ones are truncated (counted in the summary);
+            mode "sft" or "dpo", beta (DPO inverse temperature), reference (DPO reference model directory,
+            default ``model``).
 
     Returns a summary dict: ``trainable_parameters``, ``modules`` (paths adapted), ``final_train_loss`` (mean
     over the last reporting window of up to 10 steps), ``train_losses`` / ``val_losses`` as
@@ -241,8 +284,15 @@ def train_adapter(
     model_path = Path(model)
     if not (model_path / "config.json").is_file():
         raise ReqnoiseError(f"model directory {model_path} has no config.json")
-    splits = load_chat_data(data)
+    if config.mode == "dpo":
+        from reqnoise.train.dpo import load_pair_data
+
+        splits = load_pair_data(data)
+    else:
+        splits = load_chat_data(data)
     world_rank, ranks = rank_and_size()
+    if config.mode == "dpo" and ranks > 1:
+        raise ReqnoiseError("DPO training runs in one process; launch it without mlx.launch")
     if world_rank != 0:
         # Data-parallel under mlx.launch: every rank trains, rank 0 alone writes adapter_path. Same checks on
         # every rank, so a refusal stops all of them before the first collective.
@@ -250,13 +300,20 @@ def train_adapter(
         private = tempfile.TemporaryDirectory(prefix="reqnoise-rank-")
         adapter_path, overwrite = Path(private.name) / "adapter", False
     with atomic_dir(adapter_path, overwrite=overwrite) as tmp:
-        net, tokenizer, targets, n_trainable = _prepare_model(model_path, config)
-        train_set, valid_set, truncated, misaligned = _build_datasets(splits, tokenizer, config)
+        if config.mode == "dpo":
+            net, tokenizer, targets, n_trainable, train_set, valid_set, truncated = _prepare_dpo(
+                model_path, splits, config
+            )
+            misaligned = 0
+        else:
+            net, tokenizer, targets, n_trainable = _prepare_model(model_path, config)
+            train_set, valid_set, truncated, misaligned = _build_datasets(splits, tokenizer, config)
         log, train_seconds = _train(net, train_set, valid_set, config, tmp / ADAPTER_FILE, progress, ranks)
         adapter_config = _adapter_config(model_path, data, targets, len(net.layers), config)
         (tmp / CONFIG_FILE).write_text(json.dumps(adapter_config, indent=4) + "\n", encoding="utf-8")
     return {
         "adapter_path": str(adapter_path),
+        "mode": config.mode,
         "fine_tune_type": config.fine_tune_type,
         "trainable_parameters": int(n_trainable),
         "modules": list(targets),
