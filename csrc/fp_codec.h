@@ -50,11 +50,13 @@ inline uint32_t e2m1_encode(float x) {
   return (__builtin_signbit(x) && c) ? (c | 8u) : c;
 }
 
-// E4M3 (fn variant as MLX decodes it: no infinities; 0x7F decodes to 480, never produced by the encoder).
+// E4M3 (fn variant: no infinities; 0x7F and 0xFF are NaN, which the encoder never produces).
 inline float e4m3_value(uint32_t c) {
   const uint32_t e = (c >> 3) & 15u, m = c & 7u;
   float v;
-  if (e == 0) {
+  if (e == 15 && m == 7) {
+    v = __builtin_nanf("");
+  } else if (e == 0) {
     v = float(m) * 0.001953125f;  // subnormals: m * 2^-9
   } else {
     const uint32_t u = ((e + 120u) << 23) | (m << 20);
@@ -132,7 +134,7 @@ inline void fp_quantize_group(int mode, const float* x, int g, uint32_t* codes, 
 }
 
 // Keep-grid: re-encode against the stored scale. A value equal to its old code's value keeps that code
-// (so +-0 and 0x7F survive a zero delta); a zero, infinite or NaN scale cannot express a change.
+// (so +-0 survives a zero delta), and so does a NaN code; a zero, infinite or NaN scale cannot express a change.
 inline void fp_encode_group(int mode, const float* x, int g, float scale, const float* old_codes, uint32_t* codes) {
   const bool usable = scale != 0.0f && __builtin_fabsf(scale) < __builtin_inff();
   for (int j = 0; j < g; ++j) {
@@ -146,7 +148,8 @@ inline void fp_encode_group(int mode, const float* x, int g, float scale, const 
     const float lim = mode == kMxfp8 ? 448.0f : 6.0f;
     float v = x[j] / scale;
     v = v < -lim ? -lim : (lim < v ? lim : v);
-    codes[j] = v == code_value(mode, old) ? old : code_encode<float>(mode, v);
+    const float ov = code_value(mode, old);
+    codes[j] = (v == ov || ov != ov) ? old : code_encode<float>(mode, v);
   }
 }
 

@@ -154,10 +154,11 @@ def _e4m3_table() -> np.ndarray:
     codes = np.arange(256)
     e, m = (codes >> 3) & 15, (codes & 7).astype(np.float64)
     mag = np.where(e == 0, m * 2.0**-9, (1 + m / 8) * 2.0 ** (e - 7.0))
+    mag = np.where((codes & 0x7F) == 0x7F, np.nan, mag)
     return np.where(codes & 0x80, -mag, mag).astype(np.float32)
 
 
-E4M3_VALUES = _e4m3_table()  # code 0x7F decodes to 480 (as MLX's from_fp8 does); the encoder never makes it
+E4M3_VALUES = _e4m3_table()  # codes 0x7F/0xFF are NaN (MLX's from_fp8 agrees); the encoder never makes them
 
 
 def to_e4m3(x) -> np.ndarray:
@@ -291,7 +292,7 @@ def fuse_any(
         shape = codes.shape[:-1] + (-1, group_size)
         s = fp_scale_values(scales, mode)[..., None]
         old = fp_code_values(codes, mode).reshape(shape)
-        with np.errstate(invalid="ignore", over="ignore"):
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
             w = (old * s).reshape(codes.shape)
             if delta is not None:
                 w = w + delta
@@ -300,7 +301,8 @@ def fuse_any(
             top = FP_MODES[mode][2]
             x = np.clip(w.reshape(shape) / s, -top, top)
         new = to_e4m3(x).astype(np.int64) if mode == "mxfp8" else to_e2m1(x)
-        new = np.where((x == old) | ~np.isfinite(s) | (s == 0), codes.reshape(shape), new).reshape(codes.shape)
+        keep = (x == old) | np.isnan(old) | ~np.isfinite(s) | (s == 0)
+        new = np.where(keep, codes.reshape(shape), new).reshape(codes.shape)
         return pack_codes(new, bits), np.asarray(scales), None
     w = _any_dequantize(wq, scales, biases, mode, bits, group_size, dtype)
     if delta is not None:
