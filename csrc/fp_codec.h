@@ -127,9 +127,11 @@ inline void fp_quantize_group(int mode, const float* x, int g, uint32_t* codes, 
     p = round_to<T>(__builtin_ldexpf(1.0f, n));
   }
   if (mode == kNvfp4) {
-    for (int j = 0; j < g; ++j) codes[j] = code_encode<float>(mode, round_to<T>(x[j] / p));
+    for (int j = 0; j < g; ++j) codes[j] = e2m1_encode<float>(round_to<T>(x[j] / p));
+  } else if (mode == kMxfp4) {
+    for (int j = 0; j < g; ++j) codes[j] = e2m1_encode<T>(round_to<T>(x[j] / p));
   } else {
-    for (int j = 0; j < g; ++j) codes[j] = code_encode<T>(mode, round_to<T>(x[j] / p));
+    for (int j = 0; j < g; ++j) codes[j] = e4m3_encode(round_to<T>(x[j] / p));
   }
 }
 
