@@ -11,7 +11,7 @@ using namespace nb::literals;
 namespace mx = mlx::core;
 
 NB_MODULE(_core, m) {
-  m.doc() = "reqnoise native core: fused dequantize -> add LoRA delta -> requantize for MLX affine weights";
+  m.doc() = "reqnoise native core: fused dequantize -> add LoRA delta -> requantize for MLX quantized weights";
 
   m.def("kernel_isa", &reqnoise::kernel_isa, "Instruction-set copy of the row kernel in use.");
   m.def(
@@ -27,9 +27,10 @@ NB_MODULE(_core, m) {
 
   m.def(
       "fuse_quantized",
-      [](const mx::array& wq, const mx::array& scales, const mx::array& biases, std::optional<mx::array> a,
+      [](const mx::array& wq, const mx::array& scales, std::optional<mx::array> biases, std::optional<mx::array> a,
          std::optional<mx::array> b, std::optional<mx::array> mag, int bits, int group_size, int out_bits,
-         int out_group_size, bool keep_grid, float scale, int num_threads) {
+         int out_group_size, bool keep_grid, float scale, int num_threads, int mode, int out_mode,
+         std::optional<mx::Dtype> dtype) {
         reqnoise::FuseSpec spec;
         spec.bits = bits;
         spec.group_size = group_size;
@@ -38,10 +39,14 @@ NB_MODULE(_core, m) {
         spec.keep_grid = keep_grid;
         spec.scale = scale;
         spec.num_threads = num_threads;
-        return reqnoise::fuse_quantized(wq, scales, biases, a, b, mag, spec);
+        spec.mode = mode;
+        spec.out_mode = out_mode;
+        return reqnoise::fuse_quantized(wq, scales, biases, a, b, mag, spec, dtype.value_or(scales.dtype()));
       },
-      "wq"_a, "scales"_a, "biases"_a, "a"_a.none(), "b"_a.none(), "mag"_a.none(), nb::kw_only(), "bits"_a,
-      "group_size"_a, "out_bits"_a, "out_group_size"_a, "keep_grid"_a, "scale"_a, "num_threads"_a = 0,
+      "wq"_a, "scales"_a, "biases"_a.none(), "a"_a.none(), "b"_a.none(), "mag"_a.none(), nb::kw_only(), "bits"_a,
+      "group_size"_a, "out_bits"_a, "out_group_size"_a, "keep_grid"_a, "scale"_a, "num_threads"_a = 0, "mode"_a = 0,
+      "out_mode"_a = 0, "dtype"_a.none() = nb::none(),
       "Lazy fused op on 3-D stacks; arguments must already be validated (see reqnoise.kernel). Returns a "
-      "list of mx.array: [wq, scales, biases] (fresh) or [wq] (keep-grid).");
+      "list of mx.array: [wq, scales, biases] (fresh; no biases for an fp output mode) or [wq] (keep-grid). "
+      "mode/out_mode: 0 affine, 1 mxfp4, 2 nvfp4, 3 mxfp8; dtype: what an fp-mode input dequantizes to.");
 }

@@ -10,6 +10,10 @@ namespace reqnoise {
 inline constexpr int kSupportedBits[] = {2, 3, 4, 5, 6, 8};
 inline constexpr int kSupportedGroupSizes[] = {32, 64, 128};
 
+// MLX's quantization modes; the floating-point ones fix their width and group size (mxfp4: 4 bits, 32;
+// nvfp4: 4, 16; mxfp8: 8, 32), store one uint8 scale per group and no bias (csrc/fp_codec.h).
+enum QuantModeId : int { kAffine = 0, kMxfp4 = 1, kNvfp4 = 2, kMxfp8 = 3 };
+
 struct FuseSpec {
   int bits = 4;             // input code width
   int group_size = 64;      // input group size
@@ -20,6 +24,8 @@ struct FuseSpec {
   int rank = 0;             // 0: zero delta (no factors passed)
   bool dora = false;        // magnitude vector passed: row-normalise W + delta to it
   int num_threads = 0;      // 0: hardware concurrency
+  int mode = kAffine;       // input mode (QuantModeId)
+  int out_mode = kAffine;   // output mode (== mode for keep-grid)
 };
 
 // One thread's scratch: a row of each intermediate (in_dim values), never a dense copy of the weight.
@@ -47,6 +53,10 @@ struct FuseBuffers {
   uint32_t* wq_out;
   T* scales_out;  // null for keep-grid: the grid is the input's
   T* biases_out;  // null for keep-grid
+  // The floating-point modes' uint8 scales (input, output), used in place of scales/biases for that side;
+  // T is then the dtype the values are dequantized to and requantized from (mx.dequantize's dtype).
+  const uint8_t* scales8 = nullptr;
+  uint8_t* scales8_out = nullptr;
 };
 
 // The row loop is compiled once per instruction-set level, each copy in its own namespace so that the
@@ -57,6 +67,9 @@ struct FuseBuffers {
   template <typename T>                                                                                          \
   void fuse_row_range(const FuseSpec& spec, int64_t out_dim, int64_t in_dim, int64_t row_begin, int64_t row_end, \
                       const FuseBuffers<T>& buf, const RowScratch& s);                                           \
+  template <typename T>                                                                                          \
+  void fp_row_range(const FuseSpec& spec, int64_t out_dim, int64_t in_dim, int64_t row_begin, int64_t row_end,   \
+                    const FuseBuffers<T>& buf, const RowScratch& s);                                             \
   }
 REQNOISE_DECLARE_ISA(baseline)
 REQNOISE_DECLARE_ISA(v3)

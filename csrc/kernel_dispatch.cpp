@@ -7,6 +7,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "fuse_kernel.h"
@@ -36,17 +37,22 @@ const char* kernel_isa() { return kUseV3 ? "x86-64-v3" : "baseline"; }
 
 template <typename T>
 void fuse_rows(const FuseSpec& spec, int64_t n_experts, int64_t out_dim, int64_t in_dim, const FuseBuffers<T>& buf) {
-  for (int b : {spec.bits, spec.out_bits}) {
-    if (std::ranges::find(kSupportedBits, b) == std::end(kSupportedBits)) {
-      throw std::invalid_argument("unsupported bits");
+  const bool fp = spec.mode != kAffine || spec.out_mode != kAffine;
+  for (auto [mode, b, g] : {std::tuple{spec.mode, spec.bits, spec.group_size},
+                            std::tuple{spec.out_mode, spec.out_bits, spec.out_group_size}}) {
+    if (mode == kAffine) {
+      if (std::ranges::find(kSupportedBits, b) == std::end(kSupportedBits)) {
+        throw std::invalid_argument("unsupported bits");
+      }
+      if (std::ranges::find(kSupportedGroupSizes, g) == std::end(kSupportedGroupSizes)) {
+        throw std::invalid_argument("unsupported group size");
+      }
+    } else if (mode < kAffine || mode > kMxfp8 || b != (mode == kMxfp8 ? 8 : 4) || g != (mode == kNvfp4 ? 16 : 32)) {
+      throw std::invalid_argument("unsupported floating-point mode, bits or group size");
     }
   }
-  for (int g : {spec.group_size, spec.out_group_size}) {
-    if (std::ranges::find(kSupportedGroupSizes, g) == std::end(kSupportedGroupSizes)) {
-      throw std::invalid_argument("unsupported group size");
-    }
-  }
-  if (in_dim % 32 || in_dim % spec.group_size || in_dim % spec.out_group_size) {
+  if (spec.keep_grid && spec.out_mode != spec.mode) throw std::invalid_argument("keep-grid cannot change the mode");
+  if (in_dim % (fp ? 16 : 32) || in_dim % spec.group_size || in_dim % spec.out_group_size) {
     throw std::invalid_argument("input width must divide by the group sizes");
   }
   const int64_t n_rows = n_experts * out_dim;
@@ -57,9 +63,11 @@ void fuse_rows(const FuseSpec& spec, int64_t n_experts, int64_t out_dim, int64_t
     RowScratch s{f.data(), f.data() + in_dim, f.data() + 2 * in_dim, codes.data(), packed.data()};
 #if defined(REQNOISE_HAVE_V3)
     if (kUseV3) {
+      if (fp) return v3::fp_row_range<T>(spec, out_dim, in_dim, begin, end, buf, s);
       return v3::fuse_row_range<T>(spec, out_dim, in_dim, begin, end, buf, s);
     }
 #endif
+    if (fp) return baseline::fp_row_range<T>(spec, out_dim, in_dim, begin, end, buf, s);
     baseline::fuse_row_range<T>(spec, out_dim, in_dim, begin, end, buf, s);
   };
 

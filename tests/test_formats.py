@@ -19,7 +19,7 @@ from reqnoise.kernel import formats
 def test_native_kernel_accepts_exactly_the_python_widths():
     assert tuple(_core.supported_bits()) == formats.SUPPORTED_BITS
     assert tuple(_core.supported_group_sizes()) == formats.SUPPORTED_GROUP_SIZES
-    assert formats.SUPPORTED_MODES == ("affine",)
+    assert formats.SUPPORTED_MODES == ("affine", "mxfp4", "nvfp4", "mxfp8")
 
 
 @pytest.mark.parametrize("bits", formats.SUPPORTED_BITS)
@@ -40,7 +40,9 @@ def test_check_width_refuses_what_is_not_listed():
     with pytest.raises(ValueError, match="group_size must be one of"):
         formats.check_width(4, 16)
     with pytest.raises(ValueError, match="mode must be one of"):
-        formats.check_width(4, 32, mode="mxfp4")
+        formats.check_width(4, 32, mode="mxfp6")
+    with pytest.raises(ValueError, match="group_size must be one of"):
+        formats.check_width(4, 32, mode="nvfp4")
     with pytest.raises(ValueError, match="requant must be one of"):
         w = mx.zeros((4, 64))
         fuse_quantized(*mx.quantize(w, group_size=64, bits=4), group_size=64, bits=4, requant="dequantize")

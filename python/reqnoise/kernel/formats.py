@@ -13,21 +13,31 @@ class QuantMode:
     """One MLX quantization mode as reqnoise handles it.
 
     ``bits``/``group_sizes``: the (code width, values per group) reqnoise accepts; ``has_biases``: whether the
-    mode stores a bias per group beside the scale (affine does, the floating-point modes do not).
+    mode stores a bias per group beside the scale (affine does, the floating-point modes do not);
+    ``scale_kind``: how a scale is stored ("float": in the weights' dtype; "e8m0": a uint8 power-of-two
+    exponent; "e4m3": a uint8 FP8 value); ``code``: the element code ("int", "e2m1", "e4m3"); ``kernel_id``:
+    the mode's number in the native kernel (csrc/fuse_kernel.h QuantModeId).
     """
 
     name: str
     bits: tuple[int, ...]
     group_sizes: tuple[int, ...]
     has_biases: bool
+    scale_kind: str = "float"
+    code: str = "int"
+    kernel_id: int = 0
 
 
 # MLX 0.32 knows four modes: affine (bits 1-8 but 7, groups 32/64/128), mxfp4 (4 bits, group 32), mxfp8 (8, 32)
-# and nvfp4 (4, 16). The native kernel implements affine only, and 1-bit affine is not implemented in it; a
-# later mode is one more entry here plus its codec in csrc/.
+# and nvfp4 (4, 16); the native kernel implements all four (1-bit affine excepted). The floating-point modes'
+# rules, measured against mx.quantize: docs/mlx-fp-formats.md; their codec: csrc/fp_codec.h.
 MODES = {
     "affine": QuantMode("affine", bits=(2, 3, 4, 5, 6, 8), group_sizes=(32, 64, 128), has_biases=True),
+    "mxfp4": QuantMode("mxfp4", (4,), (32,), False, scale_kind="e8m0", code="e2m1", kernel_id=1),
+    "nvfp4": QuantMode("nvfp4", (4,), (16,), False, scale_kind="e4m3", code="e2m1", kernel_id=2),
+    "mxfp8": QuantMode("mxfp8", (8,), (32,), False, scale_kind="e8m0", code="e4m3", kernel_id=3),
 }
+FP_MODES = tuple(m for m in MODES if not MODES[m].has_biases)
 SUPPORTED_MODES = tuple(MODES)
 DEFAULT_MODE = "affine"
 
@@ -52,6 +62,19 @@ def check_width(bits, group_size, what: str = "", mode: str = DEFAULT_MODE) -> N
         raise ValueError(f"{pre}bits must be one of {fmt.bits}, got {bits!r}")
     if group_size not in fmt.group_sizes:
         raise ValueError(f"{pre}group_size must be one of {fmt.group_sizes}, got {group_size!r}")
+
+
+def mode_params(mode: str, bits=None, group_size=None, what: str = "") -> tuple[int, int]:
+    """``(bits, group_size)`` of ``mode``: a floating-point mode's fixed pair when not given; checked."""
+    if mode not in MODES:
+        pre = f"{what}: " if what else ""
+        raise ValueError(f"{pre}mode must be one of {SUPPORTED_MODES}, got {mode!r}")
+    fmt = MODES[mode]
+    if not fmt.has_biases:
+        bits = fmt.bits[0] if bits is None else bits
+        group_size = fmt.group_sizes[0] if group_size is None else group_size
+    check_width(bits, group_size, what, mode)
+    return bits, group_size
 
 
 def logical_in_dim(wq_last: int, bits: int) -> int:

@@ -1,11 +1,12 @@
-"""``fuse_quantized``: dequantize -> add a low-rank delta -> requantize, natively, on MLX affine weights."""
+"""``fuse_quantized``: dequantize -> add a low-rank delta -> requantize, natively, on MLX quantized weights
+(affine, mxfp4, nvfp4, mxfp8)."""
 
 import os
 
 import mlx.core as mx
 
 from reqnoise import _core  # noqa: F401  (mlx.core must be imported first: shared nanobind domain)
-from reqnoise.kernel.formats import KERNEL_REQUANTS, check_width
+from reqnoise.kernel.formats import KERNEL_REQUANTS, MODES, mode_params
 from reqnoise.kernel.quant_format import FLOAT_DTYPES, validate_quantized
 
 # Outputs of one chunk of experts are at most this many bytes before the chunk is evaluated and written
@@ -41,19 +42,37 @@ def _validate(
     out_group_size,
     dora_magnitude,
     experts_per_chunk,
+    mode="affine",
+    out_mode=None,
+    dtype=None,
 ):
-    lead, in_dim = validate_quantized(wq, scales, biases, bits=bits, group_size=group_size)
+    bits, group_size = mode_params(mode, bits, group_size, "input")
+    lead, in_dim = validate_quantized(wq, scales, biases, bits=bits, group_size=group_size, mode=mode)
     if requant not in KERNEL_REQUANTS:
         raise ValueError(f"requant must be one of {KERNEL_REQUANTS}, got {requant!r}")
-    if requant == "keep-grid" and (out_bits not in (None, bits) or out_group_size not in (None, group_size)):
+    om = out_mode or mode
+    if requant == "keep-grid" and (
+        out_bits not in (None, bits) or out_group_size not in (None, group_size) or om != mode
+    ):
         raise ValueError(
-            "out_bits/out_group_size re-quantize at another width and need requant='fresh'; "
+            "out_bits/out_group_size/out_mode re-quantize at another width or mode and need requant='fresh'; "
             "keep-grid keeps the original grid"
         )
-    ob, og = out_bits or bits, out_group_size or group_size
-    check_width(ob, og, "output")
+    if MODES[om].has_biases:
+        # an affine output keeps the input's width and group size unless told (from an fp mode: 8 bits, 64)
+        ob = out_bits or (bits if om == mode else 8)
+        og = out_group_size or (group_size if om == mode else 64)
+    else:
+        ob, og = out_bits, out_group_size
+    ob, og = mode_params(om, ob, og, "output")
     if in_dim % og:
         raise ValueError(f"out_group_size {og} does not divide the input width {in_dim}")
+    if dtype is not None:
+        if MODES[mode].has_biases:
+            if dtype != scales.dtype:
+                raise ValueError(f"dtype {dtype} differs from the affine scales' dtype {scales.dtype}")
+        elif dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     if (lora_a is None) != (lora_b is None):
         raise ValueError("lora_a and lora_b must be given together (both None means a zero delta)")
     batch = lead[:-1]
@@ -78,21 +97,21 @@ def _validate(
         _check_finite(dora_magnitude, "dora_magnitude")
     if experts_per_chunk is not None and (not isinstance(experts_per_chunk, int) or experts_per_chunk < 1):
         raise ValueError(f"experts_per_chunk must be a positive integer or None, got {experts_per_chunk!r}")
-    return in_dim, ob, og
+    return in_dim, bits, group_size, om, ob, og
 
 
-def _default_chunk(n_experts, out_dim, in_dim, out_bits, out_group_size, itemsize):
-    per_expert = out_dim * (in_dim * out_bits // 8 + 2 * (in_dim // out_group_size) * itemsize)
+def _default_chunk(n_experts, out_dim, in_dim, out_bits, out_group_size, itemsize, n_scale_arrays=2):
+    per_expert = out_dim * (in_dim * out_bits // 8 + n_scale_arrays * (in_dim // out_group_size) * itemsize)
     return max(1, min(n_experts, CHUNK_BYTES // max(per_expert, 1)))
 
 
 def fuse_quantized(
     wq,
     scales,
-    biases,
+    biases=None,
     *,
-    group_size,
-    bits,
+    group_size=None,
+    bits=None,
     lora_a=None,
     lora_b=None,
     scale=1.0,
@@ -102,30 +121,41 @@ def fuse_quantized(
     dora_magnitude=None,
     experts_per_chunk=None,
     num_threads=None,
+    mode="affine",
+    out_mode=None,
+    dtype=None,
 ):
-    """Fuse a low-rank delta into an MLX affine-quantized weight, natively and without a dense copy.
+    """Fuse a low-rank delta into an MLX-quantized weight, natively and without a dense copy.
 
     Args:
         wq: uint32 ``[out, in*bits/32]`` or an expert stack ``[E, out, in*bits/32]``.
-        scales, biases: ``[..., in/group_size]`` in float32, float16 or bfloat16.
-        group_size, bits: the input's format (group 32/64/128; bits 2, 3, 4, 5, 6 or 8).
+        scales: ``[..., in/group_size]``: float32, float16 or bfloat16 (affine), uint8 (mxfp4, nvfp4, mxfp8).
+        biases: like ``scales`` for affine; None for the floating-point modes.
+        group_size, bits: the input's format (affine: group 32/64/128, bits 2, 3, 4, 5, 6 or 8; the fp modes
+            fix them: mxfp4 4/32, nvfp4 4/16, mxfp8 8/32, and they may be left None).
         lora_a: ``[r, in]`` or ``[E, r, in]``; lora_b: ``[out, r]`` or ``[E, out, r]`` (any float dtype).
             Both None: a zero delta, i.e. the pure requantization (the zero-delta control).
         scale: delta = ``scale * lora_b @ lora_a``, computed in float32.
-        requant: ``"fresh"`` reproduces mlx-lm's fuse on the CPU stream (dequantize in the scales' dtype,
-            add the delta cast to it, quantize as ``mx.quantize``); ``"keep-grid"`` keeps each group's
-            scale and bias and re-encodes ``clamp(rint((w_hat + delta - bias) / scale))``: a zero delta
-            returns the inputs bit for bit.
-        out_bits, out_group_size: fresh only, re-quantize at another width.
+        requant: ``"fresh"`` reproduces mlx-lm's fuse on the CPU stream (dequantize to the values' dtype, add
+            the delta cast to it, quantize as ``mx.quantize``); ``"keep-grid"`` keeps each group's scale (and
+            bias) and re-encodes ``w_hat + delta`` to the nearest code at it: a zero delta returns the inputs
+            bit for bit.
+        out_bits, out_group_size, out_mode: fresh only, re-quantize at another width or into another mode
+            (e.g. mxfp4 -> affine 8-bit; an affine output from an fp input defaults to 8 bits, group 64).
         dora_magnitude: ``[out]`` or ``[E, out]``: DoRA fuse ``m * (W + delta) / ||W + delta||_row``.
         experts_per_chunk: experts evaluated per step of a stack (None: from a 256 MiB output budget).
         num_threads: kernel threads (None: all cores); results do not depend on it.
+        mode: the input's mode, "affine", "mxfp4", "nvfp4" or "mxfp8".
+        dtype: the dtype the values are dequantized to and requantized from. Affine: the scales' dtype (the
+            only value accepted). Floating-point modes: None means bfloat16, what ``mx.dequantize`` returns
+            for them by default and so what mlx-lm's fuse computes in.
 
     Returns:
-        ``(wq, scales, biases)`` as evaluated mx.arrays in the input layout; the scales' dtype is kept.
-        keep-grid returns the input ``scales`` and ``biases`` objects themselves.
+        ``(wq, scales, biases)`` as evaluated mx.arrays in the input layout; ``biases`` is None for an fp
+        output mode; affine scales keep the values' dtype, fp scales are uint8. keep-grid returns the input
+        ``scales`` and ``biases`` objects themselves.
     """
-    in_dim, ob, og = _validate(
+    in_dim, bits, group_size, om, ob, og = _validate(
         wq,
         scales,
         biases,
@@ -139,7 +169,12 @@ def fuse_quantized(
         out_group_size,
         dora_magnitude,
         experts_per_chunk,
+        mode,
+        out_mode,
+        dtype,
     )
+    fp_in = not MODES[mode].has_biases
+    values_dtype = (dtype or mx.bfloat16) if fp_in else scales.dtype
     stacked = wq.ndim == 3
 
     def as3(x):
@@ -157,8 +192,13 @@ def fuse_quantized(
         keep_grid=keep,
         scale=float(scale),
         num_threads=int(num_threads or 0),
+        mode=MODES[mode].kernel_id,
+        out_mode=MODES[om].kernel_id,
+        dtype=values_dtype,
     )
-    chunk = experts_per_chunk or _default_chunk(n_experts, out_dim, in_dim, ob, og, scales.dtype.size)
+    fp_out = not MODES[om].has_biases
+    itemsize = 1 if fp_out else values_dtype.size
+    chunk = experts_per_chunk or _default_chunk(n_experts, out_dim, in_dim, ob, og, itemsize, 1 if fp_out else 2)
     chunk = min(chunk, n_experts)
 
     def run(e0, e1):
@@ -186,4 +226,6 @@ def fuse_quantized(
         return new_wq, scales, biases
     if not stacked:
         outs = [o.reshape(o.shape[1:]) for o in outs]
+    if fp_out:
+        return outs[0], outs[1], None
     return tuple(outs)

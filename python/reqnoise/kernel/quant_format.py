@@ -1,25 +1,31 @@
-"""The MLX affine quantization format: shapes and input validation of mx.arrays (the widths: ``formats``).
+"""MLX's quantized formats: shapes and input validation of mx.arrays (the widths: ``formats``).
 
 A weight of logical shape ``[..., in]`` is stored as ``wq`` uint32 ``[..., in*bits/32]`` (an LSB-first
-bitstream of ``bits``-bit codes per row) and ``scales``/``biases`` ``[..., in/group_size]`` in float32,
-float16 or bfloat16; ``w = code * scale + bias`` per group of ``group_size`` consecutive values.
+bitstream of ``bits``-bit codes per row) and ``scales`` ``[..., in/group_size]``. Affine: ``scales``/``biases``
+in float32, float16 or bfloat16 and ``w = code * scale + bias`` per group. The floating-point modes (mxfp4,
+nvfp4, mxfp8): uint8 ``scales`` (e8m0 or e4m3), no biases, ``w = value(code) * value(scale)``.
 """
 
 import mlx.core as mx
 
-from reqnoise.kernel.formats import check_width, logical_in_dim
+from reqnoise.kernel.formats import MODES, check_width, logical_in_dim
 
 FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 
 
-def validate_quantized(wq, scales, biases, *, bits: int, group_size: int, name: str = "weight"):
+def validate_quantized(wq, scales, biases, *, bits: int, group_size: int, name: str = "weight", mode="affine"):
     """Check a quantized triple and return ``(leading_shape, in_dim)``.
 
     ``leading_shape`` is ``wq.shape[:-1]`` (``(out,)`` or ``(E, out)``); ``in_dim`` the logical input width.
+    ``biases`` must be None for the floating-point modes, whose scales are uint8.
     Raises TypeError/ValueError naming the tensor, the expected and the actual shape or dtype.
     """
-    check_width(bits, group_size, name)
-    for label, arr in (("wq", wq), ("scales", scales), ("biases", biases)):
+    check_width(bits, group_size, name, mode)
+    fp = not MODES[mode].has_biases
+    if fp and biases is not None:
+        raise ValueError(f"{name}: mode {mode!r} has no biases (got an array); pass biases=None")
+    parts = (("wq", wq), ("scales", scales)) + (() if fp else (("biases", biases),))
+    for label, arr in parts:
         if not isinstance(arr, mx.array):
             raise TypeError(f"{name}.{label} must be an mx.array, got {type(arr).__name__}")
     if wq.dtype != mx.uint32:
@@ -37,6 +43,15 @@ def validate_quantized(wq, scales, biases, *, bits: int, group_size: int, name: 
             f"divisible by group_size {group_size}"
         )
     expected = tuple(wq.shape[:-1]) + (in_dim // group_size,)
+    if fp:
+        if scales.dtype != mx.uint8:
+            raise TypeError(f"{name}.scales must be uint8 for mode {mode!r}, got {scales.dtype}")
+        if tuple(scales.shape) != expected:
+            raise ValueError(
+                f"{name}.scales must have shape {expected} for wq {tuple(wq.shape)} in mode {mode!r}; "
+                f"got {tuple(scales.shape)}"
+            )
+        return tuple(wq.shape[:-1]), in_dim
     for label, arr in (("scales", scales), ("biases", biases)):
         if arr.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name}.{label} must be float32, float16 or bfloat16, got {arr.dtype}")
