@@ -1,5 +1,7 @@
 """requant='calibrated': fixed-grid error feedback (GPTQ onto the stored grid) from calibration activations."""
 
+import json
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -165,3 +167,73 @@ def test_held_out_error_below_keep_grid(out_dim, in_dim, bits, steps, seed):
     r_cal = held_out_residual(cal, wq, s, b, 64, bits, scale * d, x_held)
     r_keep = held_out_residual(keep, wq, s, b, 64, bits, scale * d, x_held)
     assert r_cal < r_keep
+
+
+# ---- the model-level fuse on the toy MoE model ----
+
+
+@pytest.fixture(scope="module")
+def toy_adapter(toy_model_dir, tmp_path_factory):
+    from fuse_helpers import make_adapter
+
+    return make_adapter(toy_model_dir, tmp_path_factory.mktemp("cal") / "adapter", dyadic=False, size=0.05)
+
+
+def test_zero_control_gives_the_identical_model_and_reports_calibration(toy_model_dir, toy_adapter, tmp_path):
+    from fuse_helpers import weights
+    from reqnoise.fuse.model import fuse_model
+
+    rep = fuse_model(toy_model_dir, toy_adapter, tmp_path / "z", requant="calibrated", control="zero", progress=False)
+    ours, base = weights(tmp_path / "z"), weights(toy_model_dir)
+    assert set(ours) == set(base)
+    for k in base:
+        assert mx.array_equal(ours[k], base[k]).item() and ours[k].dtype == base[k].dtype, k
+    saved = json.loads((tmp_path / "z" / "fuse_report.json").read_text())
+    assert saved["calibration"]["source"] == "builtin" and len(saved["calibration"]["sha256"]) == 64
+    assert saved["calibration"]["tokens"] == rep.calibration["tokens"] > 0
+    stack = [m for m in saved["modules"] if m["experts"]]
+    assert stack and all(len(m["calibration"]["tokens_per_expert"]) == m["experts"] for m in stack)
+    # top-k routing: each token reaches k experts of a stack
+    assert sum(stack[0]["calibration"]["tokens_per_expert"]) == 2 * saved["calibration"]["tokens"]
+
+
+def test_experts_without_tokens_fall_back_and_are_reported(toy_model_dir, toy_adapter, tmp_path):
+    from reqnoise.fuse.model import fuse_model
+
+    rep = fuse_model(toy_model_dir, toy_adapter, tmp_path / "f", requant="calibrated", calib_tokens=6, progress=False)
+    for m in rep.modules:
+        counts = m["calibration"]["tokens_per_expert"]
+        starved = [e for e, n in enumerate(counts) if n < 16]
+        assert m["calibration"]["keep_grid_fallback"] == starved
+    assert any(m["calibration_fallback_experts"] for m in rep.modules if m["experts"])
+
+
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        ("", "is empty"),
+        ('{"text": "fine"}\nnot json\n', r":2: not valid JSON"),
+        ('{"question": "no known key"}\n', "no 'messages'"),
+        (json.dumps({"text": "word " * 5000}) + "\n", "longer than the model's context"),
+    ],
+)
+def test_bad_calibration_data_fails_before_any_work(toy_model_dir, toy_adapter, tmp_path, content, match):
+    from reqnoise.errors import ReqnoiseError
+    from reqnoise.fuse.model import fuse_model
+
+    data = tmp_path / "calib.jsonl"
+    data.write_text(content)
+    with pytest.raises(ReqnoiseError, match=match) as err:
+        fuse_model(
+            toy_model_dir, toy_adapter, tmp_path / "o", requant="calibrated", calib_data=str(data), progress=False
+        )
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "o").exists()
+
+
+def test_calib_options_need_calibrated():
+    from reqnoise.errors import ReqnoiseError
+    from reqnoise.fuse.options import FuseOptions
+
+    with pytest.raises(ReqnoiseError, match="need --requant calibrated"):
+        FuseOptions(requant="keep-grid", calib_tokens=100).check()
