@@ -5,6 +5,7 @@
 #include <nanobind/stl/vector.h>
 
 #include "fuse_primitive.h"
+#include "gptq_kernel.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -49,4 +50,21 @@ NB_MODULE(_core, m) {
       "Lazy fused op on 3-D stacks; arguments must already be validated (see reqnoise.kernel). Returns a "
       "list of mx.array: [wq, scales, biases] (fresh; no biases for an fp output mode) or [wq] (keep-grid). "
       "mode/out_mode: 0 affine, 1 mxfp4, 2 nvfp4, 3 mxfp8; dtype: what an fp-mode input dequantizes to.");
+  m.def(
+      "fuse_calibrated",
+      [](const mx::array& wq, const mx::array& scales, const mx::array& biases, std::optional<mx::array> a,
+         std::optional<mx::array> b, std::optional<mx::array> mag, const mx::array& u, const mx::array& feedback,
+         int bits, int group_size, float scale, int block, int num_threads) {
+        reqnoise::GptqSpec spec;
+        spec.bits = bits;
+        spec.group_size = group_size;
+        spec.scale = scale;
+        spec.block = block;
+        spec.num_threads = num_threads;
+        return reqnoise::fuse_calibrated(wq, scales, biases, a, b, mag, u, feedback, spec);
+      },
+      "wq"_a, "scales"_a, "biases"_a, "a"_a.none(), "b"_a.none(), "mag"_a.none(), "u"_a, "feedback"_a, nb::kw_only(),
+      "bits"_a, "group_size"_a, "scale"_a, "block"_a = 128, "num_threads"_a = 0,
+      "Lazy calibrated (error-feedback, fixed-grid) fuse on 3-D stacks; u: [E, in, in] upper Cholesky factor of "
+      "each expert's inverse Hessian; feedback: [E] (0: keep-grid for that expert). Returns the new wq.");
 }

@@ -17,6 +17,7 @@ import numpy as np
 from reqnoise import __version__, atomic
 from reqnoise.errors import ReqnoiseError
 from reqnoise.fuse.adapters import check_against_model, load_adapter
+from reqnoise.fuse.calibration import DEFAULT_CALIB_TOKENS, MIN_EXPERT_TOKENS, collect_inputs, load_calibration
 from reqnoise.fuse.controls import apply_control, delta_norms
 from reqnoise.fuse.model_io import (
     INDEX_NAME,
@@ -48,6 +49,7 @@ class FuseReport:
     rewritten_shards: list = field(default_factory=list)
     copied_shards: list = field(default_factory=list)
     seconds: float = 0.0
+    calibration: dict | None = None  # calibrated: data source, sha256 and token counts
     reqnoise_version: str = __version__
 
     def __getattr__(self, name):
@@ -114,14 +116,15 @@ def _plan_shards(md, targets, options: FuseOptions) -> dict:
     return {shard: sorted(names) for shard, names in plan.items()}
 
 
-def _fuse_target(md, name, mod, options: FuseOptions, shard, loaded):
+def _fuse_target(md, name, mod, options: FuseOptions, shard, loaded, calibration=None):
     """Fuse one module to evaluated tensors; returns ``(tensors by suffix, report entry or None)``. ``mod``
     None: a module rewritten only because ``dequantize`` removes every quantization (no delta, no entry)."""
     t0 = time.perf_counter()
     parts = module_parts(md, name, shard, loaded)
     qp = md.quant_params(name) if md.is_quantized(name) else None
     factors = apply_control(mod, options.control, options.seed) if mod is not None else None
-    out = fuse_module(parts, qp, factors, options)
+    cal = None if calibration is None or mod is None else calibration.get(name)
+    out = fuse_module(parts, qp, factors, options, calibration=cal)
     mx.eval(list(out.values()))
     if mod is None:
         return out, None
@@ -139,6 +142,12 @@ def _fuse_target(md, name, mod, options: FuseOptions, shard, loaded):
         delta_norm=None if norms is None else float(np.sqrt(np.sum(np.square(norms)))),
         seconds=round(time.perf_counter() - t0, 4),
     )
+    if cal is not None:
+        entry["calibration"] = dict(
+            tokens_per_expert=cal.token_counts(),
+            keep_grid_fallback=sorted(int(e) for e in getattr(cal, "fallback", [])),
+        )
+        entry["calibration_fallback_experts"] = len(entry["calibration"]["keep_grid_fallback"])
     return out, entry
 
 
@@ -229,7 +238,9 @@ def fuse_model(
         save_path: output directory; written to a temporary sibling and renamed into place when complete.
         options: a FuseOptions; or, equivalently, its fields as keywords (not both):
         requant: "fresh" (what mlx-lm's fuse does), "keep-grid" (keep every group's scale/bias: a zero delta
-            gives the identical model) or "dequantize" (float output, quantization removed).
+            gives the identical model), "calibrated" (keep the grid, codes by error feedback from calibration
+            activations of base + adapter; zero delta gives the identical model) or "dequantize" (float output).
+        calib_data, calib_tokens: calibrated only: the calibration data (mlx-lm dataset formats) and token cap.
         out_bits: fresh only: re-quantize the fused modules at this width (per-module config override).
         control: "none" (the adapter), "zero" (zero delta through the same pipeline) or "random"
             (norm-matched random delta per module and expert, from ``seed``).
@@ -259,13 +270,22 @@ def fuse_model(
         ignored_modules=sorted(ignored),
     )
     plan = _plan_shards(md, targets, opts)
+    calibration = None
+    if opts.requant == "calibrated":
+        # data checked and tokenized first: bad calibration data fails before any model is run or written
+        cal_data = load_calibration(model, adapter_path, opts.calib_data, opts.calib_tokens or DEFAULT_CALIB_TOKENS)
+        calibration = collect_inputs(model, adapter_path, targets, cal_data)
+        report.calibration = dict(
+            source=cal_data.source, sha256=cal_data.sha256, format=cal_data.format, tokens=cal_data.tokens,
+            sequences=len(cal_data.sequences), min_expert_tokens=MIN_EXPERT_TOKENS,
+        )  # fmt: skip
 
     from tqdm import tqdm
 
     bar = tqdm(total=len(targets), desc="fuse", unit="module", disable=not progress, leave=False)
 
     def fuse_one(name, shard, loaded):
-        out, entry = _fuse_target(md, name, targets.get(name), opts, shard, loaded)
+        out, entry = _fuse_target(md, name, targets.get(name), opts, shard, loaded, calibration)
         if entry is not None:
             report.modules.append(entry)
             bar.set_postfix_str(f"{name} {entry['seconds']:.2f}s")

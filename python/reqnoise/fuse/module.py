@@ -8,7 +8,7 @@ import mlx.core as mx
 
 from reqnoise.fuse.model_io import read_tensor
 from reqnoise.fuse.options import FuseOptions
-from reqnoise.kernel.op import fuse_quantized
+from reqnoise.kernel.op import fuse_calibrated, fuse_quantized
 
 PARTS = ("weight", "scales", "biases")
 # The float paths form a dense delta per expert; 16 experts at a time bound that scratch to a few
@@ -59,7 +59,7 @@ def _fuse_float(w, f):
     return out
 
 
-def fuse_module(parts: dict, qp, factors, options: FuseOptions) -> dict:
+def fuse_module(parts: dict, qp, factors, options: FuseOptions, calibration=None) -> dict:
     """Fuse one module (lazily: the caller evaluates).
 
     Args:
@@ -67,6 +67,8 @@ def fuse_module(parts: dict, qp, factors, options: FuseOptions) -> dict:
         qp: its ``(bits, group_size)``, or None for a float module.
         factors: a ModuleAdapter, or None for a zero delta.
         options: requant mode and output width (``options.output_quant``).
+        calibration: ``requant == "calibrated"`` only: the module's ``fuse.calibration.ModuleInputs``; the
+            experts rounded without error feedback are added to it as ``fallback``.
 
     Returns:
         The new tensors by suffix; a dequantized module has no scales/biases any more.
@@ -87,10 +89,18 @@ def fuse_module(parts: dict, qp, factors, options: FuseOptions) -> dict:
             wq, s, b = mx.quantize(_fuse_float(w, factors), group_size=out_group, bits=out_bits)
         return {"weight": wq, "scales": s, "biases": b}
     kw = {}
+    if options.requant == "calibrated" and calibration is None:
+        raise ValueError("requant='calibrated' needs the module's calibration inputs")
     if factors is not None:
         kw = dict(lora_a=factors.a, lora_b=factors.b, scale=factors.scale, dora_magnitude=factors.magnitude)
         if factors.magnitude is not None and parts["weight"].ndim == 3:
             kw["dora_magnitude"] = mx.broadcast_to(factors.magnitude, parts["weight"].shape[:2])
+    if options.requant == "calibrated":
+        wq, s, b, calibration.fallback = fuse_calibrated(
+            parts["weight"], parts["scales"], parts["biases"], group_size=group, bits=bits,
+            hessian=calibration.hessians(), **kw
+        )  # fmt: skip
+        return {"weight": wq, "scales": s, "biases": b}
     wq, s, b = fuse_quantized(
         parts["weight"],
         parts["scales"],

@@ -40,7 +40,8 @@ class FuseOptions:
     requant: str = _option(
         "fresh",
         "fresh: what mlx-lm's fuse does; keep-grid: keep every group's scale and bias (a zero "
-        "delta gives the identical model); dequantize: float output",
+        "delta gives the identical model); calibrated: keep the grid and choose codes by error feedback from "
+        "calibration activations (zero delta: identical model); dequantize: float output",
         choices=REQUANT_MODES,
     )
     out_bits: int | None = _option(
@@ -52,6 +53,12 @@ class FuseOptions:
         choices=CONTROLS,
     )
     seed: int = _option(0, "seed of the random control", type=int)
+    calib_data: str | None = _option(
+        None,
+        "calibrated only: calibration data, a .jsonl file or directory in an mlx-lm format (chat, completions, "
+        "text); default: the adapter's training data if its config names it, else built-in prompts",
+    )
+    calib_tokens: int | None = _option(None, "calibrated only: calibration tokens at most (default 4096)", type=int)
     # Layer indices as given (None: every adapted module); fuse_model reports them sorted.
     layers: list | None = _option(None, "fuse only these layer indices, e.g. 8,14,20", type=parse_layers)
 
@@ -105,6 +112,10 @@ class FuseOptions:
                 check_width(self.out_bits, 64, "out_bits")
             except ValueError as err:
                 raise ReqnoiseError(str(err)) from None
+        if self.requant != "calibrated" and (self.calib_data is not None or self.calib_tokens is not None):
+            raise ReqnoiseError(f"--calib-data/--calib-tokens need --requant calibrated, not {self.requant}")
+        if self.calib_tokens is not None and (not isinstance(self.calib_tokens, int) or self.calib_tokens < 1):
+            raise ReqnoiseError(f"calib_tokens must be a positive integer, got {self.calib_tokens!r}")
         if self.layers is not None:
             try:
                 [int(x) for x in self.layers]

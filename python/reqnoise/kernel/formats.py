@@ -45,10 +45,11 @@ DEFAULT_MODE = "affine"
 SUPPORTED_BITS = MODES["affine"].bits
 SUPPORTED_GROUP_SIZES = MODES["affine"].group_sizes
 
-# What a fuse does to a quantized module's grid. The native kernel does fresh (requantize as mx.quantize) and
-# keep-grid (re-encode against the stored scales and biases); the model-level fuse adds dequantize (float
-# output, mlx's own arithmetic, never the kernel). Both tuples live here so the kernel needs nothing from fuse/.
-KERNEL_REQUANTS = ("fresh", "keep-grid")
+# What a fuse does to a quantized module's grid. The native kernel does fresh (requantize as mx.quantize),
+# keep-grid (re-encode against the stored scales and biases) and calibrated (the stored grid too, codes chosen by
+# error feedback from calibration activations); the model-level fuse adds dequantize (float output, mlx's own
+# arithmetic, never the kernel). Both tuples live here so the kernel needs nothing from fuse/.
+KERNEL_REQUANTS = ("fresh", "keep-grid", "calibrated")
 REQUANT_MODES = (*KERNEL_REQUANTS, "dequantize")
 
 

@@ -4,6 +4,8 @@
 import os
 
 import mlx.core as mx
+import numpy as np
+from scipy.linalg import solve_triangular
 
 from reqnoise import _core  # noqa: F401  (mlx.core must be imported first: shared nanobind domain)
 from reqnoise.kernel.formats import KERNEL_REQUANTS, MODES, mode_params
@@ -51,13 +53,15 @@ def _validate(
     if requant not in KERNEL_REQUANTS:
         raise ValueError(f"requant must be one of {KERNEL_REQUANTS}, got {requant!r}")
     om = out_mode or mode
-    if requant == "keep-grid" and (
+    if requant in ("keep-grid", "calibrated") and (
         out_bits not in (None, bits) or out_group_size not in (None, group_size) or om != mode
     ):
         raise ValueError(
             "out_bits/out_group_size/out_mode re-quantize at another width or mode and need requant='fresh'; "
-            "keep-grid keeps the original grid"
+            f"{requant} keeps the original grid"
         )
+    if requant == "calibrated" and mode != "affine":
+        raise ValueError(f"requant='calibrated' supports the affine mode so far, not {mode!r}")
     if MODES[om].has_biases:
         # an affine output keeps the input's width and group size unless told (from an fp mode: 8 bits, 64)
         ob = out_bits or (bits if om == mode else 8)
@@ -105,6 +109,197 @@ def _default_chunk(n_experts, out_dim, in_dim, out_bits, out_group_size, itemsiz
     return max(1, min(n_experts, CHUNK_BYTES // max(per_expert, 1)))
 
 
+DEFAULT_DAMPING = 0.01
+DEFAULT_BLOCK = 128
+
+
+def inverse_hessian_factor(h, damping=DEFAULT_DAMPING):
+    """GPTQ's Cholesky formulation: U, upper triangular, with ``U^T U = (H + damping * mean(diag H) * I)^-1``.
+
+    ``h``: ``[in, in]`` float. Returns float32 ``U`` ``[in, in]`` as an mx.array, or None when H has no positive
+    diagonal or the factorisation fails even with 10x and 100x the damping. Computed in float64 with numpy's
+    LAPACK (MLX's CPU Cholesky chain took ~1.4 s per 768x768 factor here, too slow for 128 experts).
+    """
+    h = np.array(h.astype(mx.float32) if isinstance(h, mx.array) else h, dtype=np.float64)
+    mean_diag = float(np.mean(np.diag(h)))
+    if not np.isfinite(mean_diag) or not mean_diag > 0:
+        return None
+    eye = np.eye(h.shape[0])
+    for factor in (1.0, 10.0, 100.0):
+        try:
+            # With P the order reversal and P H P = L L^T, U = P L^-1 P is upper and U^T U = H^-1: one Cholesky
+            # and one triangular solve instead of GPTQ's Cholesky, inverse, Cholesky.
+            hd = h + (damping * factor * mean_diag) * eye
+            lower = np.linalg.cholesky(hd[::-1, ::-1])
+            u = solve_triangular(lower, eye, lower=True)[::-1, ::-1]
+        except np.linalg.LinAlgError:
+            continue
+        u = u.astype(np.float32)
+        if np.all(np.isfinite(u)) and np.min(np.diag(u)) > 0:
+            return mx.array(u)
+    return None
+
+
+def _hessian_source(hessian, n_experts, in_dim, stacked):
+    if hessian is None:
+        raise ValueError("requant='calibrated' needs hessian= (X^T X / n of the module's calibration inputs)")
+    if callable(hessian):
+        return hessian
+    if not isinstance(hessian, mx.array) or hessian.ndim not in (2, 3):
+        raise ValueError(f"hessian must be [in, in], [E, in, in] or a callable, got {type(hessian).__name__}")
+    want = (in_dim, in_dim) if hessian.ndim == 2 else (n_experts, in_dim, in_dim)
+    if hessian.ndim == 3 and not stacked:
+        want = (1, in_dim, in_dim)
+    if tuple(hessian.shape) != want:
+        raise ValueError(f"hessian must have shape {want} for in={in_dim}, got {tuple(hessian.shape)}")
+    if hessian.ndim == 2:
+        return lambda e0, e1: [hessian] * (e1 - e0)
+    return lambda e0, e1: [hessian[e] for e in range(e0, e1)]
+
+
+def fuse_calibrated(
+    wq,
+    scales,
+    biases,
+    *,
+    group_size,
+    bits,
+    hessian,
+    lora_a=None,
+    lora_b=None,
+    scale=1.0,
+    dora_magnitude=None,
+    experts_per_chunk=None,
+    num_threads=None,
+    damping=DEFAULT_DAMPING,
+    block=DEFAULT_BLOCK,
+):
+    """``fuse_quantized(..., requant="calibrated")`` that also says which experts fell back to keep-grid.
+
+    Returns ``(wq, scales, biases, fallback)``: ``fallback`` lists the expert indices (0 for a 2-D weight) whose
+    Hessian was None or could not be factorised, rounded without error feedback.
+    """
+    in_dim = _validate(
+        wq,
+        scales,
+        biases,
+        group_size,
+        bits,
+        lora_a,
+        lora_b,
+        scale,
+        "calibrated",
+        None,
+        None,
+        dora_magnitude,
+        experts_per_chunk,
+    )[0]
+    return _fuse_calibrated(
+        wq,
+        scales,
+        biases,
+        bits,
+        group_size,
+        lora_a,
+        lora_b,
+        scale,
+        dora_magnitude,
+        experts_per_chunk,
+        num_threads,
+        hessian,
+        damping,
+        block,
+        in_dim,
+    )
+
+
+def _fuse_calibrated(
+    wq,
+    scales,
+    biases,
+    bits,
+    group_size,
+    lora_a,
+    lora_b,
+    scale,
+    mag,
+    experts_per_chunk,
+    num_threads,
+    hessian,
+    damping,
+    block,
+    in_dim,
+):
+    """The calibrated branch of fuse_quantized: one chunk of experts' inverse-Hessian factors at a time."""
+    if not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be a positive integer, got {block!r}")
+    if not isinstance(damping, (int, float)) or not damping > 0:
+        raise ValueError(f"damping must be a positive number, got {damping!r}")
+    stacked = wq.ndim == 3
+
+    def as3(x):
+        return None if x is None else (x if stacked else x.reshape((1,) + tuple(x.shape)))
+
+    wq3, s3, b3, a3, bb3, m3 = map(as3, (wq, scales, biases, lora_a, lora_b, mag))
+    n_experts = wq3.shape[0]
+    source = _hessian_source(hessian, n_experts, in_dim, stacked)
+    # A chunk holds its experts' factors ([in, in] float32 each) beside its output: one expert at a time unless
+    # the caller asks for more, so the extra memory is one expert's Hessian and factor.
+    chunk = min(experts_per_chunk or 1, n_experts)
+    out = None
+    fallback = []
+    eye = None
+    for e0 in range(0, n_experts, chunk):
+        e1 = min(e0 + chunk, n_experts)
+        hs = list(source(e0, e1))
+        if len(hs) != e1 - e0:
+            raise ValueError(f"hessian({e0}, {e1}) returned {len(hs)} Hessians, expected {e1 - e0}")
+        us, feedback = [], []
+        for e, h in zip(range(e0, e1), hs):
+            u = None if h is None else inverse_hessian_factor(h, damping)
+            if u is None:
+                fallback.append(e)
+                eye = eye if eye is not None else mx.zeros((in_dim, in_dim), dtype=mx.float32)
+                u = eye  # a placeholder the kernel does not read: feedback 0 is keep-grid
+            us.append(u)
+            feedback.append(0 if fallback and fallback[-1] == e else 1)
+
+        def sl(x, e0=e0, e1=e1):
+            return x if x is None or (e0, e1) == (0, n_experts) else x[e0:e1]
+
+        part = _core.fuse_calibrated(
+            sl(wq3),
+            sl(s3),
+            sl(b3),
+            sl(a3),
+            sl(bb3),
+            sl(m3),
+            mx.stack(us),
+            mx.array(feedback, dtype=mx.uint8),
+            bits=bits,
+            group_size=group_size,
+            scale=float(scale),
+            block=block,
+            num_threads=int(num_threads or 0),
+        )
+        if e1 - e0 == n_experts:
+            out = part
+            mx.eval(out)
+        else:
+            if out is None:
+                out = mx.zeros(wq3.shape, dtype=mx.uint32)
+            out[e0:e1] = part
+            mx.eval(out)
+        del part, us
+    new_wq = out if stacked else out.reshape(wq.shape)
+    return new_wq, scales, biases, fallback
+
+
+def _default_chunk(n_experts, out_dim, in_dim, out_bits, out_group_size, itemsize):
+    per_expert = out_dim * (in_dim * out_bits // 8 + 2 * (in_dim // out_group_size) * itemsize)
+    return max(1, min(n_experts, CHUNK_BYTES // max(per_expert, 1)))
+
+
 def fuse_quantized(
     wq,
     scales,
@@ -124,6 +319,9 @@ def fuse_quantized(
     mode="affine",
     out_mode=None,
     dtype=None,
+    hessian=None,
+    damping=DEFAULT_DAMPING,
+    block=DEFAULT_BLOCK,
 ):
     """Fuse a low-rank delta into an MLX-quantized weight, natively and without a dense copy.
 
@@ -139,7 +337,9 @@ def fuse_quantized(
         requant: ``"fresh"`` reproduces mlx-lm's fuse on the CPU stream (dequantize to the values' dtype, add
             the delta cast to it, quantize as ``mx.quantize``); ``"keep-grid"`` keeps each group's scale (and
             bias) and re-encodes ``w_hat + delta`` to the nearest code at it: a zero delta returns the inputs
-            bit for bit.
+            bit for bit. ``"calibrated"`` (affine) keeps the grid too and chooses the codes by error feedback
+            (GPTQ's column loop, on the fixed grid) from ``hessian``: a zero delta is still returned bit for bit,
+            and an expert without a Hessian is rounded as keep-grid.
         out_bits, out_group_size, out_mode: fresh only, re-quantize at another width or into another mode
             (e.g. mxfp4 -> affine 8-bit; an affine output from an fp input defaults to 8 bits, group 64).
         dora_magnitude: ``[out]`` or ``[E, out]``: DoRA fuse ``m * (W + delta) / ||W + delta||_row``.
@@ -149,6 +349,12 @@ def fuse_quantized(
         dtype: the dtype the values are dequantized to and requantized from. Affine: the scales' dtype (the
             only value accepted). Floating-point modes: None means bfloat16, what ``mx.dequantize`` returns
             for them by default and so what mlx-lm's fuse computes in.
+        hessian: calibrated only. ``X^T X / n`` of the module's input activations X ``[n, in]``: ``[in, in]``
+            (shared by every expert), ``[E, in, in]``, or a callable ``(e0, e1) -> list`` of ``[in, in]``
+            arrays or None per expert (None: too few tokens, keep-grid), called one chunk of experts at a
+            time so that only a chunk's Hessians are ever in memory.
+        damping: added to the Hessian's diagonal as a fraction of its mean diagonal (GPTQ's 1%).
+        block: columns per lazy-batch block of the column loop (changes float rounding, not the method).
 
     Returns:
         ``(wq, scales, biases)`` as evaluated mx.arrays in the input layout; ``biases`` is None for an fp
@@ -173,6 +379,26 @@ def fuse_quantized(
         out_mode,
         dtype,
     )
+    if requant == "calibrated":
+        return _fuse_calibrated(
+            wq,
+            scales,
+            biases,
+            bits,
+            group_size,
+            lora_a,
+            lora_b,
+            scale,
+            dora_magnitude,
+            experts_per_chunk,
+            num_threads,
+            hessian,
+            damping,
+            block,
+            in_dim,
+        )[:3]
+    if hessian is not None:
+        raise ValueError(f"hessian is used by requant='calibrated' only, not {requant!r}")
     fp_in = not MODES[mode].has_biases
     values_dtype = (dtype or mx.bfloat16) if fp_in else scales.dtype
     stacked = wq.ndim == 3
