@@ -49,8 +49,8 @@ def test_check_width_refuses_what_is_not_listed():
 
 
 def test_requant_names_are_distinct_and_nested():
-    assert formats.KERNEL_REQUANTS == ("fresh", "keep-grid")
-    assert formats.REQUANT_MODES == ("fresh", "keep-grid", "dequantize")
+    assert formats.KERNEL_REQUANTS == ("fresh", "keep-grid", "calibrated")
+    assert formats.REQUANT_MODES == ("fresh", "keep-grid", "calibrated", "dequantize")
     assert CONTROLS == ("none", "zero", "random")
 
 

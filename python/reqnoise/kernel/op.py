@@ -295,11 +295,6 @@ def _fuse_calibrated(
     return new_wq, scales, biases, fallback
 
 
-def _default_chunk(n_experts, out_dim, in_dim, out_bits, out_group_size, itemsize):
-    per_expert = out_dim * (in_dim * out_bits // 8 + 2 * (in_dim // out_group_size) * itemsize)
-    return max(1, min(n_experts, CHUNK_BYTES // max(per_expert, 1)))
-
-
 def fuse_quantized(
     wq,
     scales,
