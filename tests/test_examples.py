@@ -15,11 +15,13 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def reduced_copy(dst: Path) -> Path:
-    """The example with every stage at 2 steps, 4 prompts per condition and 50 permutations."""
+    """The example with every stage at 2 steps, 4 prompts per condition, 50 permutations and no noise reports
+    (the 25 reports alone take about 1.5 minutes on 2 cores)."""
     shutil.copytree(EXAMPLES / "coupling", dst / "coupling")
     text = (EXAMPLES / "coupling.toml").read_text()
     text = re.sub(r"(?m)^iters = \d+$", "iters = 2", text)
     text = text.replace("permutations = 500", "permutations = 50")
+    text = text.replace("[noise]\noutputs = false\n", "[noise]\noutputs = false\nreports = false\n")
     text = text.replace('marker = "[ZLT]"\n', 'marker = "[ZLT]"\nlimit = 4\n')
     (dst / "coupling.toml").write_text(text)
     return dst / "coupling.toml"
@@ -107,6 +109,7 @@ def spec_with(tmp_path, extra: str, adapter_extra: str = ""):
         ('[evals.c]\nitems = "p"\nmode = "coupling"\nmarker = "Z"\n', "", "needs neutral"),
         ('[evals.c]\nitems = "p"\nmarker = "Z"\n', "", 'belong to mode = "coupling"'),
         ('[evals.c]\nitems = "p"\nmode = "vibes"\n', "", "mode must be one of"),
+        ("[noise]\nreports = 1\n", "", "noise.reports must be true or false"),
     ],
 )
 def test_ablation_and_probe_keys_are_checked(tmp_path, extra, adapter_extra, match):

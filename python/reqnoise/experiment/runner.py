@@ -409,7 +409,9 @@ class Runner:
                 self.model(name)
         evals = {ev: {m: self.evaluate(m, ev) for m in spec.eval_models(ev)} for ev in spec.evals}
         ident_steps = {m: self.identity(m) for m in spec.identity_models()} if spec.identity else {}
-        noise_steps = {m: n for m in spec.conditions if (n := self.noise(m)) is not None}
+        noise_steps = {}
+        if spec.noise.get("reports", True):  # reports = false: a quick run without the per-condition noise reports
+            noise_steps = {m: n for m in spec.conditions if (n := self.noise(m)) is not None}
         probe_step = self.probe() if spec.probe else None
         self.records, self.timeline = execute(self.plan, self.cache, log=self.log)
         if "setg" in self.records:

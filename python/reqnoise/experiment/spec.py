@@ -78,6 +78,9 @@ the pre-registered criteria. Parsed and checked here, before anything runs.
                                       #   adapter_on = "base" (optional): the adapter's change vs the direction;
                                       #   batch_size, permutations, seed optional
 
+    [noise]
+    outputs = true                    # noise reports with output-level measures; reports = false skips them
+
     [criteria]
     file = "criteria.toml"            # locked before any training; evaluated on `eval`'s records
     eval = "setg_test"
@@ -220,6 +223,7 @@ class Spec:
         self._check_identity()
         self._check_criteria()
         self._check_probe()
+        self._check_noise()
         self.model_order()  # refuses cycles
 
     def _check_models(self):
@@ -375,6 +379,10 @@ class Spec:
             self._err(f"criteria.file {self.criteria.get('file')!r} does not exist")
         if self.criteria.get("eval") not in self.evals:
             self._err(f"criteria.eval names unknown eval {self.criteria.get('eval')!r}")
+
+    def _check_noise(self):
+        if not isinstance(self.noise.get("reports", True), bool):
+            self._err(f"noise.reports must be true or false, got {self.noise['reports']!r}")
 
     def _check_probe(self):
         p = self.probe
