@@ -5,6 +5,7 @@ draws everything from that dict alone, so a report can be redrawn from a saved `
 """
 
 import json
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -44,12 +45,13 @@ def verdict_dict(v) -> dict:
     return dict(met=v.met, text=v.text, numbers=v.numbers, preregistered=v.preregistered, provenance=v.provenance)
 
 
-def collect(*, name, spec_path, analysis, record_paths, identity, noise, timeline, verdict=None) -> dict:
+def collect(*, name, spec_path, analysis, record_paths, identity, noise, timeline, verdict=None, probe=None) -> dict:
     """The results dict of a run.
 
     ``record_paths``: eval -> condition -> records file; ``analysis``: the spec's [analysis] table (or None);
     ``identity`` / ``noise``: condition -> step summary; ``timeline``: one dict per step (``plan.execute``);
-    ``verdict``: ``verdict_dict`` of the locked criteria, or None."""
+    ``verdict``: ``verdict_dict`` of the locked criteria, or None; ``probe``: the [probe] step's summary
+    (``Runner.probe_summary``), or None."""
     recs = {ev: {m: read_records(p) for m, p in by_model.items()} for ev, by_model in record_paths.items()}
     results = dict(
         name=name,
@@ -63,6 +65,8 @@ def collect(*, name, spec_path, analysis, record_paths, identity, noise, timelin
         steps=timeline,
         analysis=analysis,
     )
+    if probe is not None:  # only when the spec has [probe]: other runs keep their results.json as it was
+        results["probe"] = probe
     for ev, by_model in recs.items():
         for m, r in by_model.items():
             results["conditions"].setdefault(m, {})[ev] = accuracy_row(r)
@@ -202,9 +206,40 @@ def render_markdown(results, out, figures=()) -> str:
             elif (Path(out) / "steps" / f"noise-{m}" / "noise.png").is_file():
                 lines.append(f"  ![noise {m}](steps/noise-{m}/noise.png)")
         lines.append("")
+    if results.get("probe"):
+        lines += _probe_lines(results["probe"], "probe.png" in drawn)
     lines += ["## Steps", "", "| step | cached | seconds |", "|---|---|---|"]
     lines += [f"| {s['step']} | {'yes' if s['cached'] else 'no'} | {s['seconds']} |" for s in results["steps"]]
     return "\n".join(lines) + "\n"
+
+
+def _num(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _probe_lines(probe, plotted: bool) -> list:
+    lines = [
+        "## Representation probe",
+        "",
+        "Per layer: the persona centroid's shift from model A to model B over A's within-model spread; with "
+        "contrast prompts, the cosine of the two persona directions and the accuracy on B of the "
+        "difference-of-means probe fit on A (permutation p-value). See `reqnoise.eval.probe`.",
+        "",
+    ]
+    if plotted:
+        lines += ["![probe](probe.png)", ""]
+    lines += [
+        "| A | B | place | layer | shift / spread | cosine | probe acc on B | p |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for pair in probe["pairs"]:
+        for place in probe["places"]:
+            for r in pair.get(place, []):
+                lines.append(
+                    f"| {pair['a']} | {pair['b']} | {place} | {r['layer']} | {_num(r.get('shift'))} | "
+                    f"{_num(r.get('cosine'))} | {_num(r.get('probe_acc_b'))} | {_num(r.get('probe_p_b'))} |"
+                )
+    return lines + [""]
 
 
 def write_report(results, out, *, base_dir=None) -> list:
@@ -213,6 +248,16 @@ def write_report(results, out, *, base_dir=None) -> list:
     out = Path(out)
     base_dir = Path(base_dir or out)
     written = draw_figures(results, out, base_dir=base_dir)
+    plot = results.get("probe", {}).get("plot") if results.get("probe") else None
+    if plot and (base_dir / plot).is_file():
+        # Beside report.md like every figure, so the report's directory holds all it links.
+        if (base_dir / plot).resolve() != (out / "probe.png").resolve():
+            with (
+                open(base_dir / plot, "rb") as fin,
+                atomic.atomic_file(out / "probe.png", overwrite=True, mode="wb") as f,
+            ):
+                shutil.copyfileobj(fin, f)
+        written = [*written, out / "probe.png"]
     atomic.write_text(out / "report.md", render_markdown(results, base_dir, written), overwrite=True)
     return [*written, out / "report.md"]
 

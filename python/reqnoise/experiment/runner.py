@@ -128,8 +128,24 @@ class Runner:
         a = dict(self.spec.adapters[name])
         model = self.model(a.pop("model"))
         data = a.pop("data")
+        a.pop("disjoint_from", None)  # a spec check only: it changes nothing that is trained
         deps = [f"model-{self.spec.adapters[name]['model']}"]
         inputs = []
+        ref = a.get("reference")
+        if ref is not None:
+            # DPO reference: a model of the spec (its step key enters this step's key through deps) or a model
+            # directory relative to the spec (its bytes enter through inputs); either way the key follows it.
+            if ref in self.spec.models:
+                a["reference"] = str(self.model(ref))
+                deps.append(f"model-{ref}")
+                params_ref = {"reference": f"model:{ref}"}
+            else:
+                ref_path = self._external(ref)
+                a["reference"] = str(ref_path)
+                inputs.append(ref_path)
+                params_ref = {"reference": str(ref_path)}
+        else:
+            params_ref = {}
         if str(data).startswith("setg:"):
             self.setg()
             which = TRAIN_DATA.get(str(data))
@@ -153,7 +169,9 @@ class Runner:
             return train_adapter(model, data_path, tmp / "adapter", progress=self.progress, **a)
 
         # Collective: under mlx.launch every rank trains on its share of each batch (mlx-lm data parallel).
-        self.step(f"adapter-{name}", "train", a, deps=deps, inputs=inputs, fn=train, collective=True)
+        self.step(
+            f"adapter-{name}", "train", dict(a, **params_ref), deps=deps, inputs=inputs, fn=train, collective=True
+        )
         self.adapter_paths[name] = self.cache.dir(f"adapter-{name}") / "adapter"
         return self.adapter_paths[name]
 
@@ -180,6 +198,8 @@ class Runner:
         e = self.spec.evals[ev]
         items, deps, inputs = self.items_path(ev)
         model = self.model(model_name)
+        if e.get("mode") == "coupling":
+            return self._coupling_eval(name, ev, model_name, items, inputs)
         opts = {k: e[k] for k in ("mode", "batch_size", "max_tokens", "limit") if k in e}
         calibrate = e.get("calibrate", False)  # True, False or "subject" (spec-checked)
         params = dict(opts, calibrate=calibrate)
@@ -216,6 +236,87 @@ class Runner:
             collective=True,
         )
         return self.cache.dir(name) / "records.jsonl"
+
+    def _coupling_eval(self, name, ev, model_name, persona, inputs):
+        """A marker-coupling eval as records: one per prompt, correct when the reply holds the marker exactly
+        when the prompt is persona-conditioned, so paired comparisons and controls apply as to any item set."""
+        e = self.spec.evals[ev]
+        neutral = self._external(e["neutral"])
+        model = self.model(model_name)
+        opts = {k: e[k] for k in ("batch_size", "max_tokens") if k in e}
+        marker = e["marker"]
+        limit = e.get("limit")
+
+        def run(tmp):
+            from reqnoise.eval.coupling import load_prompts, run_coupling
+
+            p, n = load_prompts(persona), load_prompts(neutral)
+            if limit is not None:
+                p, n = p[:limit], n[:limit]
+            raw, summary = run_coupling(model, marker, p, n, progress=self.progress, **opts)
+            recs = []
+            for r in raw:
+                want = r["condition"] == "persona"
+                recs.append(
+                    dict(
+                        id=r["id"],
+                        subject=r["condition"],
+                        correct=r["marker"] == want,
+                        parsed=True,
+                        prediction="marker" if r["marker"] else "no marker",
+                        answer="marker" if want else "no marker",
+                        prompt=r["prompt"],
+                        response=r["response"],
+                    )
+                )
+            write_records(tmp / "records.jsonl", recs)
+            return summary.to_dict()
+
+        params = dict(opts, mode="coupling", marker=marker, limit=limit)
+        self.step(name, "eval", params, deps=[f"model-{model_name}"], inputs=inputs + [neutral], fn=run)
+        return self.cache.dir(name) / "records.jsonl"
+
+    def probe(self):
+        """The [probe] table as one cached step: ``probe.json`` and ``probe.png`` in ``steps/probe``."""
+        p = self.spec.probe
+        names = list(p["models"])
+        paths = [self.model(m) for m in names]
+        prompts = self._external(p["prompts"])
+        contrast = self._external(p["contrast"]) if "contrast" in p else None
+        adapter = self.adapter(p["adapter"]) if "adapter" in p else None
+        adapter_on = names.index(p.get("adapter_on", names[0])) if adapter is not None else 0
+        opts = {k: p[k] for k in ("layers", "batch_size", "permutations", "seed") if k in p}
+        deps = [f"model-{m}" for m in names] + ([f"adapter-{p['adapter']}"] if adapter is not None else [])
+
+        def run(tmp):
+            from reqnoise.eval.probe import plot_probe, probe_models
+
+            # The probe names models by their directory; links named as the spec names them label the plot.
+            links = tmp / "models"
+            links.mkdir()
+            for m, path in zip(names, paths):
+                (links / m).symlink_to(path.absolute(), target_is_directory=True)
+            ad = None
+            if adapter is not None:
+                ad = links / f"adapter-{p['adapter']}"
+                ad.symlink_to(adapter.absolute(), target_is_directory=True)
+            result = probe_models(
+                [links / m for m in names],
+                prompts,
+                contrast=contrast,
+                adapter=ad,
+                adapter_on=adapter_on,
+                progress=self.progress,
+                **opts,
+            )
+            shutil.rmtree(links)
+            (tmp / "probe.json").write_text(json.dumps(result, indent=1) + "\n")
+            plot_probe(result, tmp / "probe.png")
+            return {"models": names, "layers": result["layers"], "pairs": len(result["pairs"])}
+
+        params = dict(opts, models=names, adapter=p.get("adapter"), adapter_on=adapter_on)
+        self.step("probe", "probe", params, deps=deps, inputs=[prompts] + ([contrast] if contrast else []), fn=run)
+        return "probe"
 
     def identity(self, model_name):
         name = f"identity-{model_name}"
@@ -308,7 +409,10 @@ class Runner:
                 self.model(name)
         evals = {ev: {m: self.evaluate(m, ev) for m in spec.eval_models(ev)} for ev in spec.evals}
         ident_steps = {m: self.identity(m) for m in spec.identity_models()} if spec.identity else {}
-        noise_steps = {m: n for m in spec.conditions if (n := self.noise(m)) is not None}
+        noise_steps = {}
+        if spec.noise.get("reports", True):  # reports = false: a quick run without the per-condition noise reports
+            noise_steps = {m: n for m in spec.conditions if (n := self.noise(m)) is not None}
+        probe_step = self.probe() if spec.probe else None
         self.records, self.timeline = execute(self.plan, self.cache, log=self.log)
         if "setg" in self.records:
             for warning in self.records["setg"]["summary"].get("letter_prior", []):
@@ -340,9 +444,29 @@ class Runner:
             noise={m: self.records[n]["summary"] for m, n in noise_steps.items()},
             timeline=self.timeline,
             verdict=verdict,
+            probe=None if probe_step is None else self.probe_summary(),
         )
         write_outputs(results, self.out)
         return results
+
+    def probe_summary(self) -> dict:
+        """The probe step's result for results.json: per model pair and place, per layer shift and cosine."""
+        result = read_json(self.cache.dir("probe") / "probe.json", "probe result")
+        keep = ("layer", "shift", "cosine", "probe_acc_b", "probe_p_b")
+        pairs = [
+            {
+                "a": pr["a"],
+                "b": pr["b"],
+                **{pl: [{k: r[k] for k in keep if k in r} for r in pr.get(pl, [])] for pl in result["places"]},
+            }
+            for pr in result["pairs"]
+        ]
+        return {
+            "plot": "steps/probe/probe.png",
+            "json": "steps/probe/probe.json",
+            "places": result["places"],
+            "pairs": pairs,
+        }
 
     def provenance(self, name) -> dict:
         """Step ``name`` and every planned step upstream of it -> the provenance each recorded when computed."""

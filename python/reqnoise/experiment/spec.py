@@ -23,6 +23,12 @@ the pre-registered criteria. Parsed and checked here, before anything runs.
                                       #   (Set-G train with answers permuted within subject: a control)
     rank = 8
     iters = 200
+    modules = ["q_proj", "v_proj"]    # optional targets: layers, modules or keys as in `reqnoise train`
+    disjoint_from = "sft"             # optional: refuse the spec if these targets can meet adapter sft's
+    fine_tune_type = "lora"           # or "dora", or "full" (float models; fused by substituting the weights)
+    mode = "sft"                      # or "dpo": data holds {prompt, chosen, rejected} pairs; beta = 0.1;
+    reference = "persona"             #   reference = a model of this spec or a model directory (default: the
+                                      #   stage's own model); part of the step's cache key
 
     [evals.setg_test]                 # an item set: a path, or "setg:test" / "setg:paraphrased"
     items = "setg:test"
@@ -32,6 +38,13 @@ the pre-registered criteria. Parsed and checked here, before anything runs.
                                       # "subject": the prior per subject
     calibrate_from = "persona"        # optional, with calibrate: every model takes the prior from this model's
                                       # records (paired models get the same correction); default: its own records
+
+    [evals.coupling]                  # marker coupling (reqnoise.eval.coupling): a reply is correct when it
+    mode = "coupling"                 #   holds the marker exactly when the prompt is persona-conditioned
+    items = "coupling/persona.jsonl"  # persona prompts
+    neutral = "coupling/neutral.jsonl"
+    marker = "[ZLT]"
+    max_tokens = 16                   # optional
 
     [setg]                            # Set G: the items every listed model gets wrong on `eval`
     eval = "all"
@@ -56,6 +69,17 @@ the pre-registered criteria. Parsed and checked here, before anything runs.
     margin = 0.05                     # optional: equivalence margin (fraction) for equivalent/effect/inconclusive
     pairs = [["A1_keep", "A0_keep"]]  # optional: more (trained, zero control) pairs to decompose, or tables
     # {trained, zero_control, random_controls?, trained_controls?} for a second adapter with its own controls
+
+    [probe]                           # reqnoise probe as a step; its plot goes into the report
+    models = ["base", "persona"]      # two or more models of the spec
+    prompts = "probe/persona.jsonl"   # persona prompts; contrast = neutral prompts (optional)
+    contrast = "probe/neutral.jsonl"
+    layers = [0, 2]                   # optional (default every block); adapter = "identity" and
+                                      #   adapter_on = "base" (optional): the adapter's change vs the direction;
+                                      #   batch_size, permutations, seed optional
+
+    [noise]
+    outputs = true                    # noise reports with output-level measures; reports = false skips them
 
     [criteria]
     file = "criteria.toml"            # locked before any training; evaluated on `eval`'s records
@@ -91,9 +115,64 @@ def analysis_pair(pair) -> dict:
     }
 
 
-TRAIN_KEYS = {"model", "data", *TrainConfig.names()}
+TRAIN_KEYS = {"model", "data", "disjoint_from", *TrainConfig.names()}
 FUSE_KEYS = {"from", "adapter", *FuseOptions.names()}
-EVAL_KEYS = {"items", "mode", "models", "batch_size", "max_tokens", "limit", "calibrate", "calibrate_from"}
+EVAL_KEYS = {
+    "items",
+    "mode",
+    "models",
+    "batch_size",
+    "max_tokens",
+    "limit",
+    "calibrate",
+    "calibrate_from",
+    "neutral",
+    "marker",
+}
+EVAL_MODES = ("loglik", "generate", "cloze", "coupling")
+PROBE_KEYS = {"models", "prompts", "contrast", "layers", "adapter", "adapter_on", "batch_size", "permutations", "seed"}
+
+
+def _layer_list(value, where: str, err) -> list | None:
+    """A spec's ``layers`` value (a list of block indices) as a list of ints, or None when absent."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or not all(isinstance(x, int) and x >= 0 for x in value):
+        err(f"{where}: layers must be a non-empty list of block indices (integers >= 0), got {value!r}")
+    return value
+
+
+def _targets(a: dict) -> list:
+    """An adapter table's targets as (layer set or None for every layer, module suffix or "" for every module)."""
+    if a.get("keys"):
+        out = []
+        for key in a["keys"]:
+            parts = str(key).split(".")
+            idx = [i for i in range(len(parts) - 1) if parts[i] == "layers" and parts[i + 1].isdigit()]
+            if idx:
+                i = idx[-1]
+                out.append(({int(parts[i + 1])}, ".".join(parts[i + 2 :])))
+            else:  # a module outside the blocks: it meets only itself
+                out.append((None, str(key)))
+        return out
+    layers = None if a.get("layers") is None else set(a["layers"])
+    return [(layers, m) for m in (a.get("modules") or [""])]
+
+
+def _suffixes_meet(a: str, b: str) -> bool:
+    return not a or not b or a == b or a.endswith("." + b) or b.endswith("." + a)
+
+
+def targets_overlap(a: dict, b: dict) -> list:
+    """The (layers, module) target pairs two adapter tables can both train, judged from the spec alone (no model):
+    layers meet when either is every layer or the sets share an index; modules meet when either is every module
+    or one name is a dotted suffix of the other. Empty: disjoint."""
+    return [
+        (la, ma, lb, mb)
+        for la, ma in _targets(a)
+        for lb, mb in _targets(b)
+        if (la is None or lb is None or la & lb) and _suffixes_meet(ma, mb)
+    ]
 
 
 class Spec:
@@ -113,6 +192,7 @@ class Spec:
         self.analysis = data.get("analysis")
         self.criteria = data.get("criteria")
         self.noise = data.get("noise", {"outputs": True})
+        self.probe = data.get("probe")
         self._check()
 
     def resolve(self, p) -> Path:
@@ -142,6 +222,8 @@ class Spec:
         self._check_analysis()
         self._check_identity()
         self._check_criteria()
+        self._check_probe()
+        self._check_noise()
         self.model_order()  # refuses cycles
 
     def _check_models(self):
@@ -174,6 +256,44 @@ class Spec:
             extra = set(a) - TRAIN_KEYS
             if extra:
                 self._err(f"adapters.{name}: unknown keys {sorted(extra)} (allowed: {sorted(TRAIN_KEYS)})")
+            self._check_train_options(name, a)
+
+    def _check_train_options(self, name, a):
+        """The ablation keys: fine_tune_type, mode/beta/reference, layers, disjoint_from."""
+        where = f"adapters.{name}"
+        opts = {k: a[k] for k in TrainConfig.names() if k in a and k != "reference"}
+        try:
+            TrainConfig(**opts).check()
+        except ReqnoiseError as err:
+            self._err(f"{where}: {err}")
+        except TypeError as err:
+            self._err(f"{where}: {err}")
+        _layer_list(a.get("layers"), where, self._err)
+        if "reference" in a:
+            ref = a["reference"]
+            if a.get("mode", "sft") != "dpo":
+                self._err(f'{where}: reference is the DPO reference model; it needs mode = "dpo"')
+            if not isinstance(ref, str) or not ref:
+                self._err(f"{where}: reference must name a model of the spec or a model directory, got {ref!r}")
+            if ref not in self.models and not (self.resolve(ref) / "config.json").is_file():
+                self._err(f"{where}: reference {ref!r} is neither a model of the spec nor a model directory")
+        if "disjoint_from" in a:
+            other = a["disjoint_from"]
+            if other == name or not isinstance(other, str) or other not in self.adapters:
+                self._err(f"{where}.disjoint_from must name another adapter, got {other!r}")
+            if a.get("keys") and (a.get("layers") or a.get("modules")):
+                self._err(f"{where}: keys are exclusive with layers/modules")
+            meet = targets_overlap(a, self.adapters[other])
+            if meet:
+                la, ma, lb, mb = meet[0]
+
+                def show(layers, module):
+                    return f"{module or 'every module'} in {'every layer' if layers is None else sorted(layers)}"
+
+                self._err(
+                    f"{where} must be disjoint from adapters.{other} but their targets meet: "
+                    f"{show(la, ma)} vs {show(lb, mb)}"
+                )
 
     def _check_evals(self):
         for name, e in self.evals.items():
@@ -188,6 +308,15 @@ class Spec:
                     self._err(f"evals.{name}.calibrate_from names unknown model {e['calibrate_from']!r}")
             if "items" not in e:
                 self._err(f"evals.{name} needs 'items'")
+            if e.get("mode", "loglik") not in EVAL_MODES:
+                self._err(f"evals.{name}: mode must be one of {EVAL_MODES}, got {e.get('mode')!r}")
+            coupling = e.get("mode") == "coupling"
+            if coupling and not (isinstance(e.get("marker"), str) and e["marker"]):
+                self._err(f'evals.{name}: mode = "coupling" needs marker = "<the marker string>"')
+            if coupling and "neutral" not in e:
+                self._err(f'evals.{name}: mode = "coupling" needs neutral = "<neutral prompts file>"')
+            if not coupling and ("neutral" in e or "marker" in e):
+                self._err(f'evals.{name}: neutral and marker belong to mode = "coupling"')
             extra = set(e) - EVAL_KEYS
             if extra:
                 self._err(f"evals.{name}: unknown keys {sorted(extra)} (allowed: {sorted(EVAL_KEYS)})")
@@ -250,6 +379,40 @@ class Spec:
             self._err(f"criteria.file {self.criteria.get('file')!r} does not exist")
         if self.criteria.get("eval") not in self.evals:
             self._err(f"criteria.eval names unknown eval {self.criteria.get('eval')!r}")
+
+    def _check_noise(self):
+        if not isinstance(self.noise.get("reports", True), bool):
+            self._err(f"noise.reports must be true or false, got {self.noise['reports']!r}")
+
+    def _check_probe(self):
+        p = self.probe
+        if p is None:
+            return
+        if not isinstance(p, dict):
+            self._err("[probe] must be a table")
+        extra = set(p) - PROBE_KEYS
+        if extra:
+            self._err(f"probe: unknown keys {sorted(extra)} (allowed: {sorted(PROBE_KEYS)})")
+        models = p.get("models")
+        if not isinstance(models, list) or len(models) < 2 or len(set(models)) != len(models):
+            self._err(f"probe.models must list two or more distinct models, got {models!r}")
+        for m in models:
+            if m not in self.models:
+                self._err(f"probe.models names unknown model {m!r}")
+        for key in ("prompts", "contrast"):
+            if key in p and not self.resolve(p[key]).is_file():
+                self._err(f"probe.{key} {p[key]!r} does not exist")
+        if "prompts" not in p:
+            self._err("[probe] needs 'prompts'")
+        _layer_list(p.get("layers"), "probe", self._err)
+        if "adapter" in p and p["adapter"] not in self.adapters:
+            self._err(f"probe.adapter names unknown adapter {p['adapter']!r}")
+        if "adapter_on" in p and ("adapter" not in p or p["adapter_on"] not in models):
+            self._err(f"probe.adapter_on needs 'adapter' and must be one of probe.models, got {p['adapter_on']!r}")
+        for key in ("batch_size", "permutations"):
+            v = p.get(key, 1)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                self._err(f"probe.{key} must be a positive integer, got {v!r}")
 
     def model_order(self) -> list:
         """Model names in dependency order (a model after the models and adapters it needs)."""
