@@ -95,7 +95,10 @@ class Zoo:
         if case is not None:
             pred = None
             if case.recipe:
-                pred = mixed_quant_predicate_builder(case.recipe, model, case.group_size)
+                try:
+                    pred = mixed_quant_predicate_builder(case.recipe, model, case.group_size)
+                except ValueError as err:  # mlx-lm's convert refuses the recipe for this layout (dbrx)
+                    pytest.skip(f"not applicable: mlx-lm's {case.recipe} recipe refuses {model_type}: {err}")
             with contextlib.redirect_stdout(io.StringIO()):
                 model, cfg = mu.quantize_model(
                     model, cfg, case.group_size, case.bits, mode=case.mode, quant_predicate=pred
