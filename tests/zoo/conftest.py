@@ -169,3 +169,28 @@ def weights(model_dir):
 
 
 __all__ = ["ALL_TYPES", "MODES", "OVERRIDES", "mode_param", "mlx_lm_fuse", "weights"]
+
+
+# Results per (model type, mode) for bench/zoo_table.py: set REQNOISE_ZOO_JSON to a path to have them written.
+_RESULTS: list = []
+
+
+def pytest_runtest_logreport(report):
+    if "tests/zoo/" not in report.nodeid.replace("\\", "/") or "[" not in report.nodeid:
+        return
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        reason = ""
+        if report.skipped and isinstance(report.longrepr, tuple):
+            reason = report.longrepr[2].removeprefix("Skipped: ")
+        test, _, params = report.nodeid.rpartition("::")[2].partition("[")
+        _RESULTS.append({"test": test, "params": params.rstrip("]"), "outcome": report.outcome, "reason": reason})
+
+
+def pytest_sessionfinish(session):
+    import os
+
+    path = os.environ.get("REQNOISE_ZOO_JSON")
+    if path and _RESULTS:
+        from reqnoise import atomic
+
+        atomic.write_text(Path(path), json.dumps({"results": _RESULTS}, indent=1) + "\n")
