@@ -134,7 +134,45 @@ def open_model_dir(path) -> ModelDir:
             raise ReqnoiseError(f"shard {shard} named in {index.name} does not exist")
         for name, (shape, dtype, offsets) in read_safetensors_header(shard).items():
             md.tensors[name] = TensorInfo(name, shard, shape, dtype, offsets)
+    check_quantized_tensors(md)
     return md
+
+
+def check_quantized_tensors(md: ModelDir) -> None:
+    """Refuse a model whose quantized tensors contradict its config: a mode reqnoise does not know in a per-module
+    override, scale/bias tensors the module's mode does not have (an mxfp4 checkpoint whose config says affine
+    would otherwise be fused as float), or a (bits, group_size) that does not give the stored shapes."""
+    from reqnoise.kernel.formats import MODES
+
+    q = md.config.get("quantization")
+    cfg = md.path / "config.json"
+    for module in md.modules():
+        if f"{module}.scales" not in md.tensors:
+            continue
+        if not q:
+            raise ReqnoiseError(f"{cfg}: {module} has quantization scales but the config has no 'quantization' block")
+        override = q.get(module)
+        params = override if isinstance(override, dict) else q
+        mode = params.get("mode", q.get("mode", "affine"))
+        if mode not in MODES:
+            raise ReqnoiseError(
+                f"{cfg}: {module} is quantized in mode {mode!r}, which reqnoise does not support (it handles "
+                f"{', '.join(MODES)})"
+            )
+        has_biases = f"{module}.biases" in md.tensors
+        if has_biases != MODES[mode].has_biases:
+            raise ReqnoiseError(
+                f"{cfg}: the config says {module} is {mode}-quantized, but its tensors "
+                f"{'have' if has_biases else 'lack'} per-group biases (mode mismatch between config and tensors)"
+            )
+        weight, scales = md.tensors[f"{module}.weight"], md.tensors[f"{module}.scales"]
+        bits, group = int(params["bits"]), int(params["group_size"])
+        words = weight.shape[-1]
+        if weight.dtype != "U32" or (words * 32) % bits or scales.shape[-1] * group != words * 32 // bits:
+            raise ReqnoiseError(
+                f"{cfg}: {module} weight {weight.dtype} {weight.shape} and scales {scales.shape} are not {bits}-bit "
+                f"group-{group} {mode} tensors as the config says (mismatch between config and tensors)"
+            )
 
 
 _NP_DTYPES = {
