@@ -186,9 +186,8 @@ def _write_shard(md, shard, names, dst: Path, fuse_one, pending: dict) -> list:
 
 def _write_config(md, dst: Path, targets, options: FuseOptions) -> None:
     """config.json: copied as is unless quantization changed (``dequantize`` drops it; ``out_bits`` or
-    ``out_mode`` add a per-module override for each fused quantized module, with its ``mode`` whenever that
-    is not affine or the model's config names modes: mlx-lm passes an override whole to ``to_quantized``,
-    whose mode defaults to affine)."""
+    ``out_mode`` add a per-module override for each fused quantized module, naming its ``mode`` unless both
+    modes are affine: mlx-lm passes an override whole to ``to_quantized``, whose mode defaults to affine)."""
     cfg = json.loads(json.dumps(md.config))
     if options.requant == "dequantize":
         cfg.pop("quantization", None)
@@ -199,9 +198,10 @@ def _write_config(md, dst: Path, targets, options: FuseOptions) -> None:
                 for name in targets:
                     qp = md.quant_params(name)
                     if qp is not None and md.is_quantized(name):
-                        bits, group, out_mode = options.output_format(qp, md.quant_mode(name))
+                        mode = md.quant_mode(name)
+                        bits, group, out_mode = options.output_format(qp, mode)
                         cfg[key][name] = {"group_size": group, "bits": bits}
-                        if out_mode != "affine" or "mode" in cfg[key]:
+                        if out_mode != "affine" or mode != "affine":
                             cfg[key][name]["mode"] = out_mode
     if cfg == md.config:
         shutil.copy2(md.path / "config.json", dst / "config.json")
