@@ -305,3 +305,12 @@ def test_cli_fuse_and_noise_on_an_fp_model(built, tmp_path, capsys):
     rep = json.loads(js.read_text())
     assert rep["options"]["out_mode"] is None and all(r["code_change_frac"] is not None for r in rep["modules"])
     assert "adapter" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mode", ("mxfp4", "nvfp4"))
+def test_dora_adapter_fuses_like_mlx_lm(built, toy_model_dir_fp, mode, tmp_path):
+    keys = ["self_attn.q_proj", "self_attn.o_proj"]
+    ad = make_adapter(toy_model_dir_fp, tmp_path / "dora", keys=keys, dyadic=False, fine_tune_type="dora")
+    src = built[mode]["model"]
+    fuse_model(src, ad, tmp_path / "ours", progress=False)
+    _same_tensors(weights(tmp_path / "ours"), weights(_mlx_lm_fuse(src, ad, tmp_path / "theirs")))
