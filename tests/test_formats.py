@@ -62,7 +62,14 @@ def _parse(argv):
 
 def test_cli_options_are_generated_from_the_fields():
     defaults = _parse([])
-    assert vars(defaults) == {"requant": "fresh", "out_bits": None, "control": "none", "seed": 0, "layers": None}
+    assert vars(defaults) == {
+        "requant": "fresh",
+        "out_bits": None,
+        "control": "none",
+        "seed": 0,
+        "layers": None,
+        "out_mode": None,
+    }
     args = _parse(["--requant", "keep-grid", "--control", "random", "--seed", "3", "--layers", "9,2,2"])
     assert FuseOptions.from_table(vars(args)) == FuseOptions("keep-grid", None, "random", 3, [2, 9])
     assert _parse(["--out-bits", "8"]).out_bits == 8
@@ -72,7 +79,7 @@ def test_cli_options_are_generated_from_the_fields():
 
 
 def test_spec_keys_and_runner_params_follow_the_fields():
-    assert FUSE_KEYS == {"from", "adapter", "requant", "out_bits", "control", "seed", "layers"}
+    assert FUSE_KEYS == {"from", "adapter", "requant", "out_bits", "control", "seed", "layers", "out_mode"}
     table = {"from": "base", "adapter": "a", "control": "zero", "seed": 2}
     # only what the table sets, as the runner's step parameters always were (a default stays implicit)
     assert FuseOptions.table_subset(table) == {"control": "zero", "seed": 2}

@@ -122,14 +122,15 @@ def _fuse_target(md, name, mod, options: FuseOptions, shard, loaded, calibration
     t0 = time.perf_counter()
     parts = module_parts(md, name, shard, loaded)
     qp = md.quant_params(name) if md.is_quantized(name) else None
+    mode = md.quant_mode(name) if qp is not None else None
     factors = apply_control(mod, options.control, options.seed) if mod is not None else None
     cal = None if calibration is None or mod is None else calibration.get(name)
-    out = fuse_module(parts, qp, factors, options, calibration=cal)
+    out = fuse_module(parts, qp, factors, options, mode or "affine", calibration=cal)
     mx.eval(list(out.values()))
     if mod is None:
         return out, None
     norms = delta_norms(factors.a, factors.b, factors.scale) if factors is not None else None
-    out_qp = options.output_quant(qp)
+    out_qp = options.output_format(qp, mode or "affine")
     entry = dict(
         module=name,
         layer=layer_index(name),
@@ -137,6 +138,8 @@ def _fuse_target(md, name, mod, options: FuseOptions, shard, loaded, calibration
         bits=qp[0] if qp else None,
         group_size=qp[1] if qp else None,
         out_bits=out_qp[0] if out_qp else None,
+        mode=mode,
+        out_mode=out_qp[2] if out_qp else None,
         rank=mod.rank,
         dora=mod.magnitude is not None,
         delta_norm=None if norms is None else float(np.sqrt(np.sum(np.square(norms)))),
@@ -153,10 +156,14 @@ def _fuse_target(md, name, mod, options: FuseOptions, shard, loaded, calibration
 
 def _place(md, name, shard, out: dict, tensors: dict) -> None:
     """Move the parts of ``out`` that live in ``shard`` into its tensors (a part ``out`` lacks: a
-    dequantized module's scales/biases, dropped). What stays in ``out`` belongs to another shard."""
+    dequantized module's scales/biases, or an fp output's biases, dropped; a part the model lacks: biases
+    of an fp module re-quantized to affine, placed beside its weight). What stays in ``out`` belongs to
+    another shard."""
     for part in PARTS:
         key = f"{name}.{part}"
         info = md.tensors.get(key)
+        if info is None and part in out:
+            info = md.tensors[f"{name}.weight"]
         if info is None or info.shard != shard:
             continue
         if part in out:
@@ -187,20 +194,24 @@ def _write_shard(md, shard, names, dst: Path, fuse_one, pending: dict) -> list:
 
 
 def _write_config(md, dst: Path, targets, options: FuseOptions) -> None:
-    """config.json: copied as is unless quantization changed (``dequantize`` drops it; ``out_bits`` adds a
-    per-module override for each fused quantized module)."""
+    """config.json: copied as is unless quantization changed (``dequantize`` drops it; ``out_bits`` or
+    ``out_mode`` add a per-module override for each fused quantized module, naming its ``mode`` unless both
+    modes are affine: mlx-lm passes an override whole to ``to_quantized``, whose mode defaults to affine)."""
     cfg = json.loads(json.dumps(md.config))
     if options.requant == "dequantize":
         cfg.pop("quantization", None)
         cfg.pop("quantization_config", None)
-    elif options.out_bits:
+    elif options.out_bits or options.out_mode:
         for key in ("quantization", "quantization_config"):
             if isinstance(cfg.get(key), dict):
                 for name in targets:
                     qp = md.quant_params(name)
                     if qp is not None and md.is_quantized(name):
-                        bits, group = options.output_quant(qp)
+                        mode = md.quant_mode(name)
+                        bits, group, out_mode = options.output_format(qp, mode)
                         cfg[key][name] = {"group_size": group, "bits": bits}
+                        if out_mode != "affine" or mode != "affine":
+                            cfg[key][name]["mode"] = out_mode
     if cfg == md.config:
         shutil.copy2(md.path / "config.json", dst / "config.json")
     else:
@@ -233,7 +244,7 @@ def fuse_model(
     """Fuse an mlx-lm adapter into a model directory and write a new model directory.
 
     Args:
-        model: mlx-lm model directory (quantized or not).
+        model: mlx-lm model directory (float, or quantized in any MLX mode, per module as its config says).
         adapter_path: mlx-lm adapter directory (LoRA on dense and switch layers, DoRA on dense layers).
         save_path: output directory; written to a temporary sibling and renamed into place when complete.
         options: a FuseOptions; or, equivalently, its fields as keywords (not both):
@@ -242,6 +253,7 @@ def fuse_model(
             activations of base + adapter; zero delta gives the identical model) or "dequantize" (float output).
         calib_data, calib_tokens: calibrated only: the calibration data (mlx-lm dataset formats) and token cap.
         out_bits: fresh only: re-quantize the fused modules at this width (per-module config override).
+        out_mode: fresh only: re-quantize the fused modules into this MLX mode (the override names it).
         control: "none" (the adapter), "zero" (zero delta through the same pipeline) or "random"
             (norm-matched random delta per module and expert, from ``seed``).
         layers: fuse only modules in these layer indices; the rest of the adapter is ignored (reported).
@@ -261,6 +273,9 @@ def fuse_model(
     adapter = load_adapter(adapter_path)
     check_against_model(adapter, md)
     targets, ignored = _select_targets(adapter, opts.layers)
+    for name in targets:  # an output format a module cannot take is refused before any work
+        if md.is_quantized(name):
+            opts.output_format(md.quant_params(name), md.quant_mode(name))
     report = FuseReport(
         str(model),
         str(adapter_path),

@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 from reqnoise.errors import ReqnoiseError
 from reqnoise.jsonl import read_json
+from reqnoise.kernel.formats import FP_MODES, SUPPORTED_MODES
 
 INDEX_NAME = "model.safetensors.index.json"
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -57,8 +58,37 @@ class ModelDir:
             return None
         return int(q["bits"]), int(q["group_size"])
 
+    def quant_mode(self, module: str):
+        """The MLX quantization mode of a quantized module ("affine", "mxfp4", "nvfp4", "mxfp8"), or None.
+
+        As mlx-lm's loader reads it: a per-module override is passed whole to ``to_quantized``, so one without
+        a ``mode`` key is affine whatever the global mode (mlx-lm's qwen3_moe predicate writes its 8-bit
+        routers that way); a module without an override takes the global ``mode`` (default affine). Refuses a
+        mode the stored scales contradict (fp modes store uint8 scales and no biases) and nvfp4 global scales.
+        """
+        q = self.config.get("quantization")
+        scales = self.tensors.get(f"{module}.scales")
+        if not q or scales is None or q.get(module) is False:
+            return None
+        override = q.get(module)
+        mode = override.get("mode", "affine") if isinstance(override, dict) else q.get("mode", "affine")
+        if mode not in SUPPORTED_MODES:
+            raise ReqnoiseError(f"{module}: quantization mode {mode!r} is not one of {SUPPORTED_MODES}")
+        fp = mode in FP_MODES
+        biased = f"{module}.biases" in self.tensors
+        if fp != (scales.dtype == "U8") or fp == biased:
+            raise ReqnoiseError(
+                f"{module}: config.json says mode {mode!r} but it has {scales.dtype} scales and "
+                f"{'' if biased else 'no '}biases (mode and tensors disagree)"
+            )
+        if f"{module}.global_scale" in self.tensors:
+            raise ReqnoiseError(f"{module}: nvfp4 with a global scale per expert is not supported")
+        return mode
+
     def is_quantized(self, module: str) -> bool:
-        return f"{module}.scales" in self.tensors and f"{module}.biases" in self.tensors
+        if f"{module}.scales" not in self.tensors:
+            return False
+        return f"{module}.biases" in self.tensors or self.quant_mode(module) in FP_MODES
 
     def modules(self):
         """Module paths that own a ``.weight`` tensor."""
@@ -113,11 +143,8 @@ def open_model_dir(path) -> ModelDir:
     q = config.get("quantization")
     if q is not None and (not isinstance(q, dict) or "bits" not in q or "group_size" not in q):
         raise ReqnoiseError(f"{path / 'config.json'}: 'quantization' must hold 'bits' and 'group_size'")
-    if q is not None and q.get("mode", "affine") != "affine":
-        raise ReqnoiseError(
-            f"{path / 'config.json'}: quantization mode {q['mode']!r} is not supported (reqnoise "
-            "handles MLX's affine mode)"
-        )
+    if q is not None and q.get("mode", "affine") not in SUPPORTED_MODES:
+        raise ReqnoiseError(f"{path / 'config.json'}: quantization mode {q['mode']!r} is not one of {SUPPORTED_MODES}")
     index = path / INDEX_NAME
     if index.is_file():
         weight_map = read_json(index, "weight index").get("weight_map")

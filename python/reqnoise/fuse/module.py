@@ -59,35 +59,38 @@ def _fuse_float(w, f):
     return out
 
 
-def fuse_module(parts: dict, qp, factors, options: FuseOptions, calibration=None) -> dict:
+def fuse_module(parts: dict, qp, factors, options: FuseOptions, mode: str = "affine", calibration=None) -> dict:
     """Fuse one module (lazily: the caller evaluates).
 
     Args:
         parts: its tensors by suffix (weight[, scales, biases]), as ``module_parts`` returns them.
         qp: its ``(bits, group_size)``, or None for a float module.
         factors: a ModuleAdapter, or None for a zero delta.
-        options: requant mode and output width (``options.output_quant``).
+        options: requant mode and output format (``options.output_format``).
+        mode: its MLX quantization mode (``ModelDir.quant_mode``); the fp modes have no biases.
         calibration: ``requant == "calibrated"`` only: the module's ``fuse.calibration.ModuleInputs``; the
             experts rounded without error feedback are added to it as ``fallback``.
 
     Returns:
-        The new tensors by suffix; a dequantized module has no scales/biases any more.
+        The new tensors by suffix; a dequantized module has no scales/biases any more, an fp-mode output no
+        biases. A dequantized fp module is bfloat16 (MLX's default for those modes, as in mlx-lm's fuse).
     """
     if qp is None:
         return {"weight": _fuse_float(parts["weight"], factors)}
     bits, group = qp
+    biases = parts.get("biases")
     if options.requant == "dequantize":
-        w = mx.dequantize(parts["weight"], parts["scales"], parts["biases"], group_size=group, bits=bits)
+        w = mx.dequantize(parts["weight"], parts["scales"], biases, group_size=group, bits=bits, mode=mode)
         return {"weight": _fuse_float(w, factors)}
-    out_bits, out_group = options.output_quant(qp)
+    out_bits, out_group, out_mode = options.output_format(qp, mode)
     if options.requant == "fresh" and factors is not None and factors.magnitude is not None:
         # DoRA: mlx-lm's DoRALinear.fuse op for op on the CPU stream. Its row norm is MLX's float32 reduction
         # (the kernel's is float64), and its float32 row factor makes the new scales and biases float32
         # whatever the model's dtype; only the same ops give the same bytes.
         with mx.stream(mx.cpu):
-            w = mx.dequantize(parts["weight"], parts["scales"], parts["biases"], group_size=group, bits=bits)
-            wq, s, b = mx.quantize(_fuse_float(w, factors), group_size=out_group, bits=out_bits)
-        return {"weight": wq, "scales": s, "biases": b}
+            w = mx.dequantize(parts["weight"], parts["scales"], biases, group_size=group, bits=bits, mode=mode)
+            out = mx.quantize(_fuse_float(w, factors), group_size=out_group, bits=out_bits, mode=out_mode)
+        return _named(out)
     kw = {}
     if options.requant == "calibrated" and calibration is None:
         raise ValueError("requant='calibrated' needs the module's calibration inputs")
@@ -97,19 +100,30 @@ def fuse_module(parts: dict, qp, factors, options: FuseOptions, calibration=None
             kw["dora_magnitude"] = mx.broadcast_to(factors.magnitude, parts["weight"].shape[:2])
     if options.requant == "calibrated":
         wq, s, b, calibration.fallback = fuse_calibrated(
-            parts["weight"], parts["scales"], parts["biases"], group_size=group, bits=bits,
+            parts["weight"], parts["scales"], biases, group_size=group, bits=bits,
             hessian=calibration.hessians(), **kw
         )  # fmt: skip
         return {"weight": wq, "scales": s, "biases": b}
-    wq, s, b = fuse_quantized(
+    fresh = options.requant == "fresh"
+    out = fuse_quantized(
         parts["weight"],
         parts["scales"],
-        parts["biases"],
+        biases,
         group_size=group,
         bits=bits,
         requant=options.requant,
-        out_bits=out_bits if options.requant == "fresh" else None,
-        out_group_size=out_group if options.requant == "fresh" else None,
+        out_bits=out_bits if fresh else None,
+        out_group_size=out_group if fresh else None,
+        mode=mode,
+        out_mode=out_mode if fresh else None,
         **kw,
     )
-    return {"weight": wq, "scales": s, "biases": b}
+    return _named(out)
+
+
+def _named(out) -> dict:
+    """``(wq, scales[, biases])`` by suffix; an fp-mode output has no biases (None or absent)."""
+    named = dict(zip(PARTS, out))
+    if named.get("biases") is None:
+        named.pop("biases", None)
+    return named

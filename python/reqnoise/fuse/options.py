@@ -10,7 +10,15 @@ the CLI builds its parser from this module. The requant modes are the kernel's f
 from dataclasses import asdict, dataclass, field, fields
 
 from reqnoise.errors import ReqnoiseError
-from reqnoise.kernel.formats import REQUANT_MODES, SUPPORTED_BITS, check_width
+from reqnoise.kernel.formats import (
+    DEFAULT_MODE,
+    MODES,
+    REQUANT_MODES,
+    SUPPORTED_BITS,
+    SUPPORTED_MODES,
+    check_width,
+    mode_params,
+)
 
 # The zero control is requantization alone; random is a norm-matched random delta (fuse/controls.py).
 CONTROLS = ("none", "zero", "random")
@@ -61,6 +69,13 @@ class FuseOptions:
     calib_tokens: int | None = _option(None, "calibrated only: calibration tokens at most (default 4096)", type=int)
     # Layer indices as given (None: every adapted module); fuse_model reports them sorted.
     layers: list | None = _option(None, "fuse only these layer indices, e.g. 8,14,20", type=parse_layers)
+    # Last, so the positional order of the fields above stays what it was.
+    out_mode: str | None = _option(
+        None,
+        "fresh only: re-quantize fused modules into this MLX mode (from an fp mode to affine: 8 bits, group 64 "
+        "unless --out-bits says otherwise)",
+        choices=SUPPORTED_MODES,
+    )
 
     @classmethod
     def names(cls) -> tuple:
@@ -102,16 +117,24 @@ class FuseOptions:
             raise ReqnoiseError(f"requant must be one of {REQUANT_MODES}, got {self.requant!r}")
         if self.control not in CONTROLS:
             raise ReqnoiseError(f"control must be one of {CONTROLS}, got {self.control!r}")
+        if self.out_mode is not None:
+            if self.out_mode not in SUPPORTED_MODES:
+                raise ReqnoiseError(f"out_mode must be one of {SUPPORTED_MODES}, got {self.out_mode!r}")
+            if self.requant != "fresh":
+                raise ReqnoiseError(
+                    f"--out-mode re-quantizes from scratch and needs --requant fresh, not {self.requant}"
+                )
         if self.out_bits is not None:
             if self.requant != "fresh":
                 raise ReqnoiseError(
                     f"--out-bits re-quantizes from scratch and needs --requant fresh, not {self.requant}"
                 )
+            om = self.out_mode or DEFAULT_MODE
             try:
-                # the group size is the module's own; any supported one pairs with any supported width
-                check_width(self.out_bits, 64, "out_bits")
+                # the group size is the module's own (or the fp mode's); any supported one pairs with any width
+                check_width(self.out_bits, MODES[om].group_sizes[-1], "out_bits", om)
             except ValueError as err:
-                raise ReqnoiseError(str(err)) from None
+                raise ReqnoiseError(f"{err} (mode {om})" if om != DEFAULT_MODE else str(err)) from None
         if self.requant != "calibrated" and (self.calib_data is not None or self.calib_tokens is not None):
             raise ReqnoiseError(f"--calib-data/--calib-tokens need --requant calibrated, not {self.requant}")
         if self.calib_tokens is not None and (not isinstance(self.calib_tokens, int) or self.calib_tokens < 1):
@@ -123,14 +146,34 @@ class FuseOptions:
                 raise ReqnoiseError(f"layers must be a list of layer indices, got {self.layers!r}") from None
         return self
 
-    def output_quant(self, qp):
-        """The (bits, group_size) a module quantized as ``qp`` has after this fuse; None: float output
-        (a float module, or ``dequantize``). keep-grid keeps the grid; fresh may change the width only."""
+    def output_format(self, qp, mode: str = DEFAULT_MODE):
+        """``(bits, group_size, mode)`` of a module quantized as ``qp`` in ``mode`` after this fuse; None: float
+        output (a float module, or ``dequantize``). keep-grid keeps the grid; fresh may change width and mode.
+
+        Into another mode: an fp mode's fixed (bits, group); affine from an fp mode: ``out_bits`` or 8, group
+        64 (the kernel's default); affine to affine keeps the group. A width the output mode lacks (e.g.
+        ``--out-bits 8`` on an nvfp4 model without ``--out-mode``) is a ReqnoiseError.
+        """
         if qp is None or self.requant == "dequantize":
             return None
-        if self.requant == "fresh" and self.out_bits:
-            return (self.out_bits, qp[1])
-        return tuple(qp)
+        if self.requant != "fresh" or (not self.out_bits and self.out_mode in (None, mode)):
+            return (*qp, mode)
+        om = self.out_mode or mode
+        if MODES[om].has_biases:
+            bits = self.out_bits or (qp[0] if om == mode else 8)
+            group = qp[1] if om == mode else 64
+        else:
+            bits, group = self.out_bits, None
+        try:
+            bits, group = mode_params(om, bits, group, "output")
+        except ValueError as err:
+            raise ReqnoiseError(f"cannot re-quantize a {mode} module into {om}: {err}") from None
+        return (bits, group, om)
+
+    def output_quant(self, qp, mode: str = DEFAULT_MODE):
+        """The (bits, group_size) of ``output_format``; None: float output."""
+        fmt = self.output_format(qp, mode)
+        return None if fmt is None else fmt[:2]
 
     def to_dict(self) -> dict:
         return asdict(self)
