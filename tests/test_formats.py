@@ -68,6 +68,8 @@ def test_cli_options_are_generated_from_the_fields():
         "control": "none",
         "seed": 0,
         "layers": None,
+        "calib_data": None,
+        "calib_tokens": None,
         "out_mode": None,
     }
     args = _parse(["--requant", "keep-grid", "--control", "random", "--seed", "3", "--layers", "9,2,2"])
@@ -79,7 +81,18 @@ def test_cli_options_are_generated_from_the_fields():
 
 
 def test_spec_keys_and_runner_params_follow_the_fields():
-    assert FUSE_KEYS == {"from", "adapter", "requant", "out_bits", "control", "seed", "layers", "out_mode"}
+    assert FUSE_KEYS == {
+        "from",
+        "adapter",
+        "requant",
+        "out_bits",
+        "control",
+        "seed",
+        "layers",
+        "calib_data",
+        "calib_tokens",
+        "out_mode",
+    }
     table = {"from": "base", "adapter": "a", "control": "zero", "seed": 2}
     # only what the table sets, as the runner's step parameters always were (a default stays implicit)
     assert FuseOptions.table_subset(table) == {"control": "zero", "seed": 2}

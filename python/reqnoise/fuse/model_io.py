@@ -79,7 +79,7 @@ class ModelDir:
         if fp != (scales.dtype == "U8") or fp == biased:
             raise ReqnoiseError(
                 f"{module}: config.json says mode {mode!r} but it has {scales.dtype} scales and "
-                f"{'' if biased else 'no '}biases (mode and tensors disagree)"
+                f"{'' if biased else 'no '}biases (mode mismatch between config and tensors)"
             )
         if f"{module}.global_scale" in self.tensors:
             raise ReqnoiseError(f"{module}: nvfp4 with a global scale per expert is not supported")
@@ -169,8 +169,6 @@ def check_quantized_tensors(md: ModelDir) -> None:
     """Refuse a model whose quantized tensors contradict its config: a mode reqnoise does not know in a per-module
     override, scale/bias tensors the module's mode does not have (an mxfp4 checkpoint whose config says affine
     would otherwise be fused as float), or a (bits, group_size) that does not give the stored shapes."""
-    from reqnoise.kernel.formats import MODES
-
     q = md.config.get("quantization")
     cfg = md.path / "config.json"
     for module in md.modules():
@@ -180,18 +178,7 @@ def check_quantized_tensors(md: ModelDir) -> None:
             raise ReqnoiseError(f"{cfg}: {module} has quantization scales but the config has no 'quantization' block")
         override = q.get(module)
         params = override if isinstance(override, dict) else q
-        mode = params.get("mode", q.get("mode", "affine"))
-        if mode not in MODES:
-            raise ReqnoiseError(
-                f"{cfg}: {module} is quantized in mode {mode!r}, which reqnoise does not support (it handles "
-                f"{', '.join(MODES)})"
-            )
-        has_biases = f"{module}.biases" in md.tensors
-        if has_biases != MODES[mode].has_biases:
-            raise ReqnoiseError(
-                f"{cfg}: the config says {module} is {mode}-quantized, but its tensors "
-                f"{'have' if has_biases else 'lack'} per-group biases (mode mismatch between config and tensors)"
-            )
+        mode = md.quant_mode(module)  # mlx-lm's rule for which mode a module has; refuses scales that contradict it
         weight, scales = md.tensors[f"{module}.weight"], md.tensors[f"{module}.scales"]
         bits, group = int(params["bits"]), int(params["group_size"])
         words = weight.shape[-1]

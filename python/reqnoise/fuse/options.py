@@ -61,14 +61,15 @@ class FuseOptions:
         choices=CONTROLS,
     )
     seed: int = _option(0, "seed of the random control", type=int)
+    # Layer indices as given (None: every adapted module); fuse_model reports them sorted.
+    layers: list | None = _option(None, "fuse only these layer indices, e.g. 8,14,20", type=parse_layers)
+    # After layers, so the positional order of the fields above stays what it was.
     calib_data: str | None = _option(
         None,
         "calibrated only: calibration data, a .jsonl file or directory in an mlx-lm format (chat, completions, "
         "text); default: the adapter's training data if its config names it, else built-in prompts",
     )
     calib_tokens: int | None = _option(None, "calibrated only: calibration tokens at most (default 4096)", type=int)
-    # Layer indices as given (None: every adapted module); fuse_model reports them sorted.
-    layers: list | None = _option(None, "fuse only these layer indices, e.g. 8,14,20", type=parse_layers)
     # Last, so the positional order of the fields above stays what it was.
     out_mode: str | None = _option(
         None,
