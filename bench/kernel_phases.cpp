@@ -103,15 +103,7 @@ int main(int argc, char** argv) {
   });
   const double dequant = ns_per_weight([&] {
     for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t gi = 0; gi < groups; ++gi) {
-        const float a = k::load_value(&sc[r * groups + gi]), b = k::load_value(&bi[r * groups + gi]);
-        const float* qg = s.q + gi * g;
-        float* wg = s.w + gi * g;
-        const float* dg = s.delta + gi * g;
-        for (int j = 0; j < g; ++j) {
-          wg[j] = k::round_to<bf16>(k::round_to<bf16>(k::round_to<bf16>(qg[j] * a) + b) + k::round_to<bf16>(dg[j]));
-        }
-      }
+      k::dequantize_row<bf16, 64>(&sc[r * groups], &bi[r * groups], s.q, rank ? s.delta : nullptr, in_dim, s.w);
     }
   });
   const double quant = ns_per_weight([&] {

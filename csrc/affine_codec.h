@@ -60,8 +60,9 @@ inline v8f unpack_block(uint64_t v) {
 // Inverse of unpack_block: codes (each < 2^BITS) shifted into place and OR-folded within each half.
 template <int BITS>
 inline uint64_t pack_block(v8u c) {
+  constexpr uint32_t m = (uint32_t(1) << BITS) - 1;
   const v8u sh = {0, BITS, 2 * BITS, 3 * BITS, 0, BITS, 2 * BITS, 3 * BITS};
-  v8u x = c << sh;
+  v8u x = (c & m) << sh;
   x |= __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6);
   x |= __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5);
   return uint64_t(x[0]) | (uint64_t(x[4]) << (4 * BITS));
@@ -121,6 +122,24 @@ inline float round_bf16(float x) {
   float y;
   std::memcpy(&y, &out, 4);
   return y;
+}
+
+// round_bf16 without the NaN case: the same bits for every non-NaN x (an overflow still carries into +-inf).
+// A NaN can come out as a NaN or an infinity, never as a finite value, so a result that is finite everywhere
+// proves no NaN was rounded along the way (see dequantize_group).
+inline float round_bf16_non_nan(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  const uint32_t r = (u + ((u >> 16) & 1u) + 0x7FFFu) & 0xFFFF0000u;
+  float y;
+  std::memcpy(&y, &r, 4);
+  return y;
+}
+
+inline uint32_t is_non_finite(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return (u & 0x7F800000u) == 0x7F800000u ? 1u : 0u;
 }
 
 template <typename T>

@@ -3,6 +3,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <type_traits>
 
 #include "affine_codec.h"
 
@@ -104,6 +105,44 @@ inline void delta_row(const FuseSpec& spec, const float* a, const float* b, int6
   delta_tile<1>(spec, a, b, n, delta);
 }
 
+// One group of G values as MLX's dequantize op chain computes it: two ops in the scales' dtype (q*s, then +b),
+// the delta cast to that dtype and the sum rounded to it again (three roundings for 16-bit types, none for
+// float32). For bfloat16 a first pass rounds without the NaN case, which is most of the rounding's cost,
+// and keeps the group if every result is finite (then no NaN occurred: a rounded NaN never turns finite);
+// otherwise the group is recomputed with the exact NaN handling, so the bytes are MLX's either way.
+template <typename T, int G, bool DELTA>
+inline void dequantize_group(const float* __restrict qg, const float* __restrict dg, float sc, float bi,
+                             float* __restrict wg) {
+  if constexpr (std::is_same_v<T, mlx::core::bfloat16_t>) {
+    uint32_t non_finite = 0;
+    for (int j = 0; j < G; ++j) {  // hot-loop: dequantize (bfloat16, finite)
+      float x = round_bf16_non_nan(round_bf16_non_nan(qg[j] * sc) + bi);
+      if constexpr (DELTA) x = round_bf16_non_nan(x + round_bf16_non_nan(dg[j]));
+      wg[j] = x;
+      non_finite |= is_non_finite(x);
+    }
+    if (!non_finite) return;
+  }
+  for (int j = 0; j < G; ++j) {  // hot-loop: dequantize
+    float x = round_to<T>(round_to<T>(qg[j] * sc) + bi);
+    if constexpr (DELTA) x = round_to<T>(x + round_to<T>(dg[j]));
+    wg[j] = x;
+  }
+}
+
+template <typename T, int G>
+inline void dequantize_row(const T* scales, const T* biases, const float* __restrict q, const float* __restrict delta,
+                           int64_t n, float* __restrict w) {
+  for (int64_t gi = 0; gi < n / G; ++gi) {
+    const float sc = load_value(scales + gi), bi = load_value(biases + gi);
+    if (delta) {
+      dequantize_group<T, G, true>(q + gi * G, delta + gi * G, sc, bi, w + gi * G);
+    } else {
+      dequantize_group<T, G, false>(q + gi * G, nullptr, sc, bi, w + gi * G);
+    }
+  }
+}
+
 // ``row``: this row's pointers (A: its expert's [rank, in] matrix; B: its [rank] row; mag: its magnitude).
 // ``delta``: this row's scale * B @ A (unused when rank == 0).
 template <typename T>
@@ -119,29 +158,31 @@ void fuse_one_row(const FuseSpec& spec, int64_t in_dim, const FuseBuffers<T>& ro
 
   unpack_any(spec.bits, row.wq, in_dim, q);
 
-  for (int64_t gi = 0; gi < n_groups; ++gi) {
-    const float sc = load_value(scales + gi);
-    const float bi = load_value(biases + gi);
-    const float* qg = q + gi * g_in;
-    float* wg = w + gi * g_in;
-    if (spec.keep_grid) {
+  if (spec.keep_grid) {
+    for (int64_t gi = 0; gi < n_groups; ++gi) {
+      const float sc = load_value(scales + gi);
+      const float bi = load_value(biases + gi);
+      const float* __restrict qg = q + gi * g_in;
+      float* __restrict wg = w + gi * g_in;
       // float32 dequantization: re-encoding it against the same grid returns every code unchanged.
       for (int j = 0; j < g_in; ++j) wg[j] = qg[j] * sc + bi;  // hot-loop: keep-grid dequantize
       if (has_delta) {
-        const float* dg = delta + gi * g_in;
+        const float* __restrict dg = delta + gi * g_in;
         for (int j = 0; j < g_in; ++j) wg[j] = wg[j] + dg[j];  // hot-loop: keep-grid delta
       }
-    } else {
-      // MLX dequantizes with two ops in the scales' dtype (q*s, then +b), the delta is cast to that dtype
-      // and the sum is rounded to it again: three roundings for 16-bit types, none for float32.
-      if (has_delta) {
-        const float* dg = delta + gi * g_in;
-        for (int j = 0; j < g_in; ++j) {  // hot-loop: dequantize + delta
-          wg[j] = round_to<T>(round_to<T>(round_to<T>(qg[j] * sc) + bi) + round_to<T>(dg[j]));
-        }
-      } else {
-        for (int j = 0; j < g_in; ++j) wg[j] = round_to<T>(round_to<T>(qg[j] * sc) + bi);  // hot-loop: dequantize
-      }
+    }
+  } else {
+    const float* d = has_delta ? delta : nullptr;
+    switch (g_in) {  // group sizes are validated before dispatch
+      case 32:
+        dequantize_row<T, 32>(scales, biases, q, d, in_dim, w);
+        break;
+      case 64:
+        dequantize_row<T, 64>(scales, biases, q, d, in_dim, w);
+        break;
+      default:
+        dequantize_row<T, 128>(scales, biases, q, d, in_dim, w);
+        break;
     }
   }
 

@@ -62,3 +62,39 @@ def test_hot_loops_vectorize(target, tmp_path):
     missing = {f"{f}:{n} ({name})": counts.get((f, n), 0) for (f, n), name in loops.items()}
     missing = {k: v for k, v in missing.items() if v < N_SCALE_DTYPES}
     assert not missing, f"{target}: hot loops vectorized fewer than {N_SCALE_DTYPES} times: {missing}"
+
+
+# The vectorized bfloat16 dequantize rounds without its NaN case and falls back to the exact rounding for a
+# group with any non-finite value; the packer masks every code to its width. Groups whose scales or biases are
+# infinite, NaN or near the float32 limit (so that q*s overflows) take those paths; MLX's op chain is the oracle.
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_non_finite_groups_match_mlx_chain(bits, group):
+    import numpy as np
+
+    from kernel_cases import dyadic_factors, mlx_chain, quantized
+    from reqnoise import fuse_quantized
+
+    rng = np.random.default_rng(bits * 7 + group)
+    wq, s, b = quantized(rng, (2, 16, 256), bits, group, mx.bfloat16)
+    s = np.array(s.astype(mx.float32))
+    b = np.array(b.astype(mx.float32))
+    s[0, 0, 0], s[0, 1, 0], s[1, 2, 1], s[1, 5, 0] = np.inf, np.nan, -np.inf, 3e38
+    b[1, 3, 0], b[0, 4, 0], b[1, 6, 0] = np.nan, np.inf, -3e38
+    s, b = mx.array(s).astype(mx.bfloat16), mx.array(b).astype(mx.bfloat16)
+    a, bb = dyadic_factors(rng, (2,), 16, 256, rank=2)
+    a = np.array(a)
+    a[0, 0, 5], a[1, 1, 7] = 3e38, -3e38
+    a = mx.array(a)
+    for kw in ({}, dict(lora_a=a, lora_b=bb, scale=0.5)):
+        got = fuse_quantized(wq, s, b, group_size=group, bits=bits, **kw)
+        want = mlx_chain(wq, s, b, group, bits, kw.get("lora_a"), kw.get("lora_b"), kw.get("scale", 1.0))
+        np.testing.assert_array_equal(np.array(got[0]), np.array(want[0]), err_msg=f"codes {kw.keys()}")
+        for g, w in zip(got[1:], want[1:]):
+            # Where MLX's scale or bias is not finite the kernel's may differ (a NaN for MLX's -inf: its own
+            # scale arithmetic, unchanged here); everywhere else they agree bit for bit.
+            g, w = np.array(g.view(mx.uint16)), np.array(w.view(mx.uint16))
+            finite = np.isfinite(np.array(want[1].astype(mx.float32))) & np.isfinite(
+                np.array(want[2].astype(mx.float32))
+            )
+            np.testing.assert_array_equal(g[finite], w[finite])
