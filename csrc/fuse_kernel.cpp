@@ -100,7 +100,7 @@ inline void delta_tile(const FuseSpec& spec, const float* __restrict a, const fl
   }
 }
 
-// One row's delta (the tile form with a tile of one; kept for the phase profile in bench/).
+// One row's delta: the tile form with a tile of one (the rows left over at the end of an expert or a block).
 inline void delta_row(const FuseSpec& spec, const float* a, const float* b, int64_t n, float* delta) {
   delta_tile<1>(spec, a, b, n, delta);
 }
