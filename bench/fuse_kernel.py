@@ -1,7 +1,10 @@
 """Benchmark: reqnoise.fuse_quantized vs the MLX op chain that mlx-lm's fuse runs, on the same data.
 
-Prints one JSON object per case (and a final summary line). Peak memory is MLX's allocator peak while the
-call runs, above what was allocated before it (inputs, factors): the memory the fuse itself needs.
+Prints one JSON object per case (and a final summary line). Timings are paired: each repetition runs the op
+chain, reqnoise (fresh) and a memcpy of the packed stack back to back (A B C A B C ...), and the ratios are
+taken within a repetition, so that load from other processes shifts both sides of a ratio alike; reported are
+the medians of the per-repetition ratios and their range. Peak memory is MLX's allocator peak while the call
+runs, above what was allocated before it (inputs, factors): the memory the fuse itself needs.
 
     python bench/fuse_kernel.py [--reps 3] [--quick]
 """
@@ -18,11 +21,13 @@ import numpy as np
 from reqnoise import fuse_quantized
 
 CASES = [
-    # name, shape, bits, group, dtype, ranks
-    ("moe_down_proj_30b_a3b", (128, 2048, 768), 3, 64, mx.bfloat16, (2, 16)),
-    ("dense_4096", (4096, 4096), 4, 64, mx.bfloat16, (16,)),
+    # name, shape, bits, group, dtype, ranks, paired with the op chain
+    ("moe_down_proj_30b_a3b", (128, 2048, 768), 3, 64, mx.bfloat16, (2, 16), True),
+    ("moe_down_proj_30b_a3b", (128, 2048, 768), 4, 64, mx.bfloat16, (2,), False),
+    ("moe_down_proj_30b_a3b", (128, 2048, 768), 8, 64, mx.bfloat16, (2,), False),
+    ("dense_4096", (4096, 4096), 4, 64, mx.bfloat16, (16,), True),
 ]
-QUICK = [("moe_small", (16, 512, 768), 3, 64, mx.bfloat16, (2,))]
+QUICK = [("moe_small", (16, 512, 768), 3, 64, mx.bfloat16, (2,), True)]
 
 
 def op_chain(wq, s, b, group, bits, a, bb, scale):
@@ -31,61 +36,75 @@ def op_chain(wq, s, b, group, bits, a, bb, scale):
     return mx.quantize(w, group_size=group, bits=bits)
 
 
-def measure(fn, reps):
-    times, peaks = [], []
-    for _ in range(reps):
-        mx.synchronize()
-        base = mx.get_active_memory()
-        mx.reset_peak_memory()
-        t0 = time.perf_counter()
-        out = fn()
-        mx.eval(out)
-        times.append(time.perf_counter() - t0)
-        peaks.append(mx.get_peak_memory() - base)
-        del out
-        mx.clear_cache()
-    return statistics.median(times), max(peaks)
+def run_once(fn):
+    """(seconds, peak bytes above the memory live before the call) of one evaluated call."""
+    mx.synchronize()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    t0 = time.perf_counter()
+    out = fn()
+    mx.eval(out)
+    dt = time.perf_counter() - t0
+    peak = mx.get_peak_memory() - base
+    del out
+    mx.clear_cache()
+    return dt, peak
+
+
+def copy_once(buffers):
+    """Seconds to copy the packed stack (codes, scales, biases) once: the memory-traffic floor of a fuse."""
+    t0 = time.perf_counter()
+    for x in buffers:
+        x.copy()
+    return time.perf_counter() - t0
+
+
+def med_range(xs, nd=1):
+    return dict(median=round(statistics.median(xs), nd), min=round(min(xs), nd), max=round(max(xs), nd))
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--chain-reps", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="a small case only (smoke test)")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     results = []
-    for name, shape, bits, group, dtype, ranks in QUICK if args.quick else CASES:
+    for name, shape, bits, group, dtype, ranks, with_chain in QUICK if args.quick else CASES:
         w = mx.array((rng.standard_normal(shape) * 0.02).astype(np.float32)).astype(dtype)
         wq, s, b = mx.quantize(w, group_size=group, bits=bits)
         mx.eval(wq, s, b)
         del w
         packed = wq.nbytes + s.nbytes + b.nbytes
         lead, out_dim, in_dim = shape[:-2], shape[-2], shape[-1]
-        arrs = [np.array(wq), np.array(s.view(mx.uint16))]
-        t0 = time.perf_counter()
-        for x in arrs:
-            x.copy()
-        t0b = time.perf_counter()
-        copy_s = (t0b - t0) * packed / sum(x.nbytes for x in arrs)
+        host = [np.array(wq), np.array(s.view(mx.uint16)), np.array(b.view(mx.uint16))]
+        n_weights = int(np.prod(shape))
         for r in ranks:
             a = mx.array((rng.standard_normal(lead + (r, in_dim)) * 0.01).astype(np.float32))
             bb = mx.array((rng.standard_normal(lead + (out_dim, r)) * 0.01).astype(np.float32))
             mx.eval(a, bb)
-            t_rn, m_rn = measure(
-                lambda: fuse_quantized(wq, s, b, group_size=group, bits=bits, lora_a=a, lora_b=bb, scale=2.0), args.reps
-            )
-            t_kg, m_kg = measure(
-                lambda: fuse_quantized(
+
+            def ours():
+                return fuse_quantized(wq, s, b, group_size=group, bits=bits, lora_a=a, lora_b=bb, scale=2.0)
+
+            def ours_kg():
+                return fuse_quantized(
                     wq, s, b, group_size=group, bits=bits, lora_a=a, lora_b=bb, scale=2.0, requant="keep-grid"
-                ),
-                args.reps,
-            )
-            t_ch, m_ch = measure(lambda: op_chain(wq, s, b, group, bits, a, bb, 2.0), args.chain_reps)
-            ours = fuse_quantized(wq, s, b, group_size=group, bits=bits, lora_a=a, lora_b=bb, scale=2.0)
-            chain = op_chain(wq, s, b, group, bits, a, bb, 2.0)
-            codes_equal = bool(mx.array_equal(ours[0], chain[0]).item())
-            words_differ = float(mx.mean((ours[0] != chain[0]).astype(mx.float32)).item())
+                )
+
+            run_once(ours)  # warm-up: thread start, page faults of the first output allocation
+            t_rn, t_ch, t_cp, peaks, speedups, vs_copy = [], [], [], [], [], []
+            for _ in range(args.reps):
+                if with_chain:
+                    t_ch.append(run_once(lambda: op_chain(wq, s, b, group, bits, a, bb, 2.0))[0])
+                t, peak = run_once(ours)
+                t_rn.append(t)
+                peaks.append(peak)
+                t_cp.append(copy_once(host))
+                if with_chain:
+                    speedups.append(t_ch[-1] / t_rn[-1])
+                vs_copy.append(t_rn[-1] / t_cp[-1])
+            t_kg = statistics.median(run_once(ours_kg)[0] for _ in range(args.reps))
             res = dict(
                 case=name,
                 shape=list(shape),
@@ -93,23 +112,30 @@ def main():
                 group_size=group,
                 dtype=str(dtype).split(".")[-1],
                 rank=r,
+                reps=args.reps,
                 packed_bytes=packed,
-                copy_floor_s=round(copy_s, 5),
-                reqnoise_s=round(t_rn, 4),
+                reqnoise_s=round(statistics.median(t_rn), 4),
+                reqnoise_ns_per_weight=round(statistics.median(t_rn) * 1e9 / n_weights, 3),
                 reqnoise_keep_grid_s=round(t_kg, 4),
-                mlx_chain_s=round(t_ch, 4),
-                speedup=round(t_ch / t_rn, 1),
-                reqnoise_vs_copy_floor=round(t_rn / copy_s, 1),
-                reqnoise_peak_extra_bytes=m_rn,
-                mlx_chain_peak_extra_bytes=m_ch,
-                reqnoise_peak_over_packed=round(m_rn / packed, 3),
-                mlx_chain_peak_over_packed=round(m_ch / packed, 2),
-                outputs_bit_identical_to_chain=codes_equal,
-                packed_words_differing=words_differ,
+                copy_floor_s=round(statistics.median(t_cp), 5),
+                reqnoise_vs_copy_floor=med_range(vs_copy),
+                reqnoise_peak_extra_bytes=max(peaks),
+                reqnoise_peak_over_packed=round(max(peaks) / packed, 3),
             )
+            if with_chain:
+                _, m_ch = run_once(lambda: op_chain(wq, s, b, group, bits, a, bb, 2.0))
+                got, chain = ours(), op_chain(wq, s, b, group, bits, a, bb, 2.0)
+                res.update(
+                    mlx_chain_s=round(statistics.median(t_ch), 4),
+                    speedup=med_range(speedups),
+                    mlx_chain_peak_extra_bytes=m_ch,
+                    mlx_chain_peak_over_packed=round(m_ch / packed, 2),
+                    outputs_bit_identical_to_chain=bool(mx.array_equal(got[0], chain[0]).item()),
+                    packed_words_differing=float(mx.mean((got[0] != chain[0]).astype(mx.float32)).item()),
+                )
+                del got, chain
             results.append(res)
             print(json.dumps(res), flush=True)
-            del ours, chain
     print(
         json.dumps(
             {
@@ -117,7 +143,9 @@ def main():
                 "machine": platform.machine(),
                 "cpu_count": __import__("os").cpu_count(),
                 "mlx": mx.__version__,
-                "min_speedup": min(r["speedup"] for r in results),
+                "load_average": __import__("os").getloadavg(),
+                "min_median_speedup": min(r["speedup"]["median"] for r in results if "speedup" in r),
+                "max_median_vs_copy_floor": max(r["reqnoise_vs_copy_floor"]["median"] for r in results),
                 "max_reqnoise_peak_over_packed": max(r["reqnoise_peak_over_packed"] for r in results),
             }
         )

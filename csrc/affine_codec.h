@@ -23,33 +23,91 @@
 // merged by the linker into the copy for another.
 namespace reqnoise::REQNOISE_ISA {
 
+// A native IEEE binary16 type where the compiler has one, for conversions that vectorise (F16C on x86-64-v3,
+// FCVT on AArch64). GCC before 13 defines __FLT16_MAX__ on AArch64 but rejects _Float16 in C++; its __fp16
+// is the same IEEE format there.
+#if defined(__FLT16_MAX__) && (defined(__clang__) || !defined(__aarch64__) || __GNUC__ >= 13)
+#define REQNOISE_HAVE_HALF 1
+typedef _Float16 half_native;
+#elif defined(__aarch64__)
+#define REQNOISE_HAVE_HALF 1
+typedef __fp16 half_native;
+#endif
+
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "MLX's packed layout is defined on little-endian hosts");
 
-// Rows are unpacked from and packed into a padded copy of the row, so that every 8-code block (BITS bytes
-// of the little-endian, LSB-first bitstream) can be read or written with one unaligned 8-byte access.
-// Groups are multiples of 32 values, so a row is always a whole number of 8-code blocks.
-constexpr int kRowPadBytes = 8;
+// GCC/Clang vector extensions (no intrinsics): the same source becomes AVX2 in the x86-64-v3 copy, NEON on
+// AArch64 and SSE2 in the x86-64 baseline. Eight 32-bit lanes are one AVX2 register or two NEON registers.
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef float v8f __attribute__((vector_size(32)));
 
+// Codes are handled in 8-code blocks: BITS bytes of the little-endian, LSB-first bitstream, read or written
+// as one unaligned 8-byte word. Groups are multiples of 32 values, so a row is a whole number of blocks.
+// Codes 0-3 of a block lie in its low 4*BITS bits and codes 4-7 in the next 4*BITS (at most 24 bits each
+// for BITS <= 6, 32 for 8), so each half fits a 32-bit lane: one broadcast, one per-lane shift and one mask
+// unpack the whole block, also for the widths whose codes straddle bytes (3, 5, 6).
 template <int BITS>
-inline void unpack_row(const uint8_t* src, int64_t n, float* codes) {
-  constexpr uint64_t mask = (uint64_t(1) << BITS) - 1;
-  for (int64_t i = 0; i < n; i += 8) {
+inline v8f unpack_block(uint64_t v) {
+  constexpr uint32_t m = (uint32_t(1) << BITS) - 1;
+  const uint32_t lo = uint32_t(v), hi = uint32_t(v >> (4 * BITS));
+  const v8u x = {lo, lo, lo, lo, hi, hi, hi, hi};
+  const v8u sh = {0, BITS, 2 * BITS, 3 * BITS, 0, BITS, 2 * BITS, 3 * BITS};
+  const v8u c = (x >> sh) & m;
+  return __builtin_convertvector((v8i)c, v8f);  // codes < 2^8: the signed conversion is exact and cheaper
+}
+
+// Inverse of unpack_block: codes (each < 2^BITS) shifted into place and OR-folded within each half.
+template <int BITS>
+inline uint64_t pack_block(v8u c) {
+  constexpr uint32_t m = (uint32_t(1) << BITS) - 1;
+  const v8u sh = {0, BITS, 2 * BITS, 3 * BITS, 0, BITS, 2 * BITS, 3 * BITS};
+  v8u x = (c & m) << sh;
+  x |= __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6);
+  x |= __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5);
+  return uint64_t(x[0]) | (uint64_t(x[4]) << (4 * BITS));
+}
+
+// One row of n codes (n a multiple of 8) straight from the packed source: whole-word reads while 8 bytes
+// remain in the row, the last blocks through a zero-padded word, so nothing past the row is touched.
+template <int BITS>
+inline void unpack_row(const uint8_t* __restrict src, int64_t n, float* __restrict codes) {
+  const int64_t n_blocks = n / 8, n_bytes = n_blocks * BITS;
+  const int64_t direct = n_bytes >= 8 ? (n_bytes - 8) / BITS + 1 : 0;
+  int64_t b = 0;
+  for (; b < direct; ++b) {
     uint64_t v;
-    std::memcpy(&v, src + (i / 8) * BITS, 8);
-    for (int k = 0; k < 8; ++k) {
-      codes[i + k] = static_cast<float>(static_cast<int32_t>((v >> (k * BITS)) & mask));
-    }
+    std::memcpy(&v, src + b * BITS, 8);
+    const v8f f = unpack_block<BITS>(v);
+    std::memcpy(codes + 8 * b, &f, sizeof(f));
+  }
+  for (; b < n_blocks; ++b) {
+    uint64_t v = 0;
+    std::memcpy(&v, src + b * BITS, BITS);
+    const v8f f = unpack_block<BITS>(v);
+    std::memcpy(codes + 8 * b, &f, sizeof(f));
   }
 }
 
+// Packs n codes into dst. Blocks are written in order as whole words (each word's spill is overwritten by
+// the next block) while the word stays inside the row; the last blocks write only their own BITS bytes, so
+// a neighbouring row (another thread's) is never written.
 template <int BITS>
-inline void pack_row(const uint32_t* codes, int64_t n, uint8_t* dst) {
-  for (int64_t i = 0; i < n; i += 8) {
-    uint64_t v = 0;
-    for (int k = 0; k < 8; ++k) {
-      v |= uint64_t(codes[i + k]) << (k * BITS);
-    }
-    std::memcpy(dst + (i / 8) * BITS, &v, 8);  // the next block overwrites the spill
+inline void pack_row(const uint32_t* __restrict codes, int64_t n, uint8_t* __restrict dst) {
+  const int64_t n_blocks = n / 8, n_bytes = n_blocks * BITS;
+  const int64_t direct = n_bytes >= 8 ? (n_bytes - 8) / BITS + 1 : 0;
+  int64_t b = 0;
+  for (; b < direct; ++b) {
+    v8u c;
+    std::memcpy(&c, codes + 8 * b, sizeof(c));
+    const uint64_t v = pack_block<BITS>(c);
+    std::memcpy(dst + b * BITS, &v, 8);
+  }
+  for (; b < n_blocks; ++b) {
+    v8u c;
+    std::memcpy(&c, codes + 8 * b, sizeof(c));
+    const uint64_t v = pack_block<BITS>(c);
+    std::memcpy(dst + b * BITS, &v, BITS);
   }
 }
 
@@ -66,6 +124,24 @@ inline float round_bf16(float x) {
   return y;
 }
 
+// round_bf16 without the NaN case: the same bits for every non-NaN x (an overflow still carries into +-inf).
+// A NaN can come out as a NaN or an infinity, never as a finite value, so a result that is finite everywhere
+// proves no NaN was rounded along the way (see dequantize_group).
+inline float round_bf16_non_nan(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  const uint32_t r = (u + ((u >> 16) & 1u) + 0x7FFFu) & 0xFFFF0000u;
+  float y;
+  std::memcpy(&y, &r, 4);
+  return y;
+}
+
+inline uint32_t is_non_finite(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return (u & 0x7F800000u) == 0x7F800000u ? 1u : 0u;
+}
+
 template <typename T>
 inline float round_to(float x) {
   if constexpr (std::is_same_v<T, float>) {
@@ -73,9 +149,9 @@ inline float round_to(float x) {
   } else if constexpr (std::is_same_v<T, mlx::core::bfloat16_t>) {
     return round_bf16(x);
   } else {
-#if defined(__FLT16_MAX__)
+#if defined(REQNOISE_HAVE_HALF)
     // IEEE binary16 conversion (F16C where the target has it): the same round-to-nearest-even as mlx's.
-    return static_cast<float>(static_cast<_Float16>(x));
+    return static_cast<float>(static_cast<half_native>(x));
 #else
     return static_cast<float>(T(x));
 #endif
@@ -96,8 +172,8 @@ inline float load_value(const T* p) {
     std::memcpy(&y, &u, 4);
     return y;
   } else {
-#if defined(__FLT16_MAX__)
-    _Float16 h;
+#if defined(REQNOISE_HAVE_HALF)
+    half_native h;
     std::memcpy(&h, p, 2);
     return static_cast<float>(h);
 #else
@@ -117,8 +193,8 @@ inline void store_value(T* p, float x) {
     const uint16_t h = uint16_t(u >> 16);
     std::memcpy(p, &h, 2);
   } else {
-#if defined(__FLT16_MAX__)
-    const _Float16 h = static_cast<_Float16>(x);
+#if defined(REQNOISE_HAVE_HALF)
+    const half_native h = static_cast<half_native>(x);
     std::memcpy(p, &h, 2);
 #else
     *p = T(x);
@@ -126,22 +202,37 @@ inline void store_value(T* p, float x) {
   }
 }
 
-// Round-half-to-even of a value already clamped to [0, 255]: for |x| < 2^22, adding and subtracting
-// 1.5 * 2^23 leaves exactly rint(x) under the default rounding mode, and it vectorises where std::rint
-// may become a library call. clamp-then-round equals MLX's round-then-clamp because the bounds are integers.
+// Round-half-to-even of a value in [0, 2^22), as a float (fp_codec.h's small E4M3 codes and the calibrated
+// loop's encode in gptq_kernel.cpp); the affine quantizer below uses the integer form, code_of.
 inline float rint_small(float x) {
   constexpr float magic = 12582912.0f;  // 1.5 * 2^23
   return (x + magic) - magic;
 }
 
+// Slack a caller's copy of a packed row keeps past its end (gptq_kernel.cpp's row buffers); unpack_row and
+// pack_row themselves never touch bytes past the row.
+constexpr int kRowPadBytes = 8;
+
+// Round-half-to-even of a value already clamped to [0, 255], as an integer code: for 0 <= x < 2^22, x + 1.5*2^23
+// rounds (default rounding mode) to 1.5*2^23 + rint(x), whose bit pattern is 0x4B400000 + rint(x). One add
+// and one integer subtract, which vectorise everywhere (a float -> uint32 conversion has no AVX2
+// instruction, and std::rint may become a library call). clamp-then-round equals MLX's round-then-clamp
+// because the bounds are integers.
+inline uint32_t code_of(float x) {
+  const float t = x + 12582912.0f;  // 1.5 * 2^23
+  uint32_t u;
+  std::memcpy(&u, &t, 4);
+  return u - 0x4B400000u;
+}
+
 // One group, exactly as mlx::core quantize() on the CPU stream: float32 arithmetic, scale and bias from the
 // group's extremes, 0.0 put on the grid, codes from the unrounded float32 scale and bias.
-inline void quantize_group(const float* x, int g, int bits, uint32_t* codes, float& scale_out, float& bias_out) {
+inline void quantize_group(const float* __restrict x, int g, int bits, uint32_t* __restrict codes, float& scale_out,
+                           float& bias_out) {
   const float n_bins = float((1 << bits) - 1);
   const float eps = 1e-7f;
   // Eight independent lanes (one vector register), then a fold: the same extremes as MLX's sequential scan
   // (max and min are order-free for non-NaN values; a signed zero's sign cannot change scale, bias or codes).
-  typedef float v8f __attribute__((vector_size(32)));
   v8f vmax, vmin;
   std::memcpy(&vmax, x, sizeof(v8f));
   vmin = vmax;
@@ -167,18 +258,18 @@ inline void quantize_group(const float* x, int g, int bits, uint32_t* codes, flo
     scale = edge / q0;
     bias = edge;
   }
-  for (int j = 0; j < g; ++j) {
+  for (int j = 0; j < g; ++j) {  // hot-loop: quantize
     float v = (x[j] - bias) / scale;
     v = v < 0.0f ? 0.0f : v;
     v = n_bins < v ? n_bins : v;
-    codes[j] = static_cast<uint32_t>(rint_small(v));
+    codes[j] = code_of(v);
   }
   scale_out = scale;
   bias_out = bias;
 }
 
 // Re-encode a group against a fixed (stored) scale and bias: the keep-grid requantizer.
-inline void encode_group(const float* x, int g, int bits, float scale, float bias, const float* old_codes,
+inline void encode_group(const float* __restrict x, int g, int bits, float scale, float bias, const float* old_codes,
                          uint32_t* codes) {
   const float n_bins = float((1 << bits) - 1);
   if (scale == 0.0f) {
@@ -186,11 +277,11 @@ inline void encode_group(const float* x, int g, int bits, float scale, float bia
     for (int j = 0; j < g; ++j) codes[j] = static_cast<uint32_t>(old_codes[j]);
     return;
   }
-  for (int j = 0; j < g; ++j) {
+  for (int j = 0; j < g; ++j) {  // hot-loop: keep-grid encode
     float v = (x[j] - bias) / scale;
     v = v < 0.0f ? 0.0f : v;
     v = n_bins < v ? n_bins : v;
-    codes[j] = static_cast<uint32_t>(rint_small(v));
+    codes[j] = code_of(v);
   }
 }
 

@@ -1,6 +1,9 @@
 #include "fuse_kernel.h"
 
+#include <cstdlib>
 #include <cstring>
+#include <new>
+#include <type_traits>
 
 #include "affine_codec.h"
 
@@ -8,108 +11,178 @@
 namespace reqnoise::REQNOISE_ISA {
 namespace {
 
-inline void unpack_any(int bits, const uint32_t* row, int64_t n, float* q, uint8_t* pad) {
-  std::memcpy(pad, row, n * bits / 8);
+// Unpack/pack straight between the packed rows and float/uint32 codes: no padded copy of the row.
+inline void unpack_any(int bits, const uint32_t* row, int64_t n, float* q) {
+  const auto* src = reinterpret_cast<const uint8_t*>(row);
   switch (bits) {
     case 2:
-      return unpack_row<2>(pad, n, q);
+      return unpack_row<2>(src, n, q);
     case 3:
-      return unpack_row<3>(pad, n, q);
+      return unpack_row<3>(src, n, q);
     case 4:
-      return unpack_row<4>(pad, n, q);
+      return unpack_row<4>(src, n, q);
     case 5:
-      return unpack_row<5>(pad, n, q);
+      return unpack_row<5>(src, n, q);
     case 6:
-      return unpack_row<6>(pad, n, q);
+      return unpack_row<6>(src, n, q);
     default:
-      return unpack_row<8>(pad, n, q);  // widths are validated before dispatch
+      return unpack_row<8>(src, n, q);  // widths are validated before dispatch
   }
 }
 
-inline void pack_any(int bits, const uint32_t* codes, int64_t n, uint32_t* row, uint8_t* pad) {
+inline void pack_any(int bits, const uint32_t* codes, int64_t n, uint32_t* row) {
+  auto* dst = reinterpret_cast<uint8_t*>(row);
   switch (bits) {
     case 2:
-      pack_row<2>(codes, n, pad);
-      break;
+      return pack_row<2>(codes, n, dst);
     case 3:
-      pack_row<3>(codes, n, pad);
-      break;
+      return pack_row<3>(codes, n, dst);
     case 4:
-      pack_row<4>(codes, n, pad);
-      break;
+      return pack_row<4>(codes, n, dst);
     case 5:
-      pack_row<5>(codes, n, pad);
-      break;
+      return pack_row<5>(codes, n, dst);
     case 6:
-      pack_row<6>(codes, n, pad);
-      break;
+      return pack_row<6>(codes, n, dst);
     default:
-      pack_row<8>(codes, n, pad);
-      break;
+      return pack_row<8>(codes, n, dst);
   }
-  std::memcpy(row, pad, n * bits / 8);
 }
 
-// delta[j] = sum_k (scale * b[k]) * A[k, j], summed in k order in float32 (as a rank-r matmul of the
-// pre-scaled B would); the scaled b[k] is rounded to float32 first, like MLX's `scale * lora_b`. Columns go in
-// blocks of 32 whose partial sums stay in registers while k runs, so A is the only stream.
-inline void delta_row(const FuseSpec& spec, const float* a, const float* b, int64_t n, float* delta) {
-  constexpr int kBlock = 32;  // rows are multiples of 32 values
-  float sb[256];
-  const int r = spec.rank < 256 ? spec.rank : 256;
-  for (int k = 0; k < r; ++k) sb[k] = spec.scale * b[k];
+// Rows of one expert share A: the delta is computed for a tile of up to kTile rows at once, so each element
+// of A is loaded once per tile instead of once per row (A is [rank, in] floats: 48 KiB at rank 16, in 768,
+// more than L1 holds, so per-row streaming would re-read it from L2 every row).
+constexpr int kTile = 4;
+
+// delta[t][j] = sum_k (scale * b_t[k]) * A[k, j] for the tile's rows t, summed in k order in float32 (as a
+// rank-r matmul of the pre-scaled B would); each scaled b[k] is rounded to float32 first, like MLX's
+// `scale * lora_b`. Columns go in blocks of 16 whose kTile x 16 partial sums stay in registers while k
+// runs. The order of operations per element is the same for any tile size, so tiling never changes a bit.
+template <int TILE>
+inline void delta_tile(const FuseSpec& spec, const float* __restrict a, const float* __restrict b, int64_t n,
+                       float* __restrict delta) {
+  constexpr int kBlock = 16;  // rows are multiples of 32 values
+  constexpr int kMaxRank = 256;
+  float sb[TILE][kMaxRank];
+  const int r = spec.rank < kMaxRank ? spec.rank : kMaxRank;
+  for (int t = 0; t < TILE; ++t) {
+    for (int k = 0; k < r; ++k) sb[t][k] = spec.scale * b[t * spec.rank + k];
+  }
   for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
-    float acc[kBlock];
-    for (int j = 0; j < kBlock; ++j) acc[j] = sb[0] * a[j0 + j];
+    // Two 8-lane vectors per tile row: 2 * TILE accumulators, registers on AVX2 (16) and NEON (32).
+    v8f acc[TILE][2];
+    v8f a0, a1;
+    std::memcpy(&a0, a + j0, sizeof(v8f));
+    std::memcpy(&a1, a + j0 + 8, sizeof(v8f));
+#pragma GCC unroll 8
+    for (int t = 0; t < TILE; ++t) {
+      acc[t][0] = sb[t][0] * a0;
+      acc[t][1] = sb[t][0] * a1;
+    }
     for (int k = 1; k < r; ++k) {
       const float* ak = a + int64_t(k) * n + j0;
-      const float s = sb[k];
-      for (int j = 0; j < kBlock; ++j) acc[j] = acc[j] + s * ak[j];
+      std::memcpy(&a0, ak, sizeof(v8f));
+      std::memcpy(&a1, ak + 8, sizeof(v8f));
+#pragma GCC unroll 8
+      for (int t = 0; t < TILE; ++t) {
+        acc[t][0] = acc[t][0] + sb[t][k] * a0;
+        acc[t][1] = acc[t][1] + sb[t][k] * a1;
+      }
     }
-    std::memcpy(delta + j0, acc, sizeof(acc));
+    for (int t = 0; t < TILE; ++t) std::memcpy(delta + t * n + j0, acc[t], sizeof(acc[t]));
   }
-  for (int k = 256; k < spec.rank; ++k) {  // ranks above 256: the plain form, same order of operations
-    const float s = spec.scale * b[k];
+  for (int k = kMaxRank; k < spec.rank; ++k) {  // ranks above 256: the plain form, same order of operations
     const float* ak = a + int64_t(k) * n;
-    for (int64_t j = 0; j < n; ++j) delta[j] = delta[j] + s * ak[j];
+    for (int t = 0; t < TILE; ++t) {
+      const float s = spec.scale * b[t * spec.rank + k];
+      float* d = delta + t * n;
+      for (int64_t j = 0; j < n; ++j) d[j] = d[j] + s * ak[j];
+    }
+  }
+}
+
+// One row's delta: the tile form with a tile of one (the rows left over at the end of an expert or a block).
+inline void delta_row(const FuseSpec& spec, const float* a, const float* b, int64_t n, float* delta) {
+  delta_tile<1>(spec, a, b, n, delta);
+}
+
+// One group of G values as MLX's dequantize op chain computes it: two ops in the scales' dtype (q*s, then +b),
+// the delta cast to that dtype and the sum rounded to it again (three roundings for 16-bit types, none for
+// float32). For bfloat16 a first pass rounds without the NaN case, which is most of the rounding's cost,
+// and keeps the group if every result is finite (then no NaN occurred: a rounded NaN never turns finite);
+// otherwise the group is recomputed with the exact NaN handling, so the bytes are MLX's either way.
+template <typename T, int G, bool DELTA>
+inline void dequantize_group(const float* __restrict qg, const float* __restrict dg, float sc, float bi,
+                             float* __restrict wg) {
+  if constexpr (std::is_same_v<T, mlx::core::bfloat16_t>) {
+    uint32_t non_finite = 0;
+    for (int j = 0; j < G; ++j) {  // hot-loop: dequantize (bfloat16, finite)
+      float x = round_bf16_non_nan(round_bf16_non_nan(qg[j] * sc) + bi);
+      if constexpr (DELTA) x = round_bf16_non_nan(x + round_bf16_non_nan(dg[j]));
+      wg[j] = x;
+      non_finite |= is_non_finite(x);
+    }
+    if (!non_finite) return;
+  }
+  for (int j = 0; j < G; ++j) {  // hot-loop: dequantize
+    float x = round_to<T>(round_to<T>(qg[j] * sc) + bi);
+    if constexpr (DELTA) x = round_to<T>(x + round_to<T>(dg[j]));
+    wg[j] = x;
+  }
+}
+
+template <typename T, int G>
+inline void dequantize_row(const T* scales, const T* biases, const float* __restrict q, const float* __restrict delta,
+                           int64_t n, float* __restrict w) {
+  for (int64_t gi = 0; gi < n / G; ++gi) {
+    const float sc = load_value(scales + gi), bi = load_value(biases + gi);
+    if (delta) {
+      dequantize_group<T, G, true>(q + gi * G, delta + gi * G, sc, bi, w + gi * G);
+    } else {
+      dequantize_group<T, G, false>(q + gi * G, nullptr, sc, bi, w + gi * G);
+    }
   }
 }
 
 // ``row``: this row's pointers (A: its expert's [rank, in] matrix; B: its [rank] row; mag: its magnitude).
+// ``delta``: this row's scale * B @ A (unused when rank == 0).
 template <typename T>
-void fuse_one_row(const FuseSpec& spec, int64_t in_dim, const FuseBuffers<T>& row, const RowScratch& s) {
+void fuse_one_row(const FuseSpec& spec, int64_t in_dim, const FuseBuffers<T>& row, const RowScratch& s,
+                  const float* __restrict delta) {
   const T* scales = row.scales;
   const T* biases = row.biases;
   const int g_in = spec.group_size;
   const int64_t n_groups = in_dim / g_in;
-  float* q = s.q;
-  float* w = s.w;
-  float* delta = s.delta;
+  float* __restrict q = s.q;
+  float* __restrict w = s.w;
   const bool has_delta = spec.rank > 0;
 
-  unpack_any(spec.bits, row.wq, in_dim, q, s.packed);
-  if (has_delta) delta_row(spec, row.A, row.B, in_dim, delta);
+  unpack_any(spec.bits, row.wq, in_dim, q);
 
-  for (int64_t gi = 0; gi < n_groups; ++gi) {
-    const float sc = load_value(scales + gi);
-    const float bi = load_value(biases + gi);
-    const float* qg = q + gi * g_in;
-    float* wg = w + gi * g_in;
-    if (spec.keep_grid) {
+  if (spec.keep_grid) {
+    for (int64_t gi = 0; gi < n_groups; ++gi) {
+      const float sc = load_value(scales + gi);
+      const float bi = load_value(biases + gi);
+      const float* __restrict qg = q + gi * g_in;
+      float* __restrict wg = w + gi * g_in;
       // float32 dequantization: re-encoding it against the same grid returns every code unchanged.
-      for (int j = 0; j < g_in; ++j) wg[j] = qg[j] * sc + bi;
+      for (int j = 0; j < g_in; ++j) wg[j] = qg[j] * sc + bi;  // hot-loop: keep-grid dequantize
       if (has_delta) {
-        const float* dg = delta + gi * g_in;
-        for (int j = 0; j < g_in; ++j) wg[j] = wg[j] + dg[j];
+        const float* __restrict dg = delta + gi * g_in;
+        for (int j = 0; j < g_in; ++j) wg[j] = wg[j] + dg[j];  // hot-loop: keep-grid delta
       }
-    } else {
-      // MLX dequantizes with two ops in the scales' dtype (q*s, then +b), the delta is cast to that dtype
-      // and the sum is rounded to it again: three roundings for 16-bit types, none for float32.
-      for (int j = 0; j < g_in; ++j) wg[j] = round_to<T>(round_to<T>(qg[j] * sc) + bi);
-      if (has_delta) {
-        const float* dg = delta + gi * g_in;
-        for (int j = 0; j < g_in; ++j) wg[j] = round_to<T>(wg[j] + round_to<T>(dg[j]));
-      }
+    }
+  } else {
+    const float* d = has_delta ? delta : nullptr;
+    switch (g_in) {  // group sizes are validated before dispatch
+      case 32:
+        dequantize_row<T, 32>(scales, biases, q, d, in_dim, w);
+        break;
+      case 64:
+        dequantize_row<T, 64>(scales, biases, q, d, in_dim, w);
+        break;
+      default:
+        dequantize_row<T, 128>(scales, biases, q, d, in_dim, w);
+        break;
     }
   }
 
@@ -135,7 +208,7 @@ void fuse_one_row(const FuseSpec& spec, int64_t in_dim, const FuseBuffers<T>& ro
       store_value(row.biases_out + gi, bo);
     }
   }
-  pack_any(spec.out_bits, codes, in_dim, row.wq_out, s.packed);
+  pack_any(spec.out_bits, codes, in_dim, row.wq_out);
 }
 
 }  // namespace
@@ -148,19 +221,45 @@ void fuse_row_range(const FuseSpec& spec, int64_t out_dim, int64_t in_dim, int64
   const int64_t groups_in = in_dim / spec.group_size;
   const int64_t groups_out = in_dim / spec.out_group_size;
   const int r = spec.rank;
-  for (int64_t row = row_begin; row < row_end; ++row) {
-    const int64_t e = row / out_dim;
-    const FuseBuffers<T> one{buf.wq + row * words_in,
-                             buf.scales + row * groups_in,
-                             buf.biases + row * groups_in,
-                             r ? buf.A + e * r * in_dim : nullptr,
-                             r ? buf.B + row * r : nullptr,
-                             buf.mag ? buf.mag + row : nullptr,
-                             buf.wq_out + row * words_out,
-                             spec.keep_grid ? nullptr : buf.scales_out + row * groups_out,
-                             spec.keep_grid ? nullptr : buf.biases_out + row * groups_out};
-    fuse_one_row<T>(spec, in_dim, one, s);
+  // The tile's deltas: kTile rows of in_dim floats per thread (s.delta holds one row only). malloc, not a
+  // std:: container, whose out-of-line template code could be shared between the instruction-set copies.
+  float* tile_delta = nullptr;
+  if (r) {
+    tile_delta = static_cast<float*>(std::malloc(sizeof(float) * kTile * in_dim));
+    if (!tile_delta) throw std::bad_alloc();
   }
+  for (int64_t row0 = row_begin; row0 < row_end;) {
+    const int64_t e = row0 / out_dim;
+    // A tile never crosses an expert (its rows share A) nor this thread's range.
+    const int64_t expert_end = (e + 1) * out_dim;
+    int64_t tile_end = row0 + kTile;
+    tile_end = tile_end < row_end ? tile_end : row_end;
+    tile_end = tile_end < expert_end ? tile_end : expert_end;
+    const float* a = r ? buf.A + e * r * in_dim : nullptr;
+    if (r) {
+      if (tile_end - row0 == kTile) {
+        delta_tile<kTile>(spec, a, buf.B + row0 * r, in_dim, tile_delta);
+      } else {
+        for (int64_t row = row0; row < tile_end; ++row) {
+          delta_row(spec, a, buf.B + row * r, in_dim, tile_delta + (row - row0) * in_dim);
+        }
+      }
+    }
+    for (int64_t row = row0; row < tile_end; ++row) {
+      const FuseBuffers<T> one{buf.wq + row * words_in,
+                               buf.scales + row * groups_in,
+                               buf.biases + row * groups_in,
+                               a,
+                               r ? buf.B + row * r : nullptr,
+                               buf.mag ? buf.mag + row : nullptr,
+                               buf.wq_out + row * words_out,
+                               spec.keep_grid ? nullptr : buf.scales_out + row * groups_out,
+                               spec.keep_grid ? nullptr : buf.biases_out + row * groups_out};
+      fuse_one_row<T>(spec, in_dim, one, s, r ? tile_delta + (row - row0) * in_dim : nullptr);
+    }
+    row0 = tile_end;
+  }
+  std::free(tile_delta);
 }
 
 #define REQNOISE_INSTANTIATE(T)                                                                               \

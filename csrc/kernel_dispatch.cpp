@@ -1,5 +1,6 @@
 // Threads, scratch and the choice of instruction-set copy for the row kernel (compiled for the baseline).
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -56,19 +57,31 @@ void fuse_rows(const FuseSpec& spec, int64_t n_experts, int64_t out_dim, int64_t
     throw std::invalid_argument("input width must divide by the group sizes");
   }
   const int64_t n_rows = n_experts * out_dim;
-  auto work = [&](int64_t begin, int64_t end) {
+  // One worker: scratch allocated once, then rows [begin, end) in blocks taken from next(); each block is
+  // fused independently (a row's bytes never depend on which block or thread computed it).
+  auto worker = [&](auto&& next) {
     std::vector<float> f(3 * in_dim);
     std::vector<uint32_t> codes(in_dim);
     std::vector<uint8_t> packed(in_dim + 8);
     RowScratch s{f.data(), f.data() + in_dim, f.data() + 2 * in_dim, codes.data(), packed.data()};
+    int64_t begin, end;
+    while (next(begin, end)) {
 #if defined(REQNOISE_HAVE_V3)
-    if (kUseV3) {
-      if (fp) return v3::fp_row_range<T>(spec, out_dim, in_dim, begin, end, buf, s);
-      return v3::fuse_row_range<T>(spec, out_dim, in_dim, begin, end, buf, s);
-    }
+      if (kUseV3) {
+        if (fp) {
+          v3::fp_row_range<T>(spec, out_dim, in_dim, begin, end, buf, s);
+        } else {
+          v3::fuse_row_range<T>(spec, out_dim, in_dim, begin, end, buf, s);
+        }
+        continue;
+      }
 #endif
-    if (fp) return baseline::fp_row_range<T>(spec, out_dim, in_dim, begin, end, buf, s);
-    baseline::fuse_row_range<T>(spec, out_dim, in_dim, begin, end, buf, s);
+      if (fp) {
+        baseline::fp_row_range<T>(spec, out_dim, in_dim, begin, end, buf, s);
+      } else {
+        baseline::fuse_row_range<T>(spec, out_dim, in_dim, begin, end, buf, s);
+      }
+    }
   };
 
   int n_threads = spec.num_threads > 0 ? spec.num_threads : int(std::thread::hardware_concurrency());
@@ -76,24 +89,39 @@ void fuse_rows(const FuseSpec& spec, int64_t n_experts, int64_t out_dim, int64_t
   const int64_t min_rows = std::max<int64_t>(1, 262144 / std::max<int64_t>(in_dim, 1));
   n_threads = int(std::clamp<int64_t>(std::min<int64_t>(n_threads, n_rows / min_rows), 1, 256));
   if (n_threads == 1) {
-    work(0, n_rows);
+    bool done = false;
+    worker([&](int64_t& b, int64_t& e) {
+      if (done) return false;
+      b = 0, e = n_rows, done = true;
+      return true;
+    });
     return;
   }
-  std::vector<std::thread> pool;
+  // Rows are handed out in blocks from a shared counter rather than split in fixed halves, so a thread whose
+  // core is busy with something else (a shared machine) or that started late takes fewer blocks and the
+  // others are never left waiting. Blocks are multiples of 16 rows (whole delta tiles), about 32 per thread.
+  const int64_t block = std::clamp<int64_t>(n_rows / (int64_t(n_threads) * 32) / 16 * 16, 16, 4096);
+  std::atomic<int64_t> next_row{0};
+  auto next = [&](int64_t& b, int64_t& e) {
+    b = next_row.fetch_add(block, std::memory_order_relaxed);
+    if (b >= n_rows) return false;
+    e = std::min(b + block, n_rows);
+    return true;
+  };
   std::exception_ptr error;
   std::mutex error_mutex;
-  // Contiguous row blocks: each output byte is written by exactly one thread.
-  for (int t = 0; t < n_threads; ++t) {
-    const int64_t begin = n_rows * t / n_threads, end = n_rows * (t + 1) / n_threads;
-    pool.emplace_back([&, begin, end] {
-      try {
-        work(begin, end);
-      } catch (...) {
-        std::lock_guard<std::mutex> lock(error_mutex);
-        if (!error) error = std::current_exception();
-      }
-    });
-  }
+  auto guarded = [&] {
+    try {
+      worker(next);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(error_mutex);
+      if (!error) error = std::current_exception();
+      next_row.store(n_rows);  // the others stop at their next block
+    }
+  };
+  std::vector<std::thread> pool;
+  for (int t = 1; t < n_threads; ++t) pool.emplace_back(guarded);
+  guarded();  // the calling thread is one of the workers
   for (auto& th : pool) th.join();
   if (error) std::rethrow_exception(error);
 }
