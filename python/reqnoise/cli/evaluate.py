@@ -1,12 +1,17 @@
 """Evaluation commands: eval (multiple choice), identity, coupling, setg."""
 
+import argparse
 import json
 import sys
+from pathlib import Path
+
+from reqnoise import atomic
+from reqnoise.distributed import rank_and_size
+from reqnoise.errors import ReqnoiseError
+from reqnoise.eval.items import DEFAULT_MAX_TOKENS, MODES
 
 
 def _positive(text: str) -> int:
-    import argparse
-
     try:
         value = int(text)
     except ValueError:
@@ -17,17 +22,11 @@ def _positive(text: str) -> int:
 
 
 def _write_jsonl(path, records, overwrite: bool) -> None:
-    from reqnoise import atomic
-
     atomic.write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), overwrite=overwrite)
 
 
 def _check_out(path, overwrite: bool) -> None:
     # Refuse before loading a model and spending minutes, not after.
-    from pathlib import Path
-
-    from reqnoise.errors import ReqnoiseError
-
     if path is not None and Path(path).exists() and not overwrite:
         raise ReqnoiseError(f"{path} already exists (pass --overwrite to replace it)")
 
@@ -49,7 +48,6 @@ def _model_args(p, generation: bool = True, max_tokens: int = 32) -> None:
 
 
 def register(subparsers) -> None:
-    from reqnoise.eval.items import DEFAULT_MAX_TOKENS, MODES
 
     p = subparsers.add_parser(
         "eval",
@@ -124,7 +122,6 @@ def register(subparsers) -> None:
 
 
 def _eval(args):
-    from reqnoise.distributed import rank_and_size
     from reqnoise.eval.items import load_items
     from reqnoise.eval.multiple_choice import evaluate_items
     from reqnoise.eval.records import write_records

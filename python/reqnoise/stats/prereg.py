@@ -85,7 +85,7 @@ from reqnoise import __version__, atomic
 from reqnoise.errors import RefusedError, ReqnoiseError
 from reqnoise.eval.records import read_records
 from reqnoise.jsonl import read_json
-from reqnoise.stats.inference import pair_records
+from reqnoise.stats.inference import compare_paired, pair_records, wilson_ci
 
 LOCK_FORMAT = "reqnoise-prereg-lock/1"
 PROVENANCE_FORMAT = "reqnoise-provenance/1"
@@ -498,14 +498,12 @@ class _Env:
         self._cache = {}
 
     def comparison(self, x, y):
-        from reqnoise.stats.inference import compare_paired
 
         if (x, y) not in self._cache:  # reference Y, condition X: difference = acc(X) - acc(Y)
             self._cache[x, y] = compare_paired(self.paired, y, x, self.crit.alpha, self.crit.power)
         return self._cache[x, y]
 
     def call(self, fname, args):
-        from reqnoise.stats.inference import wilson_ci
 
         if fname in UNARY:
             k = int(self.paired.correct[args[0]].sum())

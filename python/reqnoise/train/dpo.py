@@ -24,9 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
+from reqnoise.atomic import atomic_dir, check_target
 from reqnoise.chat import render_chat
 from reqnoise.errors import ReqnoiseError
 from reqnoise.jsonl import iter_jsonl
+from reqnoise.train.clean_data import DEFAULT_DROP_PATTERNS, _check_messages, _drop_reason
 
 PAIR_KEYS = ("prompt", "chosen", "rejected")
 _PAD_TO = 8  # as reqnoise.train.data: 1 + a multiple of 8 tokens per row
@@ -271,8 +273,6 @@ def build_dpo_pairs(
     Returns counts: ``{"read", "kept", "skipped": {reason: n}, "pairs": {split: n}}``; pairs whose base reply
     is empty or equals the chosen reply are skipped (``rejected_empty``, ``rejected_is_chosen``).
     """
-    from reqnoise.atomic import atomic_dir, check_target
-    from reqnoise.train.clean_data import DEFAULT_DROP_PATTERNS, _check_messages, _drop_reason
 
     drop_patterns = tuple(DEFAULT_DROP_PATTERNS if drop_patterns is None else drop_patterns)
     src = Path(data)
