@@ -8,11 +8,7 @@ from reqnoise import atomic
 from reqnoise.errors import ReqnoiseError
 from reqnoise.fuse.options import FuseOptions
 from reqnoise.kernel.formats import KERNEL_REQUANTS
-
-# No mlx import here: the parser is built for every command.
-CALIBRATIONS = ("none", "own", "shared")
-EVAL_MODES = ("loglik", "cloze")
-DEFAULT_GROUPS = ["attention", "experts", "router", "all-linear"]
+from reqnoise.noise.floor import CALIBRATIONS, DEFAULT_GROUPS, EVAL_MODES  # the module imports mlx lazily
 
 GROUPS_HELP = (
     "groups of modules to requantize with a zero delta, each measured on its own: KIND[.MODULE][@LAYERS] with "
@@ -27,7 +23,7 @@ def register(sub) -> None:
     )
     p.add_argument("--model", required=True, help="mlx-lm model directory (quantized)")
     p.add_argument("--items", required=True, help="multiple-choice items JSONL")
-    p.add_argument("--targets", nargs="+", default=DEFAULT_GROUPS, metavar="GROUP", help=GROUPS_HELP)
+    p.add_argument("--targets", nargs="+", default=list(DEFAULT_GROUPS), metavar="GROUP", help=GROUPS_HELP)
     p.add_argument(
         "--requant",
         nargs="+",
@@ -64,7 +60,7 @@ def run(args) -> int:
             raise ReqnoiseError(f"{out} already exists (pass --overwrite to replace it)")
     if args.batch_size < 1 or args.kl_items < 0:
         raise ReqnoiseError("--batch-size must be at least 1 and --kl-items at least 0")
-    from reqnoise.noise.floor import floor, plot_floor, render_table  # imports mlx: only when the command runs
+    from reqnoise.noise.floor import floor, plot_floor, render_table
 
     rep = floor(
         args.model,
