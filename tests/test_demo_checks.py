@@ -114,7 +114,7 @@ def test_positive_control_needs_holm_adjusted_p():
 
 def test_one_function_per_check_in_order():
     assert demo.CHECKS[:3] == (demo.check_keep_grid_weights, demo.check_keep_grid_answers, demo.check_letter_prior)
-    assert len(set(demo.CHECKS)) == len(demo.CHECKS) == 9
+    assert len(set(demo.CHECKS)) == len(demo.CHECKS) == 10
     # A check whose comparisons are missing prints nothing rather than a line about absent numbers.
     empty = demo.DemoRun.of("unused", results({}))
     assert demo.check_study_adapter(empty) == demo.check_heldout(empty) == demo.check_positive_control(empty) == []

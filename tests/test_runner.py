@@ -88,6 +88,11 @@ def test_reduced_demo_structure(demo_run):
         "P0_fresh",
         "S1_fresh",
         "R1_fresh",
+        "L1_fresh",
+        "L0_fresh",
+        "L1_keep",
+        "L0_keep",
+        "LR1_fresh",
     ):
         for ev in ("setg_test", "recall_trained", "recall_heldout"):
             row = saved["conditions"][cond][ev]
@@ -100,6 +105,22 @@ def test_reduced_demo_structure(demo_run):
         "recall_trained (P1_fresh vs P0_fresh)",
     } <= set(saved["decomposition"])
     assert "vs_zero_control" in saved["comparisons"]["setg_test"]["A1_fresh"]
+    # The all-layers, all-linear arm: its pairs, controls and decomposition, on every adaptable module.
+    assert "setg_test (L1_fresh vs L0_fresh)" in saved["decomposition"]
+    assert {"vs_L0_fresh", "vs_LR1_fresh", "vs_baseline"} <= set(saved["comparisons"]["setg_test"]["L1_fresh"])
+    trained = json.loads((out / "steps" / "adapter-factual_all" / "step.json").read_text())
+    fused = json.loads((out / "steps" / "model-L0_fresh" / "model" / "fuse_report.json").read_text())
+    assert len(fused["modules"]) == 4 * 8 and fused["control"] == "zero"  # 4 layers x (q, k, v, o, router, 3 experts)
+    assert len(trained["summary"]["modules"]) == 32  # mlx-lm adapted every adaptable module of every block
+    # The floor ran on the persona before stage 2 and was printed; keep-grid rows are zero.
+    floor_at = next(i for i, line in enumerate(logs) if "floor of each arm's target" in line)
+    assert floor_at < next(i for i, line in enumerate(logs) if "adapter-factual" in line and "cached" not in line)
+    rows = saved["floor"]["rows"]
+    assert {r["group"] for r in rows} == {"experts.down_proj@1-3", "all-linear", "attention"}
+    assert all(r["changed"] == 0 and r["codes_changed"] == 0 for r in rows if r["requant"] == "keep-grid")
+    assert saved["floor"]["n"] == saved["conditions"]["persona"]["setg_test"]["n"]
+    assert {"train", "eval", "floor"} <= set(saved["timing"]["stages"])
+    assert any(line.startswith("total (wall)") for line in logs[-1].splitlines() + logs[-2].splitlines())
     assert {"vs_P0_fresh", "vs_S1_fresh"} <= set(saved["comparisons"]["recall_trained"]["P1_fresh"])
     # Cloze records: one score per option, calibrated within each subject.
     rec = json.loads((out / "results" / "recall_trained" / "P1_fresh.jsonl").read_text().splitlines()[0])
@@ -115,6 +136,7 @@ def test_reduced_demo_invariants(demo_run):
     out, results, _ = demo_run
     checks = {c["text"].split(":")[0]: c["ok"] for c in results["checks"]}
     assert checks["keep-grid zero-delta control A0 has weights bit-identical to the persona model"]
+    assert checks["keep-grid zero-delta control L0 has weights bit-identical to the persona model"]
     assert all(ok for text, ok in checks.items() if text.startswith("keep-grid A0 answers every"))
     # The artifact line counts the zero deltas' changed answers; recount them from the saved records.
     line = next(c["text"] for c in results["checks"] if "(the artifact)" in c["text"])

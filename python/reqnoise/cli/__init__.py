@@ -12,6 +12,7 @@ from reqnoise.errors import ReqnoiseError
 # Modules under reqnoise.cli that define register(subparsers).
 COMMAND_MODULES = [
     "evaluate",
+    "floor",
     "fuse",
     "noise",
     "probe",

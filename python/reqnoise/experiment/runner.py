@@ -387,6 +387,31 @@ class Runner:
         return name
 
     # ---------------------------------------------------------------- the whole run
+    def _lock_first(self):
+        """Lock the criteria (if any) before anything is trained; every rank records the lock in the provenance
+        of the steps it computes. Returns the lock path or None."""
+        if not self.spec.criteria:
+            return None
+
+        def locked():
+            path = self.lock()
+            return [str(path), lock_sha256(path)]
+
+        lock, self.cache.lock_sha256 = on_root(locked)
+        return Path(lock)
+
+    def run_upstream(self, models=(), setg: bool = False) -> dict:
+        """Lock the criteria as ``run`` does, then plan and execute only the steps ``models`` (and, with
+        ``setg``, Set G) need: a caller can look at an intermediate model before the rest is planned (the demo's
+        ``floor`` before stage 2). A later ``run`` of the same spec finds these steps in the cache. Returns
+        ``{model: directory}``; the timeline of the executed steps is in ``self.timeline``."""
+        self._lock_first()
+        paths = {m: self.model(m) for m in models}
+        if setg:
+            self.setg()
+        self.records, self.timeline = execute(self.plan, self.cache, log=self.log)
+        return paths
+
     def run(self) -> dict:
         """Plan every step, execute (on every launched rank), then write the outputs (rank 0). Returns the
         results dict on rank 0 and ``{}`` on the other ranks."""
@@ -394,16 +419,7 @@ class Runner:
         rank, _ = rank_and_size()
         if rank != 0:  # one voice: rank 0 reports for all (per-rank throughput included)
             self.log, self.progress = (lambda *a, **k: None), False
-        lock = None
-        if spec.criteria:
-
-            def locked():
-                path = self.lock()
-                return [str(path), lock_sha256(path)]
-
-            # Before anything is trained; every rank records the lock in the provenance of the steps it computes.
-            lock, self.cache.lock_sha256 = on_root(locked)
-            lock = Path(lock)
+        lock = self._lock_first()
         for name in spec.model_order():
             if name in spec.identity_models() or any(name in spec.eval_models(e) for e in spec.evals):
                 self.model(name)

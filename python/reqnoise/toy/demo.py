@@ -11,10 +11,15 @@
    sentence, gate/up/down projections of the same layers, 200 steps), its zero delta (P0), its shuffled-answer
    twin (S1: the same recipe on Set-G train with answers permuted within subject: same questions, format and
    answer distribution, no item's answer) and norm-matched random deltas (R*).
-7. Set-G test (multiple choice, as in the study), recall of the trained facts asked in other words and recall
+7. The all-layers, all-linear arm (L1: the study's recipe on every adaptable module of every block, the
+   persona-override research's recommended target), its zero delta under fresh and keep-grid (L0) and
+   norm-matched random deltas (LR*). Before stage 2 is trained, ``reqnoise floor`` measures on the persona model
+   what a zero-delta fuse of each arm's target does to Set-G test, and predicts which arm shows the artifact.
+8. Set-G test (multiple choice, as in the study), recall of the trained facts asked in other words and recall
    of the held-out facts (cloze: each option's fact sentence scored), and the identity suite, for every
    condition; statistics and the pre-registered kill criterion.
-8. The decomposition tables, the verdict and the report.
+9. The decomposition tables, the checks (whether the floor's prediction held among them), the verdict, the
+   report, and the seconds each stage took.
 """
 
 import json
@@ -36,7 +41,8 @@ success_if = "diff(A1_fresh, A0_fresh) >= 0.05 and ztest_p(A1_fresh, A0_fresh) <
 # Sizes and recipes. factual_*: the study's stage-2 adapter (rank 2, alpha 2 as mlx-lm's plain scale, lr 5e-6,
 # 25 steps of 8 = the study's 200 examples). recall_*: the positive control and its shuffled-answer twin.
 FULL = dict(
-    per_subject=40,
+    per_subject=110,
+    setg_train_frac=0.5,
     knowledge_iters=30,
     identity_iters=60,
     factual_iters=25,
@@ -48,6 +54,7 @@ FULL = dict(
 )
 QUICK = dict(
     per_subject=12,
+    setg_train_frac=0.7,
     knowledge_iters=15,
     identity_iters=15,
     factual_iters=5,
@@ -57,6 +64,14 @@ QUICK = dict(
     recall_lr=1e-3,
     random_controls=1,
 )
+
+
+STUDY_LAYERS = [1, 2, 3]
+# The all-layers, all-linear arm's conditions (its random controls LR* follow them).
+ARM_CONDITIONS = ("L1_fresh", "L0_fresh", "L1_keep", "L0_keep")
+# The floor groups run on the persona before stage 2: each arm's target (zero control -> group), then the
+# attention projections alone for reference (the issue's table: the artifact's home in this toy).
+FLOOR_GROUPS = {"A0_fresh": "experts.down_proj@1-3", "L0_fresh": "all-linear", None: "attention"}
 
 
 def _model(name, adapter, requant="fresh", control="none", seed=0) -> list:
@@ -75,7 +90,20 @@ def demo_spec(p: dict) -> str:
     recall = dict(
         rank=4, scale=20.0, lr=p["recall_lr"], iters=p["recall_iters"], modules=["gate_proj", "up_proj", "down_proj"]
     )
-    conditions = ["persona", "A1_fresh", "A0_fresh", "A1_keep", "A0_keep", "P1_fresh", "P0_fresh", "S1_fresh", *rand]
+    lrand = [f"LR{i}_fresh" for i in range(1, p["random_controls"] + 1)]
+    conditions = [
+        "persona",
+        "A1_fresh",
+        "A0_fresh",
+        "A1_keep",
+        "A0_keep",
+        "P1_fresh",
+        "P0_fresh",
+        "S1_fresh",
+        *rand,
+        *ARM_CONDITIONS,
+        *lrand,
+    ]
     lines = [
         'name = "reqnoise demo: the stacking confound in miniature"',
         "",
@@ -101,6 +129,15 @@ def demo_spec(p: dict) -> str:
     ]
     for i, r in enumerate(rand):
         lines += _model(r, "recall", control="random", seed=i + 1)
+    # The all-layers, all-linear arm: the study's recipe on every adaptable module of every block.
+    lines += [
+        *_model("L1_fresh", "factual_all"),
+        *_model("L0_fresh", "factual_all", control="zero"),
+        *_model("L1_keep", "factual_all", "keep-grid"),
+        *_model("L0_keep", "factual_all", "keep-grid", "zero"),
+    ]
+    for i, r in enumerate(lrand):
+        lines += _model(r, "factual_all", control="random", seed=i + 1)
     lines += [
         "",
         "[adapters.knowledge]",
@@ -132,6 +169,18 @@ def demo_spec(p: dict) -> str:
             iters=p["factual_iters"],
             modules=["down_proj"],
         ),
+        # The same recipe (data, rank, lr, steps) on all layers and all linear modules (routers included): the
+        # persona-override research's recommended target, where this toy carries the requantization artifact.
+        *stage2_adapter(
+            "factual_all",
+            "setg:train",
+            rank=2,
+            scale=p["factual_scale"],
+            lr=p["factual_lr"],
+            iters=p["factual_iters"],
+            modules=None,
+            layers=None,
+        ),
         # The positive control and its shuffled-answer twin: one recipe, only the data differ.
         *stage2_adapter("recall", "setg:train-recall", **recall),
         *stage2_adapter("shuffled", "setg:train-recall-shuffled", **recall),
@@ -158,7 +207,7 @@ def demo_spec(p: dict) -> str:
         "[setg]",
         'eval = "all"',
         'models = ["base", "persona"]',
-        "train_frac = 0.7",
+        f"train_frac = {p['setg_train_frac']}",
         "seed = 0",
         'paraphrases = "world/reworded.jsonl"',
         "",
@@ -175,7 +224,9 @@ def demo_spec(p: dict) -> str:
         'trained = "A1_fresh"',
         'zero_control = "A0_fresh"',
         'pairs = [["A1_keep", "A0_keep"], { trained = "P1_fresh", zero_control = "P0_fresh", '
-        f'random_controls = {json.dumps(rand)}, trained_controls = ["S1_fresh"] }}]',
+        f'random_controls = {json.dumps(rand)}, trained_controls = ["S1_fresh"] }}, '
+        f'{{ trained = "L1_fresh", zero_control = "L0_fresh", random_controls = {json.dumps(lrand)} }}, '
+        '["L1_keep", "L0_keep"]]',
         "",
         "[criteria]",
         'file = "criteria.toml"',
@@ -195,8 +246,11 @@ def prepare_demo(out, p: dict) -> Path:
     return out / "spec.toml"
 
 
-def stage2_adapter(name: str, data: str, *, rank: int, scale: float, lr: float, iters: int, modules) -> list:
-    """Spec lines of a stage-2 adapter on the experts of layers 1-3 (the study: three layers' experts)."""
+def stage2_adapter(
+    name: str, data: str, *, rank: int, scale: float, lr: float, iters: int, modules, layers=STUDY_LAYERS
+) -> list:
+    """Spec lines of a stage-2 adapter, by default on layers 1-3 (the study: three layers' experts);
+    ``modules``/``layers`` None: every adaptable module / every block."""
     return [
         f"[adapters.{name}]",
         'model = "persona"',
@@ -207,8 +261,8 @@ def stage2_adapter(name: str, data: str, *, rank: int, scale: float, lr: float, 
         f"iters = {iters}",
         "batch_size = 8",
         "mask_prompt = true",
-        f"modules = {json.dumps(modules)}",
-        "layers = [1, 2, 3]",
+        *([] if modules is None else [f"modules = {json.dumps(modules)}"]),
+        *([] if layers is None else [f"layers = {json.dumps(layers)}"]),
     ]
 
 
@@ -217,22 +271,102 @@ def run_demo(
 ) -> dict:
     """Build the world and the spec under ``out`` and run it; print what the run shows. Re-running resumes
     from the step cache. ``margin``: equivalence margin (fraction) of the checks' "matched" lines. Returns the
-    results dict."""
+    results dict (with ``floor``, the persona's floor table, and ``timing``, seconds per stage)."""
     from reqnoise.distributed import on_root
-    from reqnoise.experiment.runner import run_spec
+    from reqnoise.experiment.runner import Runner, run_spec
+    from reqnoise.experiment.spec import load_spec
 
     t0 = time.perf_counter()
     out = Path(out).absolute()
     on_root(lambda: str(prepare_demo(out, QUICK if quick else FULL)))  # one writer under mlx.launch
+    # Stage 1 and Set G first, so that the floor of each arm's target is measured (and printed) before stage 2
+    # is trained; the full run below finds these steps in the cache.
+    upstream = Runner(load_spec(out / "spec.toml"), out, progress=progress, log=log)
+    upstream.run_upstream(["persona"], setg=True)
+    t_floor = time.perf_counter()
+    floor_rep = on_root(lambda: demo_floor(upstream.model("persona"), upstream.items_path("setg_test")[0], progress))
+    t_floor = time.perf_counter() - t_floor
+    if floor_rep:
+        log("")
+        log(floor_summary(floor_rep))
+        log("")
     results = run_spec(out / "spec.toml", out, progress=progress, log=log)
     if not results:  # a rank other than 0 under mlx.launch
         return results
+    results["floor"] = floor_rep
     results["checks"] = demo_checks(out, results, margin)
+    results["timing"] = timing(upstream.timeline, results["steps"], t_floor, time.perf_counter() - t0)
     atomic.write_text(out / "results.json", json.dumps(results, indent=2, default=str) + "\n", overwrite=True)
     log("")
     log(summarize_demo(results))
+    log("")
+    log(render_timing(results["timing"]))
     log(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; report: {out / 'report.md'}")
     return results
+
+
+def demo_floor(persona: Path, items: Path, progress: bool) -> dict:
+    """``reqnoise floor`` of each arm's target on the persona model and Set-G test, scored as the demo's
+    setg_test eval (loglik, each model's own calibration prior): its fresh rows predict the zero controls."""
+    from reqnoise.noise.floor import floor
+
+    return floor(persona, items, list(FLOOR_GROUPS.values()), calibrate="own", progress=progress).to_dict()
+
+
+def _artifact_rows(floor_rep: dict) -> dict:
+    """Zero control (or the reference group's name) -> the floor's fresh row of its target."""
+    fresh = {r["group"]: r for r in floor_rep["rows"] if r["requant"] == "fresh"}
+    return {cond or group: fresh[group] for cond, group in FLOOR_GROUPS.items() if group in fresh}
+
+
+def predicted_artifacts(floor_rep: dict) -> list:
+    """The zero controls whose target's floor shows the artifact on Set-G test by the test the run's check uses:
+    a gain over the persona model with exact McNemar p < 0.05 on all Set-G test items (not only those the
+    persona model gets wrong under its own calibration)."""
+    return [
+        c
+        for c, r in _artifact_rows(floor_rep).items()
+        if c in FLOOR_GROUPS and r["difference"] > 0 and r["mcnemar_p"] < ARTIFACT_ALPHA
+    ]
+
+
+def floor_summary(floor_rep: dict) -> str:
+    from reqnoise.noise.floor import render_table
+
+    pred = predicted_artifacts(floor_rep)
+    arms = {"A0_fresh": "the study's arm (A0)", "L0_fresh": "the all-linear arm (L0)"}
+    return (
+        "floor of each arm's target on the persona model, Set-G test (zero delta, before stage 2):\n"
+        + render_table(floor_rep)
+        + "\nprediction: the artifact (a Set-G test gain over the persona model, McNemar p < 0.05, from "
+        "requantization alone) shows in " + (" and ".join(arms[c] for c in pred) if pred else "neither arm")
+    )
+
+
+def timing(upstream: list, steps: list, floor_seconds: float, total: float) -> dict:
+    """Seconds per stage (step kind) computed in this run, from the upstream and the full run's timelines."""
+    seen: dict = {}
+    for s in list(upstream) + list(steps):
+        if not s["cached"]:
+            seen[s["step"]] = s
+    stages: dict = {}
+    for s in seen.values():
+        row = stages.setdefault(s["kind"], {"steps": 0, "seconds": 0.0})
+        row["steps"] += 1
+        row["seconds"] = round(row["seconds"] + s["seconds"], 2)
+    stages["floor"] = {"steps": 1, "seconds": round(floor_seconds, 2)}
+    counted = sum(r["seconds"] for r in stages.values())
+    stages["other (planning, loading, report)"] = {"steps": 0, "seconds": round(max(0.0, total - counted), 2)}
+    return {"stages": stages, "total": round(total, 2)}
+
+
+def render_timing(t: dict) -> str:
+    lines = [f"{'stage':36s} {'steps':>5s} {'seconds':>8s} {'share':>6s}"]
+    for kind, row in sorted(t["stages"].items(), key=lambda kv: -kv[1]["seconds"]):
+        share = row["seconds"] / t["total"] if t["total"] else 0
+        lines.append(f"{kind:36s} {row['steps']:>5d} {row['seconds']:>8.1f} {100 * share:>5.0f}%")
+    lines.append(f"{'total (wall)':36s} {'':>5s} {t['total']:>8.1f}")
+    return "\n".join(lines)
 
 
 EVALS = (("setg_test", "Set-G test"), ("recall_trained", "recall, trained"), ("recall_heldout", "recall, held-out"))
@@ -252,7 +386,7 @@ def summarize_demo(results: dict) -> str:
         )
         lines.append(f"{name:10s}{cells}   {ident.get('score', '-')}/{ident.get('n', '-')}")
     for ev, dec in results["decomposition"].items():  # the rest (keep-grid pairs, A1 on recall) in report.md
-        if ev == "setg_test" or "(P1_fresh vs P0_fresh)" in ev:
+        if ev == "setg_test" or "(P1_fresh vs P0_fresh)" in ev or ev == "setg_test (L1_fresh vs L0_fresh)":
             lines += ["", f"decomposition on {ev}:", dec["table"]]
     lines.append("")
     for check in results.get("checks", []):
@@ -312,6 +446,9 @@ class DemoRun:
 
         return [(r["id"], r["prediction"]) for r in read_records(self.out / "results" / ev / f"{cond}.jsonl")]
 
+    def has_answers(self, ev, cond) -> bool:
+        return (self.out / "results" / ev / f"{cond}.jsonl").is_file()
+
     def comparison(self, ev, cond, row) -> dict | None:
         return self.results["comparisons"].get(ev, {}).get(cond, {}).get(row)
 
@@ -354,18 +491,27 @@ def _check(text: str, ok) -> dict:
 
 def check_keep_grid_weights(run: DemoRun) -> list:
     """Invariant: keep-grid requantization of a zero delta leaves every weight as it was."""
-    same = _same_weights(run.steps / "model-A0_keep" / "model", run.steps / "model-persona" / "model")
-    return [_check("keep-grid zero-delta control A0 has weights bit-identical to the persona model", same)]
+    persona = run.steps / "model-persona" / "model"
+    return [
+        _check(
+            f"keep-grid zero-delta control {z[:2]} has weights bit-identical to the persona model",
+            _same_weights(run.steps / f"model-{z}" / "model", persona),
+        )
+        for z in ("A0_keep", "L0_keep")
+        if (run.steps / f"model-{z}" / "model").is_dir()
+    ]
 
 
 def check_keep_grid_answers(run: DemoRun) -> list:
     """Invariant: ... and so every answer, in every eval."""
     return [
         _check(
-            f"keep-grid A0 answers every {ev} item exactly as the persona model",
-            run.answers(ev, "A0_keep") == run.answers(ev, "persona"),
+            f"keep-grid {z[:2]} answers every {ev} item exactly as the persona model",
+            run.answers(ev, z) == run.answers(ev, "persona"),
         )
+        for z in ("A0_keep", "L0_keep")
         for ev, _ in EVALS
+        if run.has_answers(ev, z)
     ]
 
 
@@ -383,12 +529,51 @@ def check_letter_prior(run: DemoRun) -> list:
     ]
 
 
+# Each arm: its zero control under fresh and keep-grid requantization and the decomposition key of its pair.
+ARMS = (
+    ("the study's arm", "A0_fresh", "A0_keep", "setg_test"),
+    ("the all-linear arm", "L0_fresh", "L0_keep", "setg_test (L1_fresh vs L0_fresh)"),
+)
+ARTIFACT_ALPHA = 0.05
+
+
+def _artifact_shown(run: DemoRun, zero: str, keep: str, dec_key: str):
+    """(clause, shown): the arm's zero control gains on Set-G test over the persona model with McNemar p < alpha,
+    the decomposition's requantization component is that gain (positive, p < alpha), and the keep-grid zero
+    control changes no answer in any eval."""
+    c = run.comparison("setg_test", zero, "vs_baseline")
+    dec = (run.results.get("decomposition") or {}).get(dec_key)
+    if c is None or dec is None:
+        return None, False
+    art, content = dec["components"][0], dec["components"][1]
+    kept = [ev for ev, _ in EVALS if run.has_answers(ev, keep) and run.answers(ev, keep) == run.answers(ev, "persona")]
+    keep_ok = len(kept) == len(EVALS)
+    shown = (
+        c["difference"] > 0
+        and c["mcnemar_p"] < ARTIFACT_ALPHA
+        and art["contribution"] > 0
+        and art["mcnemar_p"] < ARTIFACT_ALPHA
+        and keep_ok
+    )
+    clause = (
+        f"{zero[:2]} - persona {100 * c['difference']:+.1f} pp ({c['fixed']} wrong->right, {c['broken']} "
+        f"right->wrong of {c['n']}, McNemar p = {c['mcnemar_p']:.2g}); decomposition: requantization "
+        f"{100 * art['contribution']:+.1f} pp (p = {art['mcnemar_p']:.2g}), content "
+        f"{100 * content['contribution']:+.1f} pp (p = {content['mcnemar_p']:.2g}); keep-grid {zero[:2]} "
+        + ("changes no answer" if keep_ok else f"changes answers (identical in {len(kept)} of {len(EVALS)} evals)")
+    )
+    return clause, shown
+
+
 def check_artifact(run: DemoRun) -> list:
-    """Finding: what fresh requantization of a zero delta does on its own (measured, no test: the line reports
-    point estimates and counts, and claims only that one of them is a gain)."""
+    """Finding: what fresh requantization of a zero delta does on its own. [ok] only where an arm shows it: a
+    paired test (McNemar p < 0.05) of its zero control against the persona model on Set-G test, the
+    decomposition attributing the gain to requantization, and keep-grid changing no answer."""
     noise = run.results.get("noise") or {}
 
     def moved(m):  # how far the zero delta moved the weights, the outputs (the noise report) and the answers
+        if not run.has_answers("setg_test", m):
+            return ""
         n = noise.get(m) or {}
         codes, kl = (n.get("summary") or {}).get("mean_code_change_frac"), (n.get("outputs") or {}).get("kl_fused_base")
         ours, ref = dict(run.answers("setg_test", m)), dict(run.answers("setg_test", "persona"))
@@ -397,11 +582,51 @@ def check_artifact(run: DemoRun) -> list:
             "" if codes is None or kl is None else f" ({100 * codes:.1f}% of codes, KL to persona {kl:.1g} nats)"
         )
 
+    zeros = [z for z in ("A0_fresh", "P0_fresh", "L0_fresh") if z in run.results["conditions"]]
+    point = ", ".join(f"{z[:2]} {run.gain(z):+.1f} pp{moved(z)}" for z in zeros)
+    arms = [(label, *_artifact_shown(run, zero, keep, key)) for label, zero, keep, key in ARMS]
+    arms = [(label, clause, shown) for label, clause, shown in arms if clause is not None]
+    shown = [label for label, _, ok in arms if ok]
+    per_arm = "; ".join(f"{label}: {clause}" for label, clause, _ in arms)
+    verdict = (
+        f"shown in {' and '.join(shown)}"
+        if shown
+        else f"not shown (needs McNemar p < {ARTIFACT_ALPHA:g} and a requantization component with p < "
+        f"{ARTIFACT_ALPHA:g} and keep-grid unchanged)"
+    )
     return [
         _check(
-            f"fresh requantization alone 'gains' on Set-G test over the persona model (the artifact): A0 "
-            f"{run.gain('A0_fresh'):+.1f} pp{moved('A0_fresh')}, P0 {run.gain('P0_fresh'):+.1f} pp{moved('P0_fresh')}",
-            run.gain("A0_fresh") > 0 or run.gain("P0_fresh") > 0,
+            f"fresh requantization alone 'gains' on Set-G test over the persona model (the artifact): {point}. "
+            f"{per_arm}: {verdict}",
+            bool(shown),
+        )
+    ]
+
+
+def check_floor_prediction(run: DemoRun) -> list:
+    """Finding: did ``reqnoise floor`` on the persona model, before stage 2, predict which arm shows the artifact?"""
+    floor_rep = run.results.get("floor")
+    if not floor_rep:
+        return []
+    rows = _artifact_rows(floor_rep)
+    pred = set(predicted_artifacts(floor_rep))
+    measured = set()
+    counts = []
+    for _, zero, _, _ in ARMS:
+        c = run.comparison("setg_test", zero, "vs_baseline")
+        if c is None or zero not in rows:
+            continue
+        if c["fixed"] > 0 and c["mcnemar_p"] < ARTIFACT_ALPHA:
+            measured.add(zero)
+        r = rows[zero]
+        counts.append(f"{zero[:2]}: floor {r['fixed']}/{r['broken']}, run {c['fixed']}/{c['broken']}")
+    name = lambda cs: " and ".join(sorted(c[:2] for c in cs)) or "neither arm"  # noqa: E731
+    return [
+        _check(
+            f"the floor before stage 2 predicted the artifact in {name(pred)}; the run shows it in {name(measured)}: "
+            f"prediction {'held' if pred == measured else 'did not hold'} (wrong->right/right->wrong on Set-G "
+            f"test, {'; '.join(counts)})",
+            pred == measured,
         )
     ]
 
@@ -502,6 +727,7 @@ CHECKS = (
     check_keep_grid_answers,
     check_letter_prior,
     check_artifact,
+    check_floor_prediction,
     check_study_adapter,
     check_positive_control,
     check_heldout,
