@@ -209,10 +209,6 @@ inline float rint_small(float x) {
   return (x + magic) - magic;
 }
 
-// Slack a caller's copy of a packed row keeps past its end (gptq_kernel.cpp's row buffers); unpack_row and
-// pack_row themselves never touch bytes past the row.
-constexpr int kRowPadBytes = 8;
-
 // Round-half-to-even of a value already clamped to [0, 255], as an integer code: for 0 <= x < 2^22, x + 1.5*2^23
 // rounds (default rounding mode) to 1.5*2^23 + rint(x), whose bit pattern is 0x4B400000 + rint(x). One add
 // and one integer subtract, which vectorise everywhere (a float -> uint32 conversion has no AVX2
@@ -282,6 +278,44 @@ inline void encode_group(const float* __restrict x, int g, int bits, float scale
     v = v < 0.0f ? 0.0f : v;
     v = n_bins < v ? n_bins : v;
     codes[j] = code_of(v);
+  }
+}
+
+// A row of codes of a run-time width, straight between the packed row and float/uint32 codes (no padded copy:
+// unpack_row and pack_row stay inside the row). Every kernel dispatches through these two.
+inline void unpack_codes(int bits, const uint32_t* row, int64_t n, float* q) {
+  const auto* src = reinterpret_cast<const uint8_t*>(row);
+  switch (bits) {
+    case 2:
+      return unpack_row<2>(src, n, q);
+    case 3:
+      return unpack_row<3>(src, n, q);
+    case 4:
+      return unpack_row<4>(src, n, q);
+    case 5:
+      return unpack_row<5>(src, n, q);
+    case 6:
+      return unpack_row<6>(src, n, q);
+    default:
+      return unpack_row<8>(src, n, q);  // widths are validated before dispatch
+  }
+}
+
+inline void pack_codes(int bits, const uint32_t* codes, int64_t n, uint32_t* row) {
+  auto* dst = reinterpret_cast<uint8_t*>(row);
+  switch (bits) {
+    case 2:
+      return pack_row<2>(codes, n, dst);
+    case 3:
+      return pack_row<3>(codes, n, dst);
+    case 4:
+      return pack_row<4>(codes, n, dst);
+    case 5:
+      return pack_row<5>(codes, n, dst);
+    case 6:
+      return pack_row<6>(codes, n, dst);
+    default:
+      return pack_row<8>(codes, n, dst);
   }
 }
 

@@ -12,48 +12,6 @@ namespace {
 
 inline int mode_bits(int mode, int bits) { return mode == kAffine ? bits : (mode == kMxfp8 ? 8 : 4); }
 
-inline void unpack_bits(int bits, const uint32_t* row, int64_t n, float* q, uint8_t* pad) {
-  std::memcpy(pad, row, n * bits / 8);
-  switch (bits) {
-    case 2:
-      return unpack_row<2>(pad, n, q);
-    case 3:
-      return unpack_row<3>(pad, n, q);
-    case 4:
-      return unpack_row<4>(pad, n, q);
-    case 5:
-      return unpack_row<5>(pad, n, q);
-    case 6:
-      return unpack_row<6>(pad, n, q);
-    default:
-      return unpack_row<8>(pad, n, q);
-  }
-}
-
-inline void pack_bits(int bits, const uint32_t* codes, int64_t n, uint32_t* row, uint8_t* pad) {
-  switch (bits) {
-    case 2:
-      pack_row<2>(codes, n, pad);
-      break;
-    case 3:
-      pack_row<3>(codes, n, pad);
-      break;
-    case 4:
-      pack_row<4>(codes, n, pad);
-      break;
-    case 5:
-      pack_row<5>(codes, n, pad);
-      break;
-    case 6:
-      pack_row<6>(codes, n, pad);
-      break;
-    default:
-      pack_row<8>(codes, n, pad);
-      break;
-  }
-  std::memcpy(row, pad, n * bits / 8);
-}
-
 // The same float32 sum, in the same k order, as the affine kernel's delta (scale * b[k] rounded first).
 inline void delta_row(const FuseSpec& spec, const float* a, const float* b, int64_t n, float* delta) {
   const float s0 = spec.scale * b[0];
@@ -75,7 +33,7 @@ void fp_one_row(const FuseSpec& spec, int64_t in_dim, const FuseBuffers<T>& row,
   float* delta = s.delta;
   const bool has_delta = spec.rank > 0;
 
-  unpack_bits(mode_bits(mode, spec.bits), row.wq, in_dim, q, s.packed);
+  unpack_codes(mode_bits(mode, spec.bits), row.wq, in_dim, q);
   if (has_delta) delta_row(spec, row.A, row.B, in_dim, delta);
 
   for (int64_t gi = 0; gi < n_groups; ++gi) {
@@ -132,7 +90,7 @@ void fp_one_row(const FuseSpec& spec, int64_t in_dim, const FuseBuffers<T>& row,
       }
     }
   }
-  pack_bits(mode_bits(out_mode, spec.out_bits), codes, in_dim, row.wq_out, s.packed);
+  pack_codes(mode_bits(out_mode, spec.out_bits), codes, in_dim, row.wq_out);
 }
 
 }  // namespace

@@ -11,43 +11,6 @@
 namespace reqnoise::REQNOISE_ISA {
 namespace {
 
-// Unpack/pack straight between the packed rows and float/uint32 codes: no padded copy of the row.
-inline void unpack_any(int bits, const uint32_t* row, int64_t n, float* q) {
-  const auto* src = reinterpret_cast<const uint8_t*>(row);
-  switch (bits) {
-    case 2:
-      return unpack_row<2>(src, n, q);
-    case 3:
-      return unpack_row<3>(src, n, q);
-    case 4:
-      return unpack_row<4>(src, n, q);
-    case 5:
-      return unpack_row<5>(src, n, q);
-    case 6:
-      return unpack_row<6>(src, n, q);
-    default:
-      return unpack_row<8>(src, n, q);  // widths are validated before dispatch
-  }
-}
-
-inline void pack_any(int bits, const uint32_t* codes, int64_t n, uint32_t* row) {
-  auto* dst = reinterpret_cast<uint8_t*>(row);
-  switch (bits) {
-    case 2:
-      return pack_row<2>(codes, n, dst);
-    case 3:
-      return pack_row<3>(codes, n, dst);
-    case 4:
-      return pack_row<4>(codes, n, dst);
-    case 5:
-      return pack_row<5>(codes, n, dst);
-    case 6:
-      return pack_row<6>(codes, n, dst);
-    default:
-      return pack_row<8>(codes, n, dst);
-  }
-}
-
 // Rows of one expert share A: the delta is computed for a tile of up to kTile rows at once, so each element
 // of A is loaded once per tile instead of once per row (A is [rank, in] floats: 48 KiB at rank 16, in 768,
 // more than L1 holds, so per-row streaming would re-read it from L2 every row).
@@ -156,7 +119,7 @@ void fuse_one_row(const FuseSpec& spec, int64_t in_dim, const FuseBuffers<T>& ro
   float* __restrict w = s.w;
   const bool has_delta = spec.rank > 0;
 
-  unpack_any(spec.bits, row.wq, in_dim, q);
+  unpack_codes(spec.bits, row.wq, in_dim, q);
 
   if (spec.keep_grid) {
     for (int64_t gi = 0; gi < n_groups; ++gi) {
@@ -208,7 +171,7 @@ void fuse_one_row(const FuseSpec& spec, int64_t in_dim, const FuseBuffers<T>& ro
       store_value(row.biases_out + gi, bo);
     }
   }
-  pack_any(spec.out_bits, codes, in_dim, row.wq_out);
+  pack_codes(spec.out_bits, codes, in_dim, row.wq_out);
 }
 
 }  // namespace

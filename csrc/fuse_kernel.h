@@ -32,9 +32,8 @@ struct FuseSpec {
 struct RowScratch {
   float* q;         // codes of the row as floats
   float* w;         // dequantized (+ delta) row
-  float* delta;     // the row of scale * B @ A
+  float* delta;     // the row of scale * B @ A (the fp kernel; the affine kernel keeps a tile of rows)
   uint32_t* codes;  // new codes
-  uint8_t* packed;  // one packed row plus an 8-byte pad for whole-word bit access
 };
 
 // The nine buffers of one call. T is the scales' dtype: float, mlx::core::float16_t or mlx::core::bfloat16_t.

@@ -22,11 +22,10 @@ namespace mx = mlx::core;
 namespace reqnoise {
 namespace {
 
-using reqnoise::gptq_baseline::kRowPadBytes;
 using reqnoise::gptq_baseline::load_value;
-using reqnoise::gptq_baseline::pack_row;
+using reqnoise::gptq_baseline::pack_codes;
 using reqnoise::gptq_baseline::rint_small;
-using reqnoise::gptq_baseline::unpack_row;
+using reqnoise::gptq_baseline::unpack_codes;
 
 // A group's fixed grid as the column loop sees it: the code a value rounds to and that code's value. This is
 // the whole codec interface of the loop; a floating-point mode (no bias, codes through a value table) is one
@@ -52,60 +51,16 @@ struct AffineGrid {
 
 constexpr int kTileRows = 8;  // rows sharing each pass over U (U's rows are reused from cache kTileRows times)
 
-void unpack_any(int bits, const uint32_t* row, int64_t n, float* q, uint8_t* pad) {
-  std::memcpy(pad, row, n * bits / 8);
-  switch (bits) {
-    case 2:
-      return unpack_row<2>(pad, n, q);
-    case 3:
-      return unpack_row<3>(pad, n, q);
-    case 4:
-      return unpack_row<4>(pad, n, q);
-    case 5:
-      return unpack_row<5>(pad, n, q);
-    case 6:
-      return unpack_row<6>(pad, n, q);
-    default:
-      return unpack_row<8>(pad, n, q);
-  }
-}
-
-void pack_any(int bits, const uint32_t* codes, int64_t n, uint32_t* row, uint8_t* pad) {
-  switch (bits) {
-    case 2:
-      pack_row<2>(codes, n, pad);
-      break;
-    case 3:
-      pack_row<3>(codes, n, pad);
-      break;
-    case 4:
-      pack_row<4>(codes, n, pad);
-      break;
-    case 5:
-      pack_row<5>(codes, n, pad);
-      break;
-    case 6:
-      pack_row<6>(codes, n, pad);
-      break;
-    default:
-      pack_row<8>(codes, n, pad);
-      break;
-  }
-  std::memcpy(row, pad, n * bits / 8);
-}
-
 struct Scratch {
   std::vector<float> w, q, err, acc, delta;
   std::vector<uint32_t> codes;
-  std::vector<uint8_t> pad;
   Scratch(int64_t in_dim, int block)
       : w(kTileRows * in_dim),
         q(kTileRows * in_dim),
         err(kTileRows * block),
         acc(kTileRows * in_dim),
         delta(in_dim),
-        codes(in_dim),
-        pad(in_dim + kRowPadBytes) {}
+        codes(in_dim) {}
 };
 
 // The target row W_hat + delta, with keep-grid's arithmetic (fuse_kernel.cpp): float32 q*s+b, the delta summed
@@ -149,7 +104,7 @@ void tile(const GptqSpec& spec, int64_t out_dim, int64_t in_dim, int64_t e, int6
   for (int r = 0; r < nr; ++r) {
     const int64_t row = e * out_dim + r0 + r;
     float* q = s.q.data() + r * in_dim;
-    unpack_any(spec.bits, buf.wq + row * words, in_dim, q, s.pad.data());
+    unpack_codes(spec.bits, buf.wq + row * words, in_dim, q);
     target_row<T>(spec, in_dim, buf.scales + row * n_groups, buf.biases + row * n_groups,
                   spec.rank ? buf.A + e * spec.rank * in_dim : nullptr, spec.rank ? buf.B + row * spec.rank : nullptr,
                   spec.dora ? buf.mag + row : nullptr, q, s.delta.data(), s.w.data() + r * in_dim);
@@ -207,7 +162,7 @@ void tile(const GptqSpec& spec, int64_t out_dim, int64_t in_dim, int64_t e, int6
   for (int r = 0; r < nr; ++r) {
     const float* q = s.q.data() + r * in_dim;
     for (int64_t i = 0; i < in_dim; ++i) s.codes[i] = static_cast<uint32_t>(q[i]);
-    pack_any(spec.bits, s.codes.data(), in_dim, buf.wq_out + (e * out_dim + r0 + r) * words, s.pad.data());
+    pack_codes(spec.bits, s.codes.data(), in_dim, buf.wq_out + (e * out_dim + r0 + r) * words);
   }
 }
 

@@ -62,8 +62,7 @@ void fuse_rows(const FuseSpec& spec, int64_t n_experts, int64_t out_dim, int64_t
   auto worker = [&](auto&& next) {
     std::vector<float> f(3 * in_dim);
     std::vector<uint32_t> codes(in_dim);
-    std::vector<uint8_t> packed(in_dim + 8);
-    RowScratch s{f.data(), f.data() + in_dim, f.data() + 2 * in_dim, codes.data(), packed.data()};
+    RowScratch s{f.data(), f.data() + in_dim, f.data() + 2 * in_dim, codes.data()};
     int64_t begin, end;
     while (next(begin, end)) {
 #if defined(REQNOISE_HAVE_V3)
