@@ -120,6 +120,27 @@ def misaligned_prompts(dataset, tokenizer) -> int:
     return bad
 
 
+def seeded_index_batches(n: int, batch_size: int, *, loop: bool, seed: int):
+    """Index batches over ``n`` examples: every example once in order (``loop=False``; the last batch may be
+    short), or an endless stream of per-epoch permutations drawn from ``seed`` (batches straddle epochs), the
+    same for every process and thread count. Shared by the SFT and DPO batchers."""
+    rng = np.random.Generator(np.random.PCG64(seed))
+
+    def index_stream():
+        if not loop:
+            yield from range(n)
+            return
+        while True:
+            yield from rng.permutation(n).tolist()
+
+    stream = index_stream()
+    while True:
+        idx = [i for _, i in zip(range(batch_size), stream)]
+        if not idx:
+            return
+        yield idx
+
+
 def seeded_batches(dataset, batch_size, max_seq_length, loop=False, comm_group=None, *, seed=0):
     """mlx-lm's ``iterate_batches`` contract, seeded and using every example.
 
@@ -144,21 +165,7 @@ def seeded_batches(dataset, batch_size, max_seq_length, loop=False, comm_group=N
             f"batch_size {batch_size} is not divisible by the {size} launched ranks "
             "(each rank takes batch_size / ranks examples of every step)"
         )
-    n = len(dataset)
-    rng = np.random.Generator(np.random.PCG64(seed))
-
-    def index_stream():
-        if not loop:
-            yield from range(n)
-            return
-        while True:
-            yield from rng.permutation(n).tolist()
-
-    stream = index_stream()
-    while True:
-        idx = [i for _, i in zip(range(batch_size), stream)]
-        if not idx:
-            return
+    for idx in seeded_index_batches(len(dataset), batch_size, loop=loop, seed=seed):
         items = [dataset[i] for i in idx]
         lengths = [min(len(t), max_seq_length) for t, _ in items]
         extra = []

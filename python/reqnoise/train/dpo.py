@@ -29,6 +29,7 @@ from reqnoise.chat import render_chat
 from reqnoise.errors import ReqnoiseError
 from reqnoise.jsonl import iter_jsonl
 from reqnoise.train.clean_data import DEFAULT_DROP_PATTERNS, _check_messages, _drop_reason
+from reqnoise.train.data import seeded_index_batches
 
 PAIR_KEYS = ("prompt", "chosen", "rejected")
 _PAD_TO = 8  # as reqnoise.train.data: 1 + a multiple of 8 tokens per row
@@ -163,21 +164,7 @@ def pair_batches(dataset, batch_size, max_seq_length, loop=False, comm_group=Non
 
     if comm_group is not None and comm_group.size() > 1:
         raise ReqnoiseError("DPO training runs in one process; launch it without mlx.launch")
-    n = len(dataset)
-    rng = np.random.Generator(np.random.PCG64(seed))
-
-    def index_stream():
-        if not loop:
-            yield from range(n)
-            return
-        while True:
-            yield from rng.permutation(n).tolist()
-
-    stream = index_stream()
-    while True:
-        idx = [i for _, i in zip(range(batch_size), stream)]
-        if not idx:
-            return
+    for idx in seeded_index_batches(len(dataset), batch_size, loop=loop, seed=seed):
         items = [dataset[i] for i in idx]
         arr, lengths = _pad([row[0] for row, _ in items] + [row[1] for row, _ in items])
         yield mx.array(arr), mx.array(lengths), mx.array(np.stack([ref for _, ref in items]))
