@@ -7,8 +7,7 @@ from pathlib import Path
 from reqnoise import atomic
 from reqnoise.errors import ReqnoiseError
 from reqnoise.fuse.options import FuseOptions
-from reqnoise.kernel.formats import KERNEL_REQUANTS
-from reqnoise.noise.floor import CALIBRATIONS, DEFAULT_GROUPS, EVAL_MODES  # the module imports mlx lazily
+from reqnoise.noise.floor import CALIBRATIONS, DEFAULT_GROUPS, EVAL_MODES, FLOOR_REQUANTS  # mlx: lazily
 
 GROUPS_HELP = (
     "groups of modules to requantize with a zero delta, each measured on its own: KIND[.MODULE][@LAYERS] with "
@@ -27,8 +26,8 @@ def register(sub) -> None:
     p.add_argument(
         "--requant",
         nargs="+",
-        default=list(KERNEL_REQUANTS),
-        choices=KERNEL_REQUANTS,
+        default=list(FLOOR_REQUANTS),
+        choices=FLOOR_REQUANTS,
         help="requant modes to measure (default both: fresh is what mlx-lm's fuse does; keep-grid must move nothing)",
     )
     out_bits = next(f for f in fields(FuseOptions) if f.name == "out_bits")

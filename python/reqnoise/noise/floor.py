@@ -32,6 +32,10 @@ CALIBRATIONS = ("none", "own", "shared")
 EVAL_MODES = ("loglik", "cloze")
 ROUTER_NAMES = ("mlp.gate", "mlp.router", "block_sparse_moe.gate")
 
+# The requant choices a zero-delta fuse can differ in. "calibrated" is left out: with a zero delta it returns the
+# input bit for bit by construction (its floor is keep-grid's zero), and it needs calibration activations.
+FLOOR_REQUANTS = tuple(r for r in KERNEL_REQUANTS if r != "calibrated")
+
 
 @dataclass
 class Group:
@@ -356,7 +360,7 @@ def floor_loaded(
     items,
     groups,
     *,
-    requants=KERNEL_REQUANTS,
+    requants=FLOOR_REQUANTS,
     out_bits=None,
     mode: str = "loglik",
     batch_size: int = 8,
@@ -371,7 +375,7 @@ def floor_loaded(
     Args:
         items: path, ``Item``s or item dicts (scored with ``mode``: loglik or cloze).
         groups: group names (``resolve_groups``).
-        requants: the kernel's requant modes to run (``kernel.formats.KERNEL_REQUANTS``).
+        requants: the kernel's requant modes to run (``FLOOR_REQUANTS``).
         out_bits: fresh rows re-quantize at this width (``FuseOptions.out_bits``).
         calibrate: ``none``; ``own`` (each copy's records with their own mean option prior, as a spec's
             ``calibrate = true``); ``shared`` (every copy with the unfused model's prior).
@@ -387,9 +391,9 @@ def floor_loaded(
     if calibrate not in CALIBRATIONS:
         raise ReqnoiseError(f"calibrate must be one of {CALIBRATIONS}, got {calibrate!r}")
     requants = list(dict.fromkeys(requants))
-    bad = [r for r in requants if r not in KERNEL_REQUANTS]
+    bad = [r for r in requants if r not in FLOOR_REQUANTS]
     if bad or not requants:
-        raise ReqnoiseError(f"requant must be among {KERNEL_REQUANTS}, got {requants}")
+        raise ReqnoiseError(f"requant must be among {FLOOR_REQUANTS}, got {requants}")
     for r in requants:
         FuseOptions(requant=r, out_bits=out_bits if r == "fresh" else None, control="zero").check()
     items = as_items(items)
