@@ -14,6 +14,7 @@ from reqnoise.experiment.plan import PlannedStep, waves
 
 TINY = dict(
     per_subject=6,
+    setg_train_frac=0.7,
     knowledge_iters=2,
     identity_iters=2,
     factual_iters=4,
