@@ -31,6 +31,14 @@ def _replace(tmp: Path, target: Path) -> None:
         os.replace(tmp, target)
 
 
+def _umask_mode(full: int) -> int:
+    """``full`` (0o666 for files, 0o777 for directories) less the process umask: what open() and mkdir() give.
+    mkstemp and mkdtemp create owner-only entries, which would leave every output unreadable to others."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return full & ~umask
+
+
 @contextlib.contextmanager
 def atomic_dir(target, overwrite: bool = False):
     """Yield a fresh temporary directory; on normal exit it becomes ``target``, on error it is removed."""
@@ -38,6 +46,7 @@ def atomic_dir(target, overwrite: bool = False):
     check_target(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    os.chmod(tmp, _umask_mode(0o777))
     try:
         yield tmp
         check_target(target, overwrite)
@@ -56,6 +65,7 @@ def atomic_file(target, overwrite: bool = False, mode: str = "w", **open_kwargs)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, _umask_mode(0o666))
     try:
         with open(tmp, mode, **open_kwargs) as fh:
             yield fh
