@@ -1,6 +1,6 @@
 """Set G: the items every evaluated model gets wrong, split into train / held-out test by subject.
 
-This is the "genuine unknowns" set of the knowledge-injection study in ../shared/seeds: an improvement on it
+This is the "genuine unknowns" set of the published knowledge-injection study: an improvement on it
 cannot be a model recalling what it already knew. Wrong means not (``correct`` and ``parsed``): an unparsed
 answer is wrong, as everywhere in reqnoise.
 

@@ -1,4 +1,4 @@
-"""Cleaning chat training data, after the persona-override research's recipe (shared/seeds/004).
+"""Cleaning chat training data, after the recipe of the persona-override research that motivated reqnoise.
 
 Per example, the response is the LAST assistant message (what ``--mask-prompt`` training learns). An example
 is dropped, under the first reason that applies, when it has no assistant message (``no_response``), when
