@@ -298,3 +298,35 @@ def test_results_recomputed_after_the_lock_from_models_made_before_it_are_not_pr
     assert "eval-e-q" not in v["provenance"][0]  # the evaluation itself ran under the lock
     steps = json.loads((out / "results" / "e" / "q.provenance.json").read_text())["steps"]
     assert list(steps) == ["model-q", "eval-e-q"]
+
+
+def test_a_model_with_the_bytes_of_an_evaluated_one_gets_its_records_without_a_rerun(
+    tmp_path, toy_model_dir, toy_model_dir_fp
+):
+    import shutil
+
+    from reqnoise.eval.multiple_choice import evaluate_items
+
+    twin = tmp_path / "twin"
+    shutil.copytree(toy_model_dir, twin)
+    spec = _small_study(tmp_path, toy_model_dir, toy_model_dir_fp, criteria=False)
+    spec.write_text(
+        spec.read_text()
+        .replace('conditions = ["q3", "fp"]', 'conditions = ["q3", "fp", "twin"]')
+        .replace("[evals.e]", f'[models.twin]\npath = "{twin}"\n[evals.e]')
+    )
+    out = tmp_path / "out"
+    logs = []
+    from reqnoise.experiment.runner import run_spec
+
+    run_spec(spec, out, progress=False, log=logs.append)
+    step = lambda m: json.loads((out / "steps" / f"eval-e-{m}" / "step.json").read_text())["summary"]  # noqa: E731
+    assert step("twin")["same_weights_as"] == "q3"
+    assert "same_weights_as" not in step("fp") and "same_weights_as" not in step("q3")
+    assert any("eval-e-twin: weights byte-identical to q3's" in line for line in logs)
+    # The oracle: the twin evaluated on its own, outside the runner.
+    recs, _ = evaluate_items(twin, tmp_path / "items.jsonl", progress=False)
+    saved = [json.loads(line) for line in (out / "results" / "e" / "twin.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["prediction"], r["correct"]) for r in saved] == [
+        (r["id"], r["prediction"], r["correct"]) for r in recs
+    ]

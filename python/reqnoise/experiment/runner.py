@@ -24,7 +24,7 @@ from reqnoise.eval.multiple_choice import evaluate_items, summarize
 from reqnoise.eval.records import read_records, write_records
 from reqnoise.eval.setg import TRAIN_DATA, build_setg_step
 from reqnoise.eval.sharded import evaluate_distributed
-from reqnoise.experiment.cache import StepCache, step_key
+from reqnoise.experiment.cache import StepCache, hash_path, step_key
 from reqnoise.experiment.models import quantize_model_dir
 from reqnoise.experiment.plan import PlannedStep, execute
 from reqnoise.experiment.report import collect, verdict_dict, write_outputs
@@ -52,6 +52,7 @@ class Runner:
         self.model_paths: dict = {}
         self.adapter_paths: dict = {}
         self.timeline: list = []
+        self._content: dict = {}  # model directory -> SHA-256 of its files (computed once, when needed)
 
     # ---------------------------------------------------------------- planning (nothing runs here)
     def step(self, name, kind, params, deps=(), inputs=(), fn=None, collective=False):
@@ -191,6 +192,44 @@ class Runner:
         path = self._external(items)
         return path, [], [path]
 
+    def _model_hash(self, path: Path) -> str:
+        path = Path(path)
+        if path not in self._content:
+            self._content[path] = hash_path(path)
+        return self._content[path]
+
+    def _same_weights(self, model_name, candidates) -> tuple | None:
+        """(model, step record) of the first of ``candidates`` (model name -> step name, planned before this
+        one) whose step is in the cache and whose model directory holds byte for byte the files of
+        ``model_name``'s, else None. Called while steps execute: a deterministic evaluation of identical bytes
+        gives identical records, so such a step copies them instead of running the model again (a keep-grid
+        zero-delta control is its source model, byte for byte)."""
+        mine = self.model(model_name)
+        sizes = sorted((str(f.relative_to(mine)), f.stat().st_size) for f in mine.rglob("*") if f.is_file())
+        for other, step in candidates.items():
+            rec = self.cache.lookup(step, self.keys[step])
+            theirs = self.model(other)
+            if rec is None or rec.get("summary", {}).get("same_weights_as"):
+                continue
+            same_sizes = sizes == sorted(
+                (str(f.relative_to(theirs)), f.stat().st_size) for f in theirs.rglob("*") if f.is_file()
+            )
+            if same_sizes and self._model_hash(mine) == self._model_hash(theirs):
+                return other, rec
+        return None
+
+    def _reuse(self, model_name, name, candidates, tmp, files=("records.jsonl",)):
+        """Copy ``files`` of an earlier step on a byte-identical model into ``tmp``; returns that step's summary
+        marked ``same_weights_as``, or None when no earlier step qualifies."""
+        found = self._same_weights(model_name, candidates)
+        if found is None:
+            return None
+        other, rec = found
+        for f in files:
+            shutil.copyfile(self.cache.dir(candidates[other]) / f, tmp / f)
+        self.log(f"{name}: weights byte-identical to {other}'s: its records are reused, not recomputed")
+        return dict(rec["summary"], same_weights_as=other)
+
     def evaluate(self, model_name, ev):
         name = f"eval-{ev}-{model_name}"
         if name in self.keys:
@@ -210,7 +249,17 @@ class Runner:
             deps = deps + [f"eval-{ev}-{e['calibrate_from']}"]
             params["calibrate_from"] = e["calibrate_from"]  # only when set: other specs keep their cache keys
 
+        # Earlier evaluations of the same items with the same options (and prior source): reusable on equal bytes.
+        same_eval = {
+            m: f"eval-{ev}-{m}"
+            for m in self.spec.eval_models(ev)
+            if f"eval-{ev}-{m}" in self.keys and self.spec.evals[ev].get("mode") != "coupling"
+        }
+
         def run(tmp):
+            reused = self._reuse(model_name, name, same_eval, tmp)
+            if reused is not None:
+                return reused
             if rank_and_size()[1] > 1:  # every rank scores whole batches, planned before sharding
                 recs, summary = evaluate_distributed(model, items, log=self.log, progress=False, **opts)
             else:
@@ -327,7 +376,12 @@ class Runner:
         suite = self._external(ident["suite"]) if "suite" in ident else None
         model = self.model(model_name)
 
+        same_identity = {m: f"identity-{m}" for m in self.spec.identity_models() if f"identity-{m}" in self.keys}
+
         def run(tmp):
+            reused = self._reuse(model_name, name, same_identity, tmp)
+            if reused is not None:
+                return reused
             recs, summary = run_identity(model, persona, suite=suite, progress=self.progress)
             (tmp / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
             return summary.to_dict()
