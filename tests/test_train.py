@@ -342,7 +342,7 @@ def test_seeded_batches_use_every_example_each_epoch(n, batch, seed):
         arr = np.array(arr)
         assert arr.shape[0] == batch and (arr.shape[1] - 1) % 8 == 0
         for row, (off, length) in zip(arr, np.array(lengths)):
-            assert off == 0 and length == np.count_nonzero(row)
+            assert off == 0 and length == np.count_nonzero(row) - 1  # the last token's index: see below
             stream.append(int(row[0]) - 1)
     for e in range(epochs):
         assert sorted(stream[e * n : (e + 1) * n]) == list(range(n))
@@ -352,6 +352,40 @@ def test_seeded_batches_use_every_example_each_epoch(n, batch, seed):
     )
     once = [int(r[0]) - 1 for a, _ in seeded_batches(_FakeData(n), batch, 512) for r in np.array(a)]
     assert once == list(range(n))
+
+
+def test_the_loss_scores_each_rows_own_tokens_and_never_the_pad_after_it():
+    """mlx-lm's default_loss on our batches, against counting by hand: with uniform logits the loss is log V
+    per target, and the targets are the tokens after the offset (the offset's own included), not the pad."""
+    import mlx.core as mx
+    from mlx_lm.tuner.trainer import default_loss
+
+    rows = [([5, 6, 7, 8, 9], 2), ([5, 6, 7], 1), ([4] * 12, 0)]  # (tokens, offset) as ChatDataset gives them
+
+    class Data:
+        def __len__(self):
+            return len(rows)
+
+        def __getitem__(self, i):
+            return rows[i]
+
+    vocab = 11
+    seen = []
+
+    def model(inputs):
+        seen.append(np.array(inputs))
+        return mx.zeros((*inputs.shape, vocab))
+
+    batch, ends = next(seeded_batches(Data(), 3, 512))
+    ce, ntoks = default_loss(model, batch, ends)
+    assert int(ntoks) == sum(len(t) - max(off, 1) for t, off in rows)  # 3 + 2 + 11, no pad
+    assert float(ce) == pytest.approx(np.log(vocab), rel=1e-6)
+    pad_targets = np.array(batch)[:, 1:][
+        np.array(
+            mx.logical_and(mx.arange(1, batch.shape[1]) >= ends[:, :1], mx.arange(1, batch.shape[1]) <= ends[:, 1:])
+        )
+    ]
+    assert (pad_targets != 0).all()
 
 
 # ------------------------------------------------------------------------------------------ training

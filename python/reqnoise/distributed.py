@@ -93,3 +93,79 @@ def on_root(fn):
     status = gather_objects(status)[0]
     raise_failures([status.get("error")] + [None] * (size - 1))
     return status["value"]
+
+
+def launched() -> bool:
+    """Whether this process is a rank started by ``mlx.launch`` (its ring or MPI environment is set)."""
+    import os
+
+    return any(k in os.environ for k in ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"))
+
+
+def _free_ports(n: int, tries: int = 50) -> int:
+    """A port p such that p .. p+n-1 can all be bound on localhost now (the ring backend's rank ports)."""
+    import random
+    import socket
+
+    rng = random.Random()
+    for _ in range(tries):
+        start = rng.randrange(20000, 60000 - n)
+        socks = []
+        try:
+            for p in range(start, start + n):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return start
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise ReqnoiseError(f"no {n} consecutive free ports on localhost for the ring backend")
+
+
+def run_local_ranks(args, ranks: int) -> int:
+    """``python -m reqnoise *args`` as ``ranks`` processes of one ring group on this machine (MLX's ring backend
+    on localhost, free ports); rank 0 prints, the other ranks' output is kept for their failure. Returns 0, or
+    the first failing rank's exit code after stopping the rest.
+
+    MLX runs a CPU model's ops on one thread, so ranks are how a study uses the other cores; its results do
+    not depend on their number (see ``reqnoise.experiment.plan``). This starts the ranks itself, as
+    ``mlx.launch --backend ring`` does for local hosts (a hostfile of one ``ip:port`` per rank and
+    ``MLX_RANK``), because ``mlx.launch`` relays output in a loop that keeps a core busy.
+    """
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    from pathlib import Path
+
+    start = _free_ports(ranks)
+    with tempfile.TemporaryDirectory(prefix="reqnoise-ranks-") as tmp:
+        hostfile = Path(tmp) / "hosts.json"
+        hostfile.write_text(json.dumps([[f"127.0.0.1:{start + r}"] for r in range(ranks)]))
+        procs, logs = [], []
+        for r in range(ranks):
+            env = dict(os.environ, MLX_RANK=str(r), MLX_HOSTFILE=str(hostfile))
+            log = None if r == 0 else open(Path(tmp) / f"rank{r}.log", "w+")
+            logs.append(log)
+            procs.append(subprocess.Popen([sys.executable, "-m", "reqnoise", *args], env=env, stdout=log, stderr=log))
+        failed = None
+        while failed is None and any(p.poll() is None for p in procs):
+            failed = next((r for r, p in enumerate(procs) if p.poll() not in (None, 0)), None)
+            time.sleep(0.2)
+        failed = failed if failed is not None else next((r for r, p in enumerate(procs) if p.returncode), None)
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+            p.wait()
+        for r, log in enumerate(logs):
+            if log is not None:
+                if r == failed:
+                    log.seek(0)
+                    tail = log.read().strip().splitlines()[-20:]
+                    print("\n".join(f"[rank {r}] {line}" for line in tail), file=sys.stderr)
+                log.close()
+        return 0 if failed is None else procs[failed].returncode or 1

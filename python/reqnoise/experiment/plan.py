@@ -5,10 +5,12 @@ Set G, identity) with its content-hash key and the steps it depends on. Nothing 
 rank builds the same plan from the same spec. Execution then goes in waves: a wave holds the uncached steps
 whose uncached dependencies are all done.
 
-- *Collective* steps (training, evaluation) use every rank: training is mlx-lm's data-parallel training,
-  evaluation shards the items (``reqnoise.distributed``); rank 0 writes the step's directory.
-- *Independent* steps (fusing, noise reports, quantizing, identity, Set G) are spread over the ranks,
-  heaviest first onto the least-loaded rank; each is computed and written by exactly one rank.
+- *Collective* steps (evaluation) use every rank: evaluation shards whole batches (``reqnoise.distributed``),
+  so its records are those of one process; rank 0 writes the step's directory.
+- *Independent* steps (training, fusing, noise reports, quantizing, identity, Set G) are spread over the
+  ranks, heaviest first onto the least-loaded rank; each is computed and written by exactly one rank. A
+  training step runs in a child process outside the launched group (``reqnoise.train.isolated``), so its
+  adapter is the bytes one process writes: results do not depend on the rank count.
 
 Which steps are cached is decided once, by rank 0, before anything is written, so all ranks agree on the
 waves. A failing step makes every rank stop with the failing rank, step and reason; finished steps stay in
@@ -45,6 +47,7 @@ class PlannedStep:
     deps: list = field(default_factory=list)  # names of planned steps this one reads
     fn: Callable = None  # fn(tmp_dir) -> summary dict; writes the step's files
     collective: bool = False  # every rank takes part; rank 0 writes
+    cost: float | None = None  # weight among independent steps; None: COST[kind]
 
 
 def waves(steps: dict, pending: set) -> list:
@@ -79,7 +82,8 @@ def execute(steps: dict, cache, *, log=print) -> tuple[dict, list]:
         t_wave = time.perf_counter()
         collective = [n for n in wave if steps[n].collective]
         independent = [n for n in wave if not steps[n].collective]
-        shares = balanced_shards([COST.get(steps[n].kind, 1.0) for n in independent], size)
+        weights = [steps[n].cost if steps[n].cost is not None else COST.get(steps[n].kind, 1.0) for n in independent]
+        shares = balanced_shards(weights, size)
         for n in collective:
             t0 = time.perf_counter()
             check_statuses(_run_step(steps[n], cache, write=rank == 0, size=size), f"step {n}")

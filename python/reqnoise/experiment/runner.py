@@ -34,9 +34,14 @@ from reqnoise.jsonl import read_json
 from reqnoise.noise.plot import plot_noise
 from reqnoise.stats.prereg import evaluate_lock, lock_criteria, lock_sha256, verify_lock, write_provenance
 from reqnoise.toy.model import build_toy_model
+from reqnoise.train.config import TrainConfig
+from reqnoise.train.isolated import train_alone
 from reqnoise.train.tuner import train_adapter
 
 LOCKED_CRITERIA = "criteria.locked.toml"
+# Training examples that cost about as much as one fuse step (plan.COST): only the balance of steps over
+# ranks depends on it (measured on the toy: ~25 examples/s training, fuse steps ~1 s with their loading).
+TRAIN_EXAMPLES_PER_UNIT = 25.0
 
 
 class Runner:
@@ -55,11 +60,12 @@ class Runner:
         self._content: dict = {}  # model directory -> SHA-256 of its files (computed once, when needed)
 
     # ---------------------------------------------------------------- planning (nothing runs here)
-    def step(self, name, kind, params, deps=(), inputs=(), fn=None, collective=False):
-        """Plan a step: its key covers ``params``, the keys of ``deps`` and the bytes of ``inputs``."""
+    def step(self, name, kind, params, deps=(), inputs=(), fn=None, collective=False, cost=None):
+        """Plan a step: its key covers ``params``, the keys of ``deps`` and the bytes of ``inputs``. ``cost``:
+        its weight when independent steps are spread over ranks (default: by kind, ``plan.COST``)."""
         key = step_key(kind, params, [self.keys[d] for d in deps], [Path(p) for p in inputs])
         self.keys[name] = key
-        self.plan[name] = PlannedStep(name, kind, key, [d for d in deps if d in self.plan], fn, collective)
+        self.plan[name] = PlannedStep(name, kind, key, [d for d in deps if d in self.plan], fn, collective, cost)
         return self.cache.dir(name)
 
     # ---------------------------------------------------------------- models and adapters
@@ -167,11 +173,21 @@ class Runner:
                     f"adapters.{name}: Set G has no {data_path.name}/ data: {data!r} needs a cloze "
                     "sentence in every item (field 'cloze')"
                 )
+            if rank_and_size()[1] > 1:  # one rank trains it whole: the bytes a single process writes
+                return train_alone(model, data_path, tmp / "adapter", progress=self.progress, **a)
             return train_adapter(model, data_path, tmp / "adapter", progress=self.progress, **a)
 
-        # Collective: under mlx.launch every rank trains on its share of each batch (mlx-lm data parallel).
+        # Independent: under mlx.launch the training steps of a wave are spread over the ranks, each trained by
+        # one rank (data-parallel training would make the adapter depend on the rank count).
+        cost = TrainConfig(**a)
         self.step(
-            f"adapter-{name}", "train", dict(a, **params_ref), deps=deps, inputs=inputs, fn=train, collective=True
+            f"adapter-{name}",
+            "train",
+            dict(a, **params_ref),
+            deps=deps,
+            inputs=inputs,
+            fn=train,
+            cost=cost.iters * cost.batch_size / TRAIN_EXAMPLES_PER_UNIT,
         )
         self.adapter_paths[name] = self.cache.dir(f"adapter-{name}") / "adapter"
         return self.adapter_paths[name]

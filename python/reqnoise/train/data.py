@@ -146,9 +146,10 @@ def seeded_batches(dataset, batch_size, max_seq_length, loop=False, comm_group=N
 
     ``loop=True`` (training): an endless stream of per-epoch permutations drawn from ``seed``, cut into
     batches of ``batch_size`` (a batch may straddle two epochs). ``loop=False`` (validation): every example
-    once, in order, the last batch possibly smaller. Yields ``(tokens [B, T] int32, [(offset, length)] [B, 2])``
+    once, in order, the last batch possibly smaller. Yields ``(tokens [B, T] int32, [(offset, end)] [B, 2])``
     with T = 1 + a multiple of 8 (mlx-lm pads to 32; 8 wastes less compute on short examples for a few
-    more compiled shapes), at most ``max_seq_length``.
+    more compiled shapes), at most ``max_seq_length``, and ``end`` the row's token count - 1 (mlx-lm's mask
+    is inclusive: given the count it would also train the pad after each example).
 
     Under ``mlx.launch`` (``comm_group`` of N > 1 ranks) the training batches are the single-process ones,
     rank r taking rows r, r + N, ...; each row then carries a third column, the target-token count of the
@@ -176,13 +177,16 @@ def seeded_batches(dataset, batch_size, max_seq_length, loop=False, comm_group=N
         arr = np.zeros((len(items), width), np.int32)
         for row, ((tokens, _), length) in enumerate(zip(items, lengths)):
             arr[row, :length] = tokens[:length]
-        yield mx.array(arr), mx.array([[off, length, *extra] for (_, off), length in zip(items, lengths)])
+        # mlx-lm's default_loss scores targets at steps offset..L of a row of L tokens, one past its end: the pad
+        # (token 0) after every example (mlx-lm PR #1697). Reporting L - 1 keeps exactly the row's own tokens.
+        last = [length - 1 for length in lengths]
+        yield mx.array(arr), mx.array([[off, end, *extra] for (_, off), end in zip(items, last)])
 
 
 def _target_tokens(offset: int, length: int, max_seq_length: int) -> int:
-    """Tokens mlx-lm's ``default_loss`` scores in a row: targets at steps max(offset, 1)..length, and at most
-    max_seq_length - 1 of them (the row's last input token has no target)."""
-    return max(0, min(length, max_seq_length - 1) - max(offset, 1) + 1)
+    """Tokens mlx-lm's ``default_loss`` scores in a row of ``length`` tokens as ``seeded_batches`` reports it
+    (end ``length - 1``): targets at steps max(offset, 1)..length - 1, the row's own tokens after the first."""
+    return max(0, min(length, max_seq_length) - max(offset, 1))
 
 
 def global_mean_loss(model, batch, lengths):
