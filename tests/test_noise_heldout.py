@@ -182,6 +182,16 @@ def test_dense_dequantize_fuse_keeps_the_adapter(toy_model_dir, adapter):
     assert o["kl_adapter_base"] > 1e-3  # the adapter does change the outputs: the ratio is not 0/0
 
 
+def test_dora_effect_is_the_renormalised_weight(toy_model_dir_fp, tmp_path):
+    # A float model fuses DoRA exactly (mlx-lm's DoRALinear.fuse arithmetic): what the adapter computes is kept,
+    # which the measures show only if they compare with the renormalised weight rather than with B A alone.
+    keys = ["self_attn.q_proj", "self_attn.v_proj"]
+    ad = make_adapter(toy_model_dir_fp, tmp_path / "dora", keys=keys, dyadic=False, size=0.05, fine_tune_type="dora")
+    rep = noise_report(toy_model_dir_fp, ad, prompts=PROMPTS, progress=False, alternatives=False)
+    assert max(m["residual_over_effect"] for m in rep["heldout_modules"]) < 1e-4
+    assert rep["outputs"]["kl_ratio"] < 1e-6
+
+
 def test_overlaps_by_token_ids():
     cal = [[1, 2, 3, 4], [5, 6], [7, 8, 9]]
     held = [[1, 2, 3], [5, 6], [5, 6, 7], [7, 9], [9]]

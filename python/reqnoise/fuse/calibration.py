@@ -22,7 +22,7 @@ DEFAULT_CALIB_TOKENS = 4096
 # Below this many routed tokens an expert's Hessian is too poorly estimated to steer rounding: keep-grid.
 MIN_EXPERT_TOKENS = 16
 
-# Built-in calibration prompts: general chat, none of them noise.report's held-out probe prompts.
+# Built-in calibration prompts: general chat, none of them noise.heldout's held-out probe prompts.
 BUILTIN_PROMPTS = [
     "Describe how a river changes from its source to the sea.",
     "What are three things to check before signing a rental agreement?",

@@ -123,17 +123,17 @@ def heldout_set(
     if prompts is not None and data is not None:
         raise ReqnoiseError("give the held-out prompts either as prompts or as a data file, not both")
     calibrated = options.requant == "calibrated"
-    if calibration is None:
-        try:
-            calibration = _calibration_for(model_dir, adapter_path, options)
-        except ReqnoiseError:
-            if calibrated:
-                raise
-            # No calibration runs in this mode: unreadable default calibration data only means the default
-            # probes cannot be filtered against it, which the report then says (disjoint_from: None).
-            calibration = None
-    checked = None if calibration is None else dict(source=calibration.source, sha256=calibration.sha256)
+    if calibration is None and calibrated:
+        calibration = _calibration_for(model_dir, adapter_path, options)
     if prompts is None and data is None:
+        if calibration is None:
+            try:
+                calibration = _calibration_for(model_dir, adapter_path, options)
+            except ReqnoiseError:
+                # No calibration runs in this mode: unreadable default calibration data only means the probes
+                # cannot be filtered against it, which the report then says (disjoint_from: None).
+                calibration = None
+        checked = None if calibration is None else dict(source=calibration.source, sha256=calibration.sha256)
         ex = prompt_examples(PROBE_PROMPTS)
         probes = tokenize_examples(model_dir, ex, "builtin-probes", "", max_tokens, what="held-out")
         hit = {} if calibration is None else overlaps(probes.examples, calibration.examples)
@@ -160,6 +160,7 @@ def heldout_set(
     tok = tokenize_examples(model_dir, ex, source, digest, max_tokens, what="held-out")
     if not calibrated:
         return HeldOut(tok, source, [], None)
+    checked = dict(source=calibration.source, sha256=calibration.sha256)
     hit = overlaps(tok.examples, calibration.examples)
     if hit:
         i, j = next(iter(sorted(hit.items())))
