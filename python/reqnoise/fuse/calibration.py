@@ -22,7 +22,7 @@ DEFAULT_CALIB_TOKENS = 4096
 # Below this many routed tokens an expert's Hessian is too poorly estimated to steer rounding: keep-grid.
 MIN_EXPERT_TOKENS = 16
 
-# Built-in calibration prompts: general chat, none of them noise.report's held-out probe prompts.
+# Built-in calibration prompts: general chat, none of them noise.heldout's held-out probe prompts.
 BUILTIN_PROMPTS = [
     "Describe how a river changes from its source to the sea.",
     "What are three things to check before signing a rental agreement?",
@@ -52,6 +52,9 @@ class CalibrationData:
     sequences: list  # list of token-id lists
     tokens: int = 0
     format: str = "chat"
+    # Every example's token ids before the token cap, also those the cap left out: what a held-out set is
+    # checked against (noise.heldout), so "held out" means "not in this data", not "not in the part used".
+    examples: list = field(default_factory=list)
 
 
 def _example_messages(ex, where):
@@ -87,17 +90,18 @@ def _example_messages(ex, where):
     )
 
 
-def _data_file(path: Path) -> Path:
+def _data_file(path: Path, what: str = "calibration", split: str = "train") -> Path:
     if path.is_dir():
-        path = path / "train.jsonl"
+        path = path / f"{split}.jsonl"
     if not path.is_file():
-        raise ReqnoiseError(f"calibration data {path} does not exist (a .jsonl file or a directory with train.jsonl)")
+        raise ReqnoiseError(f"{what} data {path} does not exist (a .jsonl file or a directory with {split}.jsonl)")
     return path
 
 
-def read_calibration_file(path) -> tuple[list, str]:
-    """``[(kind, payload), ...]`` from an mlx-lm dataset file or directory, and the file's sha256."""
-    path = _data_file(Path(path))
+def read_calibration_file(path, what: str = "calibration", split: str = "train") -> tuple[list, str]:
+    """``[(kind, payload), ...]`` from an mlx-lm dataset file or directory (its ``split``.jsonl), and the
+    file's sha256. ``what`` names the data in errors."""
+    path = _data_file(Path(path), what, split)
     raw = path.read_bytes()
     examples = []
     for i, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1):
@@ -109,7 +113,7 @@ def read_calibration_file(path) -> tuple[list, str]:
             raise ReqnoiseError(f"{path}:{i}: not valid JSON ({err.msg})") from None
         examples.append(_example_messages(ex, f"{path}:{i}"))
     if not examples:
-        raise ReqnoiseError(f"calibration data {path} is empty")
+        raise ReqnoiseError(f"{what} data {path} is empty")
     return examples, hashlib.sha256(raw).hexdigest()
 
 
@@ -143,10 +147,6 @@ def load_calibration(model_dir, adapter_path, calib_data=None, calib_tokens=DEFA
     ``calib_data``: a file or directory in an mlx-lm dataset format; None: the adapter's training data if its
     config names an existing one, else ``BUILTIN_PROMPTS``. Sequences are cut at ``calib_tokens`` in total.
     """
-    from mlx_lm.utils import load_tokenizer
-
-    if not isinstance(calib_tokens, int) or calib_tokens < 1:
-        raise ReqnoiseError(f"--calib-tokens must be a positive integer, got {calib_tokens!r}")
     if calib_data is not None:
         examples, digest = read_calibration_file(calib_data)
         source = str(_data_file(Path(calib_data)))
@@ -154,12 +154,30 @@ def load_calibration(model_dir, adapter_path, calib_data=None, calib_tokens=DEFA
         examples, digest = read_calibration_file(found)
         source = str(found)
     else:
-        examples = [("chat", [{"role": "user", "content": p}]) for p in BUILTIN_PROMPTS]
+        examples = prompt_examples(BUILTIN_PROMPTS)
         digest = hashlib.sha256("\n".join(BUILTIN_PROMPTS).encode()).hexdigest()
         source = "builtin"
+    return tokenize_examples(model_dir, examples, source, digest, calib_tokens)
+
+
+def prompt_examples(prompts) -> list:
+    """Plain user prompts as ``(kind, payload)`` examples: one user turn each, rendered with the generation
+    prompt (the tokens a model sees before it answers)."""
+    return [("chat", [{"role": "user", "content": p}]) for p in prompts]
+
+
+def tokenize_examples(model_dir, examples, source, digest, max_tokens, what="calibration") -> CalibrationData:
+    """Tokenize ``(kind, payload)`` examples with the model's tokenizer and chat template (chat and
+    completions rendered, text encoded as is) and cut them at ``max_tokens`` in total. An example longer than
+    the model's context is a ReqnoiseError naming it (``what``: the data's name in errors)."""
+    from mlx_lm.utils import load_tokenizer
+
+    opt = "--calib-tokens" if what == "calibration" else f"the {what} token cap"
+    if not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ReqnoiseError(f"{opt} must be a positive integer, got {max_tokens!r}")
     tok = load_tokenizer(Path(model_dir))
     ctx = _context_length(model_dir)
-    seqs, total = [], 0
+    seqs, full, total = [], [], 0
     for i, (kind, payload) in enumerate(examples):
         if kind == "text":
             ids = tok.encode(payload)
@@ -168,16 +186,17 @@ def load_calibration(model_dir, adapter_path, calib_data=None, calib_tokens=DEFA
             ids = tok.encode(text, add_special_tokens=False)
         if ctx is not None and len(ids) > ctx:
             raise ReqnoiseError(
-                f"calibration example {i + 1} of {source} is {len(ids)} tokens, longer than the model's context {ctx}"
+                f"{what} example {i + 1} of {source} is {len(ids)} tokens, longer than the model's context {ctx}"
             )
-        if total < calib_tokens and ids:
-            ids = ids[: calib_tokens - total]
+        full.append(list(ids))
+        if total < max_tokens and ids:
+            ids = ids[: max_tokens - total]
             seqs.append(ids)
             total += len(ids)
     if total == 0:
-        raise ReqnoiseError(f"calibration data {source} has no tokens")
+        raise ReqnoiseError(f"{what} data {source} has no tokens")
     kinds = sorted({k for k, _ in examples})
-    return CalibrationData(source, digest, seqs, total, "+".join(kinds))
+    return CalibrationData(source, digest, seqs, total, "+".join(kinds), full)
 
 
 @dataclass
@@ -247,9 +266,10 @@ def _get_module(model, name):
     return m
 
 
-def collect_inputs(model_dir, adapter_path, targets: dict, data: CalibrationData) -> dict:
+def collect_inputs(model_dir, adapter_path, targets: dict, data: CalibrationData, outputs=None) -> dict:
     """Run base + unfused adapter on ``data`` and return ``{module name: ModuleInputs}`` for ``targets``
-    (name -> ModuleAdapter). The model is released before returning."""
+    (name -> ModuleAdapter). ``outputs``: a list to which each sequence's logits (float32 numpy [L, vocab])
+    are appended, so a caller that needs them runs the model once. The model is released before returning."""
     import mlx_lm
 
     model, _ = mlx_lm.load(str(model_dir), adapter_path=str(adapter_path))
@@ -262,7 +282,10 @@ def collect_inputs(model_dir, adapter_path, targets: dict, data: CalibrationData
         stores[name] = ModuleInputs(n_experts=mod.experts)
         _Catcher(stores[name]).wrap(m)
     for seq in data.sequences:
-        mx.eval(model(mx.array(seq)[None]))
+        logits = model(mx.array(seq)[None])
+        mx.eval(logits)
+        if outputs is not None:
+            outputs.append(np.array(logits[0].astype(mx.float32)))
     for s in stores.values():
         s.finish()
     del model

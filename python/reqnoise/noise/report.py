@@ -17,6 +17,23 @@ dW_eff = dequant(fused) - dequant(base) (float32):
 
 For the zero control (and experts an adapter leaves at zero) dW is zero: the entry reports the artifact itself
 (codes changed, ``eff_norm``) and leaves the ratios null.
+
+Output space, on held-out prompts that are not calibration prompts (``noise.heldout``: which prompts, how
+disjointness is checked), when the output metrics are on. X is a module's input on the held-out tokens, recorded
+while the adapter model (base + unfused adapter) runs them ([rows, in]; for a switch stack, per expert, the rows
+of the tokens routed to it, one row per (token, expert) pair). D is the adapter's change of the weight: dW, or for
+DoRA the renormalised ``dora(W_hat + dW) - W_hat`` (the function the unfused DoRA layer computes). Per entry:
+
+* ``residual_over_effect``: ||(W_fused - W_hat - D) X^T||_F / ||D X^T||_F (1.0: the adapter's effect on these
+  inputs entirely lost, 0: kept exactly, above 1: the fuse adds more error than the adapter adds effect);
+* ``output_cosine``: cos((W_fused - W_hat) X^T, D X^T), the module's output change against the adapter's;
+* ``heldout_rows``: rows of X (null ratios when there are none, as for an expert no held-out token reaches).
+
+``heldout_modules`` pools them per module over its experts: the sums of squares (and of products) over all
+routed rows of all experts, i.e. the same ratios for the stack's output on every (token, expert) pair, so an
+expert counts as much as it is used. Model level (``outputs``, ``noise.heldout.output_measures``): KL of the
+next-token distributions at every held-out position and ``kl_ratio`` = KL(adapter || fused) / KL(adapter ||
+base).
 """
 
 import math
@@ -27,38 +44,20 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from reqnoise.chat import render_chat
 from reqnoise.errors import ReqnoiseError
 from reqnoise.fuse.adapters import check_against_model, load_adapter
+from reqnoise.fuse.calibration import DEFAULT_CALIB_TOKENS, MIN_EXPERT_TOKENS, collect_inputs, load_calibration
 from reqnoise.fuse.controls import apply_control
 from reqnoise.fuse.model import fuse_model
 from reqnoise.fuse.model_io import layer_index, open_model_dir
-from reqnoise.fuse.module import EXPERTS_PER_STEP, expert_steps, fuse_module, module_parts
+from reqnoise.fuse.module import EXPERTS_PER_STEP, _dora, expert_steps, fuse_module, module_parts
 from reqnoise.fuse.options import FuseOptions
 from reqnoise.kernel.formats import FP_MODES, MODES
+from reqnoise.noise.heldout import DEFAULT_HELDOUT_TOKENS, heldout_set, output_measures
 
 # Verdict thresholds on the median delta cosine over adapted (module, expert) entries.
 SURVIVES = 0.9
 PARTLY = 0.5
-
-PROBE_PROMPTS = [
-    "Who are you?",
-    "What is the capital of France?",
-    "Explain photosynthesis in one sentence.",
-    "Write a haiku about the sea.",
-    "What is 17 times 23?",
-    "Name three prime numbers.",
-    "Which planet is closest to the sun?",
-    "Translate 'good morning' into Spanish.",
-    "What causes rain?",
-    "Give one tip for learning to code.",
-    "Who wrote Hamlet?",
-    "What is the boiling point of water in Celsius?",
-    "Describe a cat in five words.",
-    "What is an atom?",
-    "Answer with a letter: which option is largest? A) 2 B) 9 C) 4",
-    "Tell me something about yourself.",
-]
 
 
 def _codes(wq, bits, group):
@@ -122,14 +121,47 @@ def _ratio(num, den):
     return None if den <= 0 or not math.isfinite(num / den) else float(num / den)
 
 
+def _heldout_sums(eff, change, x) -> tuple:
+    """``(rows, ||(eff - change) X^T||^2, ||change X^T||^2, ||eff X^T||^2, <eff X^T, change X^T>)`` of one
+    expert: ``eff``/``change`` [out, in] float32 mx, ``x`` [rows, in] float32 numpy."""
+    if len(x) == 0:
+        return (0, 0.0, 0.0, 0.0, 0.0)
+    xt = mx.array(x).T
+    fo, co = eff @ xt, change @ xt
+    sums = [mx.sum(v) for v in ((fo - co) ** 2, co * co, fo * fo, fo * co)]
+    mx.eval(sums)
+    return (len(x), *(float(v.item()) for v in sums))
+
+
+def _heldout_ratios(sums) -> dict:
+    """residual_over_effect and output_cosine from (pooled) ``_heldout_sums``."""
+    n, res, ch, ef, dot = sums
+    return dict(
+        heldout_rows=n,
+        residual_over_effect=_ratio(math.sqrt(res), math.sqrt(ch)) if n and ch > 0 else None,
+        output_cosine=(_ratio(dot, math.sqrt(ch * ef)) if ef > 0 else 0.0) if n and ch > 0 else None,
+    )
+
+
 def module_metrics(
-    name, parts, qp, factors, fused, out_qp, experts_per_step=EXPERTS_PER_STEP, mode="affine", out_mode=None
+    name,
+    parts,
+    qp,
+    factors,
+    fused,
+    out_qp,
+    experts_per_step=EXPERTS_PER_STEP,
+    mode="affine",
+    out_mode=None,
+    heldout=None,
 ):
     """Per-expert metric dicts of one module (a dense module gives one entry with expert None).
 
     ``parts``/``fused``: the module's tensors by suffix before and after the fuse; ``qp``/``out_qp``: their
     (bits, group_size) or None (float); ``mode``/``out_mode``: their MLX modes (``out_mode`` None: ``mode``);
-    ``factors``: the intended delta's ModuleAdapter, or None (zero).
+    ``factors``: the intended delta's ModuleAdapter, or None (zero); ``heldout``: the module's held-out inputs
+    (a ``fuse.calibration.ModuleInputs``) for the output-space entries, or None (they are null). Each entry
+    carries its held-out sums as ``_heldout`` (``pool_heldout`` turns them into the per-module values).
     """
     out_mode = out_mode or mode
     fp = qp is not None and mode in FP_MODES
@@ -175,7 +207,18 @@ def module_metrics(
         else:
             step = None
         mx.eval(dot, n_dw, n_eff, n_err, rms_dw, *(x for x in (code_frac, scale_frac, step) if x is not None))
+        change = dw
+        if heldout is not None and factors is not None and factors.magnitude is not None:
+            # DoRA: the unfused layer computes the renormalised W_hat + dW, so that is the effect to keep
+            change = _dora(base + dw, factors.magnitude) - base
+        if heldout is not None:
+            mx.eval(eff, change)
         for i in range(e1 - e0):
+            if heldout is not None:
+                e = e0 + i if stacked else 0
+                held = _heldout_sums(eff[i], change[i], heldout.rows[heldout.experts == e])
+            else:
+                held = (0, 0.0, 0.0, 0.0, 0.0)
             ndw, neff = float(n_dw[i].item()), float(n_eff[i].item())
             cos = _ratio(float(dot[i].item()), ndw * neff) if ndw > 0 and neff > 0 else (0.0 if ndw > 0 else None)
             rows.append(
@@ -195,6 +238,8 @@ def module_metrics(
                     noise_frac=None if cos is None or neff == 0 else float(max(0.0, 1.0 - cos * cos)),
                     delta_norm=ndw,
                     eff_norm=neff,
+                    **_heldout_ratios(held),
+                    _heldout=held,
                 )
             )
             if fp_over is not None:
@@ -202,9 +247,17 @@ def module_metrics(
     return rows
 
 
-def weight_metrics(md, targets, options: FuseOptions, *, progress=True, cosine_only=False):
+def weight_metrics(
+    md, targets, options: FuseOptions, *, progress=True, cosine_only=False, calibration=None, heldout=None, fused=None
+):
     """Fuse each target module in memory (never written) and measure it; returns the list of rows (or, with
-    ``cosine_only``, their delta cosines)."""
+    ``cosine_only``, their delta cosines).
+
+    ``calibration``: ``{module: ModuleInputs}`` of the calibration data (``requant="calibrated"``); its rows
+    then say how many calibration rows each expert had and whether it fell back to keep-grid rounding.
+    ``heldout``: ``{module: ModuleInputs}`` of the held-out prompts, for the output-space entries.
+    ``fused``: ``(ModelDir, {module: fuse_report entry})`` of a model ``fuse_model`` wrote with these options:
+    its tensors are measured instead of fusing again (the entries give the calibration rows and fallbacks)."""
     from tqdm import tqdm
 
     rows = []
@@ -213,27 +266,63 @@ def weight_metrics(md, targets, options: FuseOptions, *, progress=True, cosine_o
         qp = md.quant_params(name) if md.is_quantized(name) else None
         mode = (md.quant_mode(name) if qp is not None else None) or "affine"
         factors = apply_control(targets[name], options.control, options.seed)
-        fused = fuse_module(parts, qp, factors, options, mode)
+        counts, fallback = None, set()
+        if fused is None:
+            cal = None if calibration is None else calibration[name]
+            out_parts = fuse_module(parts, qp, factors, options, mode, calibration=cal)
+            if cal is not None and qp is not None:
+                counts, fallback = cal.token_counts(), set(getattr(cal, "fallback", []))
+        else:
+            out_parts = module_parts(fused[0], name)
+            cal = fused[1][name].get("calibration")
+            if cal is not None and qp is not None:
+                counts, fallback = cal["tokens_per_expert"], set(cal["keep_grid_fallback"])
         # The intended delta is always the adapter's (or the control's): what the fuse was asked to add.
         intended = factors if options.control != "zero" else None
         out = options.output_format(qp, mode)
-        rows.extend(
-            module_metrics(
-                name,
-                parts,
-                qp,
-                intended,
-                fused,
-                None if out is None else out[:2],
-                mode=mode,
-                out_mode=None if out is None else out[2],
-            )
+        new = module_metrics(
+            name,
+            parts,
+            qp,
+            intended,
+            out_parts,
+            None if out is None else out[:2],
+            mode=mode,
+            out_mode=None if out is None else out[2],
+            heldout=None if heldout is None else heldout[name],
         )
-        del parts, fused
+        for r in new:
+            e = r["expert"] or 0
+            r["calibration_rows"] = None if counts is None else int(counts[e])
+            r["calibration_fallback"] = None if counts is None else e in fallback
+        rows.extend(new)
+        del parts, out_parts
         mx.clear_cache()
     if cosine_only:
         return [r["delta_cosine"] for r in rows]
     return rows
+
+
+def pool_heldout(rows) -> list:
+    """Per module, the output-space ratios pooled over its experts (see the module docstring); removes the
+    per-entry sums from ``rows``. One dict per module, in the rows' order."""
+    pooled: dict = {}
+    for r in rows:
+        sums = r.pop("_heldout")
+        acc = pooled.setdefault(r["module"], dict(layer=r["layer"], experts=0, reached=0, sums=[0, 0.0, 0.0, 0.0, 0.0]))
+        acc["experts"] += r["expert"] is not None
+        acc["reached"] += sums[0] > 0
+        acc["sums"] = [a + b for a, b in zip(acc["sums"], sums)]
+    return [
+        dict(
+            module=name,
+            layer=acc["layer"],
+            experts=acc["experts"] or None,
+            experts_with_rows=acc["reached"] if acc["experts"] else None,
+            **_heldout_ratios(acc["sums"]),
+        )
+        for name, acc in pooled.items()
+    ]
 
 
 def _median(values):
@@ -241,11 +330,16 @@ def _median(values):
     return float(np.median(vals)) if vals else None
 
 
-def summarize(rows) -> dict:
+def summarize(rows, heldout_modules=()) -> dict:
+    """Medians and totals over the rows; the output-space medians are over modules (``pool_heldout``)."""
     cos = [r["delta_cosine"] for r in rows]
     codes = [r["code_change_frac"] for r in rows if r["code_change_frac"] is not None]
     steps = [r["delta_rms_over_step"] for r in rows if r["delta_rms_over_step"]]
+    calibrated = [r for r in rows if r.get("calibration_fallback") is not None]
     return dict(
+        median_residual_over_effect=_median([m["residual_over_effect"] for m in heldout_modules]),
+        median_output_cosine=_median([m["output_cosine"] for m in heldout_modules]),
+        calibration_fallback_entries=sum(r["calibration_fallback"] for r in calibrated) if calibrated else None,
         entries=len(rows),
         adapted_entries=sum(c is not None for c in cos),
         median_delta_cosine=_median(cos),
@@ -257,42 +351,6 @@ def summarize(rows) -> dict:
         max_code_change_frac=float(np.max(codes)) if codes else None,
         total_eff_norm=float(np.sqrt(sum(r["eff_norm"] ** 2 for r in rows))),
         total_delta_norm=float(np.sqrt(sum(r["delta_norm"] ** 2 for r in rows))),
-    )
-
-
-def _next_token_logprobs(model_dir, prompts, adapter_path=None):
-    import mlx_lm
-
-    model, tok = mlx_lm.load(str(model_dir), adapter_path=None if adapter_path is None else str(adapter_path))
-    out = []
-    for p in prompts:
-        ids = tok.encode(
-            render_chat(tok, [{"role": "user", "content": p}], add_generation_prompt=True), add_special_tokens=False
-        )
-        logits = model(mx.array(ids)[None])[0, -1].astype(mx.float32)
-        out.append(np.array(logits - mx.logsumexp(logits)))
-    del model
-    mx.clear_cache()
-    return np.stack(out).astype(np.float64)
-
-
-def _kl(p_log, q_log):
-    return float(np.mean(np.sum(np.exp(p_log) * (p_log - q_log), axis=-1)))
-
-
-def output_metrics(model, adapter_path, fused_dir, prompts) -> dict:
-    base = _next_token_logprobs(model, prompts)
-    adapted = _next_token_logprobs(model, prompts, adapter_path)
-    fused = _next_token_logprobs(fused_dir, prompts)
-    top = {k: v.argmax(-1) for k, v in (("base", base), ("adapter", adapted), ("fused", fused))}
-    return dict(
-        prompts=len(prompts),
-        kl_adapter_fused=_kl(adapted, fused),
-        kl_adapter_base=_kl(adapted, base),
-        kl_fused_base=_kl(fused, base),
-        top1_fused_vs_adapter=float(np.mean(top["fused"] == top["adapter"])),
-        top1_fused_vs_base=float(np.mean(top["fused"] == top["base"])),
-        top1_adapter_vs_base=float(np.mean(top["adapter"] == top["base"])),
     )
 
 
@@ -376,6 +434,8 @@ def noise_report(
     *,
     options: FuseOptions | None = None,
     prompts=None,
+    heldout_data=None,
+    heldout_tokens=DEFAULT_HELDOUT_TOKENS,
     outputs=True,
     alternatives=True,
     progress=True,
@@ -383,22 +443,21 @@ def noise_report(
 ) -> dict:
     """Weight- and output-level survival of an adapter through a fuse (see the module docstring).
 
-    Args mirror ``fuse_model`` (a FuseOptions as ``options``, or its fields as keywords); ``prompts``: probe
-    prompts (default: a built-in set of 16); ``outputs``: compute the output-level metrics (loads base, adapter
-    and fused model once each); ``alternatives``: when the adapter does not survive, also measure keep-grid and
-    --out-bits 8 to say whether they would keep it.
+    Args mirror ``fuse_model`` (a FuseOptions as ``options``, or its fields as keywords; ``requant="calibrated"``
+    reads its calibration data as the fuse does). The held-out set (``noise.heldout.heldout_set``): ``prompts``
+    (plain user prompts) or ``heldout_data`` (an mlx-lm dataset file), default the built-in probe prompts minus
+    the calibration prompts, at most ``heldout_tokens`` tokens. ``outputs``: compute the output-space metrics
+    (runs the adapter model on the held-out set, loads the base model and a fused copy written to a temporary
+    directory); without them no model is loaded except, under calibrated, the adapter model on its calibration
+    data. ``alternatives``: when the adapter does not survive, also measure keep-grid and --out-bits 8 to say
+    whether they would keep it.
 
     Returns:
-        ``{"modules": [...], "summary": {...}, "outputs": {...} or None, "alternatives": {...}, "verdict": str,
+        ``{"modules": [...], "heldout_modules": [...], "summary": {...}, "outputs": {...} or None,
+        "heldout": {...} or None, "calibration": {...} or None, "alternatives": {...}, "verdict": str,
         "options": {...}}``
     """
     opts = FuseOptions.merge(options, fields, "noise_report").check()
-    if opts.requant == "calibrated":
-        # Its survival metrics need held-out activations (residual over effect, output cosine): not built yet.
-        raise ReqnoiseError(
-            "the noise report does not cover --requant calibrated yet; fuse with it and compare the models with "
-            "reqnoise eval"
-        )
     md = open_model_dir(model)
     adapter = load_adapter(adapter_path)
     check_against_model(adapter, md)
@@ -406,34 +465,71 @@ def noise_report(
     targets = {k: v for k, v in adapter.modules.items() if layer_set is None or layer_index(k) in layer_set}
     if not targets:
         raise ReqnoiseError(f"--layers {opts.layers} selects none of the adapter's modules")
-    rows = weight_metrics(md, targets, opts, progress=progress)
-    summary = summarize(rows)
+    # Every input is read and checked (calibration data, held-out set and their disjointness) before a model runs.
+    cal_data = None
+    if opts.requant == "calibrated":
+        cal_data = load_calibration(model, adapter_path, opts.calib_data, opts.calib_tokens or DEFAULT_CALIB_TOKENS)
+    held = None
+    if outputs:
+        held = heldout_set(
+            model, adapter_path, opts, prompts=prompts, data=heldout_data, max_tokens=heldout_tokens,
+            calibration=cal_data,
+        )  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="reqnoise-noise-") as tmp:
+        if held is not None:
+            adapter_logits = []
+            held_inputs = collect_inputs(model, adapter_path, targets, held.data, outputs=adapter_logits)
+            # The fused copy the output measures load is also what the weight measures read: one fuse.
+            fused_dir = Path(tmp) / "fused"
+            fuse_rep = fuse_model(model, adapter_path, fused_dir, options=opts, progress=False)
+            entries = {e["module"]: e for e in fuse_rep.modules}
+            rows = weight_metrics(
+                md, targets, opts, progress=progress, heldout=held_inputs, fused=(open_model_dir(fused_dir), entries)
+            )
+            del held_inputs
+            outs = output_measures(adapter_logits, model, fused_dir, held.data.sequences)
+            del adapter_logits
+        else:
+            calibration = None if cal_data is None else collect_inputs(model, adapter_path, targets, cal_data)
+            rows = weight_metrics(md, targets, opts, progress=progress, calibration=calibration)
+            outs = None
+            del calibration
+    held_modules = pool_heldout(rows) if held is not None else []
+    if held is None:
+        for r in rows:
+            r.pop("_heldout")
+    summary = summarize(rows, held_modules)
     alts = {}
     med = summary["median_delta_cosine"]
     if alternatives and opts.control != "zero" and med is not None and med < SURVIVES:
+        plain = replace(opts, calib_data=None, calib_tokens=None)
         if opts.requant != "keep-grid":
-            alt = replace(opts, requant="keep-grid", out_bits=None)
+            alt = replace(plain, requant="keep-grid", out_bits=None)
             alts["--requant keep-grid"] = _median(weight_metrics(md, targets, alt, progress=progress, cosine_only=True))
         if md.config.get("quantization") and _has_fp_target(md, targets):
             # 8 bits is no width of mxfp4/nvfp4: the 8-bit alternative of an fp model is affine
             if (opts.out_mode, opts.out_bits) != ("affine", 8):
-                alt = replace(opts, requant="fresh", out_bits=8, out_mode="affine")
+                alt = replace(plain, requant="fresh", out_bits=8, out_mode="affine")
                 alts["--out-mode affine --out-bits 8"] = _median(
                     weight_metrics(md, targets, alt, progress=progress, cosine_only=True)
                 )
         elif md.config.get("quantization") and opts.out_bits != 8:
-            alt = replace(opts, requant="fresh", out_bits=8, out_mode=None)
+            alt = replace(plain, requant="fresh", out_bits=8, out_mode=None)
             alts["--out-bits 8"] = _median(weight_metrics(md, targets, alt, progress=progress, cosine_only=True))
-    outs = None
-    if outputs:
-        with tempfile.TemporaryDirectory(prefix="reqnoise-noise-") as tmp:
-            fused_dir = Path(tmp) / "fused"
-            fuse_model(model, adapter_path, fused_dir, options=opts, progress=False)
-            outs = output_metrics(model, adapter_path, fused_dir, prompts or PROBE_PROMPTS)
+    cal_info = None
+    if cal_data is not None:
+        cal_info = dict(
+            source=cal_data.source, sha256=cal_data.sha256, format=cal_data.format, tokens=cal_data.tokens,
+            sequences=len(cal_data.sequences), min_expert_tokens=MIN_EXPERT_TOKENS,
+            fallback_entries=summary["calibration_fallback_entries"],
+        )  # fmt: skip
     return dict(
         modules=rows,
+        heldout_modules=held_modules,
         summary=summary,
         outputs=outs,
+        heldout=None if held is None else held.to_dict(),
+        calibration=cal_info,
         alternatives=alts,
         verdict=verdict(
             summary, outs, requant=opts.requant, out_bits=opts.out_bits, control=opts.control, alternatives=alts
