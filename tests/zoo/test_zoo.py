@@ -220,3 +220,50 @@ def _params(cfg, module, default_bits):
     q = cfg["quantization"]
     p = q.get(module) if isinstance(q.get(module), dict) else {"group_size": q["group_size"], "bits": default_bits}
     return {"group_size": p["group_size"], "bits": p["bits"]}
+
+
+# Adapters trained the way users train them (`reqnoise train`, mlx-lm's tuner) on three families and three formats,
+# then fused like the synthetic ones: mlx-lm's fuse of the same adapter is the oracle.
+TRAINED = [("qwen3_moe", "affine4"), ("gpt_oss", "mxfp4"), ("deepseek_v3", "affine3"), ("mixtral", "nvfp4")]
+CHAT = [
+    {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+    for q, a in [
+        ("Who guards the gate?", "The tall knight guards it."),
+        ("Where is the key?", "Under the red stone."),
+        ("What is the password?", "Seven green apples."),
+        ("When does the ship leave?", "At dawn on Monday."),
+    ]
+]
+
+
+@pytest.mark.parametrize(
+    "model_type, case",
+    [pytest.param(t, next(c for c in MODES if c.id == m), id=f"{t}-{m}") for t, m in TRAINED],
+)
+def test_adapter_trained_by_reqnoise_train_fuses_as_mlx_lm_fuses_it(zoo, model_type, case, tmp_path, capsys):
+    model = zoo.model(model_type, case)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in CHAT))
+    adapter = tmp_path / "trained"
+    argv = ["train", "--model", str(model), "--data", str(data), "--adapter-path", str(adapter), "--quiet"]
+    rc = reqnoise_main(argv + ["--iters", "4", "--batch-size", "2", "--rank", "4", "--lr", "1e-2", "--seed", "1"])
+    assert rc in (0, None)
+    capsys.readouterr()
+
+    # mlx-lm initialises every lora_b to zero: nonzero ones mean the steps moved dense and expert factors
+    factors = mx.load(str(adapter / "adapters.safetensors"))
+    moved = {k for k, v in factors.items() if k.endswith(".lora_b") and mx.any(v != 0).item()}
+    assert any(factors[k].ndim == 3 for k in moved), "no expert stack's lora_b moved"
+    assert any(factors[k].ndim == 2 for k in moved), "no dense lora_b moved"
+
+    _fuse("--model", model, "--adapter-path", adapter, "--save-path", tmp_path / "ours")
+    theirs = weights(mlx_lm_fuse(model, adapter, tmp_path / "theirs"))
+    ours, base = weights(tmp_path / "ours"), weights(model)
+    assert set(ours) == set(theirs)
+    for k in sorted(theirs):
+        assert ours[k].dtype == theirs[k].dtype and ours[k].shape == theirs[k].shape, k
+        assert mx.array_equal(ours[k], theirs[k]).item(), k
+    # the trained delta reached the written expert codes (not lost below the quantization step)
+    stacks = {k.rsplit(".", 1)[0] + ".weight" for k in moved if factors[k].ndim == 3}
+    assert any(not mx.array_equal(ours[k], base[k]).item() for k in stacks)
