@@ -214,12 +214,14 @@ OVERRIDES: dict = {
             "hidden_act": "situ",
             "linear_attn_config": _KDA,
             "num_experts_per_token": 2,
-            "attn_res_block_size": 1,
+            # attn_res_block_size stays unset: mlx-lm's attention-residual path reads the res projections'
+            # .weight, which its own LoRA wrapper lacks (mlx_lm.load with an adapter then fails in the forward)
         }
     },
     "llama4": {
         "text_config": {
             "model_type": "llama4_text",
+            "num_hidden_layers": 4,  # mlx-lm's llama4 takes its global mask from layer 3
             "num_experts_per_tok": 1,  # mlx-lm's llama4 asserts one expert per token
             "attention_chunk_size": 64,
             "interleave_moe_layer_step": 2,
@@ -332,6 +334,12 @@ def tiny_config(model_type: str, vocab_size: int) -> dict:
         return dict(model_type=model_type, text_config=text, tie_word_embeddings=False, **vocab, **extra)
     return dict(BASE, model_type=model_type, **vocab, **extra)
 
+
+# Types whose mlx-lm forward pass runs Metal kernels only: built, quantized and fused everywhere, run only on a Mac.
+NEEDS_METAL: dict = {
+    "muse_spark": "mlx-lm's muse_spark forward calls mx.fast.metal_kernel (mlx_lm/kernels/qk_norm.py and 6 more) "
+    "with no fallback; mlx_lm.generate raises '[metal_kernel] No Metal back-end' here",
+}
 
 # Types the suite enumerates but cannot build yet, with what stops a tiny instance (the tests skip them, saying so).
 UNCONFIGURED: dict = {

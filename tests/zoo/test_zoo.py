@@ -5,7 +5,7 @@ import json
 
 import mlx.core as mx
 import pytest
-from families import UNCONFIGURED, switch_model_types
+from families import NEEDS_METAL, UNCONFIGURED, switch_model_types
 
 from conftest import ALL_TYPES, MODES, mlx_lm_fuse, mode_param, weights
 from reqnoise.cli import main as reqnoise_main
@@ -31,7 +31,7 @@ def _quant_block(cfg):
 def test_the_zoo_lists_every_switch_model_type():
     # generated from mlx-lm's sources: a new mlx-lm that adds a type fails here until it is configured or listed
     assert ALL_TYPES[: len(switch_model_types())] == switch_model_types()
-    assert set(UNCONFIGURED) <= set(ALL_TYPES)
+    assert set(UNCONFIGURED) <= set(ALL_TYPES) and set(NEEDS_METAL) <= set(ALL_TYPES)
 
 
 @pytest.mark.parametrize("case", MODE_PARAMS)
@@ -123,6 +123,8 @@ def test_fused_model_loads_generates_and_evaluates_like_mlx_lms(zoo, model_type,
     import mlx_lm
     from mlx_lm.sample_utils import make_sampler
 
+    if model_type in NEEDS_METAL and not mx.metal.is_available():
+        pytest.skip(f"needs Metal: {NEEDS_METAL[model_type]}")
     model, adapter = zoo.model(model_type, E2E_MODE), zoo.adapter(model_type, E2E_MODE)
     _fuse("--model", model, "--adapter-path", adapter, "--save-path", tmp_path / "ours")
     theirs = mlx_lm_fuse(model, adapter, tmp_path / "theirs")
