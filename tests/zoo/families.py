@@ -121,6 +121,31 @@ OVERRIDES: dict = {
     "qwen3_next": _LINEAR_ATTN,
     "qwen3_5": {"text_config": dict(_LINEAR_ATTN, model_type="qwen3_5_text")},
     "qwen3_5_moe": {"text_config": dict(_LINEAR_ATTN, model_type="qwen3_5_moe_text")},
+    # a Hadamard pack of a qwen3_5 (PACKS below): packed inputs are multiples of 128, rotated ones of 512
+    "prism_hadamard_qwen35": {
+        "text_config": dict(
+            _LINEAR_ATTN, model_type="qwen3_5_text", hidden_size=128, shared_expert_intermediate_size=512
+        ),
+        "schema_version": 1,
+        "tensor_namespace": "mlx-lm-text",
+        "gdn_activation_layout": "grouped",
+        "quantization": {"bits": 2, "group_size": 128, "mode": "affine"},
+        "modules": [
+            {"path": "model.embed_tokens", "embedding": True, "dtype": "float16", "block": 0},
+            {"path": "lm_head", "embedding": False, "dtype": "float16", "block": 0},
+            # the same modules in every block: mlx-lm's linear_to_lora_layers applies one block's keys to all
+            *(
+                {
+                    "path": f"model.layers.{i}.mlp.shared_expert.{name}",
+                    "embedding": False,
+                    "dtype": "float16",
+                    "block": b,
+                }
+                for i in range(2)
+                for name, b in (("up_proj", 0), ("down_proj", 512))
+            ),
+        ],
+    },
     "dbrx": {
         "ffn_config": {"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2},
         "attn_config": {"kv_n_heads": 1, "rope_theta": 10000.0, "clip_qkv": 8.0},
@@ -335,6 +360,13 @@ def tiny_config(model_type: str, vocab_size: int) -> dict:
     return dict(BASE, model_type=model_type, **vocab, **extra)
 
 
+# Types an external packer writes, not mlx-lm's quantize_model: the one mode column each format fits, and the
+# group size of that format. prism_hadamard_qwen35 (a "Hadamard pack"): 2-bit affine, group 128 only (its ModelArgs
+# refuses anything else), with the linears and embedding listed in the config's "modules" stored as
+# HadamardQuantizedLinear (a signed Walsh-Hadamard rotation folded into the input axis, a ``signs`` vector beside
+# weight/scales/biases). conftest.Zoo writes such a pack itself.
+PACKS: dict = {"prism_hadamard_qwen35": {"mode": "affine2", "group_size": 128}}
+
 # Types whose mlx-lm forward pass runs Metal kernels only: built, quantized and fused everywhere, run only on a Mac.
 NEEDS_METAL: dict = {
     "muse_spark": "mlx-lm's muse_spark forward calls mx.fast.metal_kernel (mlx_lm/kernels/qk_norm.py and 6 more) "
@@ -342,6 +374,4 @@ NEEDS_METAL: dict = {
 }
 
 # Types the suite enumerates but cannot build yet, with what stops a tiny instance (the tests skip them, saying so).
-UNCONFIGURED: dict = {
-    "prism_hadamard_qwen35": "Unsupported Hadamard pack: schema 2, namespace ''",
-}
+UNCONFIGURED: dict = {}

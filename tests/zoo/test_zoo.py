@@ -5,7 +5,7 @@ import json
 
 import mlx.core as mx
 import pytest
-from families import NEEDS_METAL, UNCONFIGURED, switch_model_types
+from families import NEEDS_METAL, PACKS, UNCONFIGURED, switch_model_types
 
 from conftest import ALL_TYPES, MODES, mlx_lm_fuse, mode_param, weights
 from reqnoise.cli import main as reqnoise_main
@@ -90,6 +90,14 @@ def test_zero_control_keep_grid_is_the_input_and_fresh_is_mlx_requantization(zoo
 # The end-to-end checks load models (mlx-lm's generate, reqnoise's noise and eval): one mode per type keeps the
 # zoo's run time down; the fuse itself is checked in every mode above.
 E2E_MODE = next(c for c in MODES if c.id == "affine4")
+
+
+def _e2e_case(model_type):
+    """affine4, or the one mode a packed format has."""
+    mode = PACKS.get(model_type, {}).get("mode", E2E_MODE.id)
+    return next(c for c in MODES if c.id == mode)
+
+
 ITEMS = [
     {
         "id": f"q{i}",
@@ -125,7 +133,8 @@ def test_fused_model_loads_generates_and_evaluates_like_mlx_lms(zoo, model_type,
 
     if model_type in NEEDS_METAL and not mx.metal.is_available():
         pytest.skip(f"needs Metal: {NEEDS_METAL[model_type]}")
-    model, adapter = zoo.model(model_type, E2E_MODE), zoo.adapter(model_type, E2E_MODE)
+    case = _e2e_case(model_type)
+    model, adapter = zoo.model(model_type, case), zoo.adapter(model_type, case)
     _fuse("--model", model, "--adapter-path", adapter, "--save-path", tmp_path / "ours")
     theirs = mlx_lm_fuse(model, adapter, tmp_path / "theirs")
     m, tok = mlx_lm.load(str(tmp_path / "ours"))
@@ -269,3 +278,44 @@ def test_adapter_trained_by_reqnoise_train_fuses_as_mlx_lm_fuses_it(zoo, model_t
     # the trained delta reached the written expert codes (not lost below the quantization step)
     stacks = {k.rsplit(".", 1)[0] + ".weight" for k in moved if factors[k].ndim == 3}
     assert any(not mx.array_equal(ours[k], base[k]).item() for k in stacks)
+
+
+def test_hadamard_pack_refuses_a_rotated_target_and_outputs_mlx_lm_cannot_load(zoo, tmp_path, capsys):
+    from mlx_lm.models import prism_hadamard_qwen35 as prism
+
+    model_type = "prism_hadamard_qwen35"
+    case = _e2e_case(model_type)
+    model, adapter = zoo.model(model_type, case), zoo.adapter(model_type, case)
+    cfg = json.loads((model / "config.json").read_text())
+    rotated = [r["path"] for r in cfg["modules"] if r["block"]]
+    assert rotated, "the pack has no rotated module"
+
+    # a delta on a rotated weight (W R^T) would act on rotated inputs: hand-made, as mlx-lm cannot train one
+    name = f"language_model.{rotated[0]}"
+    rows, words = weights(model)[f"{name}.weight"].shape
+    ad = tmp_path / "rot"
+    ad.mkdir()
+    mx.save_safetensors(
+        str(ad / "adapters.safetensors"),
+        {f"{name}.lora_a": mx.ones((words * 32 // 2, 4)) / 64, f"{name}.lora_b": mx.ones((4, rows)) / 64},
+    )
+    (ad / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora", "lora_parameters": {"scale": 1.0}}))
+    argv = ["fuse", "--model", str(model), "--save-path", str(tmp_path / "o1"), "--quiet"]
+    err = _one_line_error(argv + ["--adapter-path", str(ad)], capsys)
+    assert "Hadamard-rotated" in err and name in err
+    assert not (tmp_path / "o1").exists()
+
+    # the pack's ModelArgs accepts its one quantization block only: dequantized or per-module widths do not load
+    no_q = {k: v for k, v in cfg.items() if k not in ("quantization", "quantization_config")}
+    per_module = dict(cfg, quantization=dict(cfg["quantization"], **{name: {"bits": 8, "group_size": 64}}))
+    for bad in (no_q, per_module):
+        with pytest.raises(ValueError, match="2-bit affine"):
+            prism.ModelArgs.from_dict(bad)
+    for extra in (["--requant", "dequantize"], ["--out-bits", "8"]):
+        err = _one_line_error(
+            ["fuse", "--model", str(model), "--adapter-path", str(adapter), "--save-path", str(tmp_path / "o2")]
+            + extra,
+            capsys,
+        )
+        assert "Hadamard pack" in err
+        assert not (tmp_path / "o2").exists()
