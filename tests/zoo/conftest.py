@@ -88,7 +88,7 @@ class Zoo:
 
         pack = PACKS.get(model_type)
         if pack is not None and (case is None or case.id != pack["mode"]):
-            pytest.skip(f"not applicable: a {model_type} pack is {pack['mode']} group {pack['group_size']} only")
+            pytest.skip(f"packed format: a {model_type} pack is {pack['mode']} group {pack['group_size']} only")
         cfg = tiny_config(model_type, len(self.tokenizer))
         model_cls, args_cls = mu._get_classes(cfg)
         # same seed for every mode: the modes quantize the same float model
