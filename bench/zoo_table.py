@@ -23,6 +23,10 @@ def _cell(outcomes):
         return "n/a (mlx-lm refuses)"
     if reason.startswith("no tiny configuration"):
         return "not built"
+    if reason.startswith("packed format"):
+        return "n/a (packed format)"
+    if reason.startswith("needs Metal"):
+        return "n/a (needs Metal)"
     if "does not list mode" in reason:
         return "not in kernel yet"
     return "skipped"

@@ -75,12 +75,77 @@ _LINEAR_ATTN = {  # qwen3_next-style gated delta-net layers (qwen3_next, qwen3_5
     "full_attention_interval": 2,
     "partial_rotary_factor": 0.25,
 }
+_YARN = {
+    "type": "yarn",
+    "factor": 1.0,
+    "original_max_position_embeddings": 512,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 1.0,
+    "mscale_all_dim": 0,
+}
+_GEMMA4 = {  # gemma-4's MoE text model (enable_moe_block), without the 2B/4B per-layer inputs
+    "enable_moe_block": True,
+    "top_k_experts": 2,
+    "global_head_dim": 64,
+    "num_kv_shared_layers": 0,
+    "hidden_size_per_layer_input": 0,
+    "use_double_wide_mlp": False,
+    "sliding_window": 64,
+    "layer_types": ["sliding_attention", "full_attention"],
+}
+_KDA = {"kda_layers": [1], "num_heads": 2, "head_dim": 32, "short_conv_kernel_size": 4}
+_LONGCAT = {
+    "attention_method": "MLA",
+    "zero_expert_type": "identity",
+    "expert_ffn_hidden_size": 64,
+    "zero_expert_num": 1,
+    "mla_scale_q_lora": True,
+    "mla_scale_kv_lora": True,
+    "router_bias": True,
+}
+_MISTRAL4_ROPE = {
+    "rope_type": "yarn",
+    "rope_theta": 10000.0,
+    "factor": 1.0,
+    "original_max_position_embeddings": 512,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+    "llama_4_scaling_beta": 0.1,
+}
 OVERRIDES: dict = {
     "glm4_moe": {"use_qk_norm": True, "partial_rotary_factor": 0.5},
     "minimax": {"shared_intermediate_size": 0, "rotary_dim": 16},
     "qwen3_next": _LINEAR_ATTN,
     "qwen3_5": {"text_config": dict(_LINEAR_ATTN, model_type="qwen3_5_text")},
     "qwen3_5_moe": {"text_config": dict(_LINEAR_ATTN, model_type="qwen3_5_moe_text")},
+    # a Hadamard pack of a qwen3_5 (PACKS below): packed inputs are multiples of 128, rotated ones of 512
+    "prism_hadamard_qwen35": {
+        "text_config": dict(
+            _LINEAR_ATTN, model_type="qwen3_5_text", hidden_size=128, shared_expert_intermediate_size=512
+        ),
+        "schema_version": 1,
+        "tensor_namespace": "mlx-lm-text",
+        "gdn_activation_layout": "grouped",
+        "quantization": {"bits": 2, "group_size": 128, "mode": "affine"},
+        "modules": [
+            {"path": "model.embed_tokens", "embedding": True, "dtype": "float16", "block": 0},
+            {"path": "lm_head", "embedding": False, "dtype": "float16", "block": 0},
+            # the same modules in every block: mlx-lm's linear_to_lora_layers applies one block's keys to all
+            *(
+                {
+                    "path": f"model.layers.{i}.mlp.shared_expert.{name}",
+                    "embedding": False,
+                    "dtype": "float16",
+                    "block": b,
+                }
+                for i in range(2)
+                for name, b in (("up_proj", 0), ("down_proj", 512))
+            ),
+        ],
+    },
     "dbrx": {
         "ffn_config": {"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2},
         "attn_config": {"kv_n_heads": 1, "rope_theta": 10000.0, "clip_qkv": 8.0},
@@ -92,6 +157,7 @@ OVERRIDES: dict = {
         "use_qk_norm": True,
         "use_cla": False,
         "cla_share_factor": 1,
+        "rope_scaling": {"type": "dynamic", "factor": 1.0, "alpha": 1.0},
     },
     "granitemoe": {
         "logits_scaling": 1.0,
@@ -100,8 +166,15 @@ OVERRIDES: dict = {
         "residual_multiplier": 1.0,
     },
     "solar_open": {"partial_rotary_factor": 1.0},
-    "step3p5": {"num_attention_groups": 1},
-    "mellum": {"sliding_window": 64, "layer_types": ["sliding_attention", "full_attention"]},
+    "step3p5": {
+        "num_attention_groups": 1,
+        "moe_top_k": 2,
+        "moe_layers_enum": "1",
+        "share_expert_dim": 64,
+        "sliding_window": 64,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "swiglu_limits": [0.0, 7.0],
+    },
     "exaone_moe": {
         "sliding_window": 64,
         "layer_types": ["sliding_attention", "full_attention"],
@@ -116,9 +189,145 @@ OVERRIDES: dict = {
         "full_attn_idxs": [1],
         "layer_types": ["conv", "full_attention"],
     },
+    "bailing_hybrid": {"layer_group_size": 2, "group_norm_size": 1},
+    "bailing_moe_linear": {"layer_group_size": 2, "group_norm_size": 1},
+    # DeepSeek-V2 checkpoints all carry YaRN scaling; the attention reads it unconditionally
+    "deepseek_v2": {"rope_scaling": _YARN},
+    "gemma4_text": _GEMMA4,
+    "gemma4": {"text_config": dict(_GEMMA4, model_type="gemma4_text")},
+    "glm_moe_dsa": {
+        "index_head_dim": 32,
+        "index_n_heads": 2,
+        "index_topk": 4,
+        "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+    },
+    "granitemoehybrid": {
+        "embedding_multiplier": 1.0,
+        "attention_multiplier": 0.125,
+        "logits_scaling": 1.0,
+        "residual_multiplier": 1.0,
+        "layer_types": ["mamba", "attention"],
+        "shared_intermediate_size": 64,
+        "mamba_n_heads": 2,
+        "mamba_d_head": 32,
+        "mamba_proj_bias": False,
+        "mamba_d_state": 16,
+        "mamba_d_conv": 4,
+        "mamba_n_groups": 1,
+        "mamba_conv_bias": True,
+        "mamba_expand": 1,  # transformers' config (the tokenizer loader reads it): heads x head dim = expand x hidden
+    },
+    "jamba": {
+        "attn_layer_offset": 1,
+        "attn_layer_period": 2,
+        "expert_layer_offset": 1,
+        "expert_layer_period": 2,
+        "mamba_d_conv": 4,
+        "mamba_d_state": 16,
+        "mamba_expand": 2,
+    },
+    "kimi_vl": {"text_config": {"model_type": "deepseek_v3"}},
+    "kimi_k25": {"text_config": {"model_type": "deepseek_v3"}},
+    "kimi_linear": {
+        "linear_attn_config": _KDA,
+        "model_max_length": 512,
+        "num_experts_per_token": 2,
+    },
+    "kimi_k3": {
+        "text_config": {
+            "model_type": "kimi_linear",
+            "hidden_act": "situ",
+            "linear_attn_config": _KDA,
+            "num_experts_per_token": 2,
+            # attn_res_block_size stays unset: mlx-lm's attention-residual path reads the res projections'
+            # .weight, which its own LoRA wrapper lacks (mlx_lm.load with an adapter then fails in the forward)
+        }
+    },
+    "llama4": {
+        "text_config": {
+            "model_type": "llama4_text",
+            "num_hidden_layers": 4,  # mlx-lm's llama4 takes its global mask from layer 3
+            "num_experts_per_tok": 1,  # mlx-lm's llama4 asserts one expert per token
+            "attention_chunk_size": 64,
+            "interleave_moe_layer_step": 2,
+            "intermediate_size": 64,
+            "intermediate_size_mlp": 128,
+            "use_qk_norm": True,
+        }
+    },
+    "longcat_flash": _LONGCAT,
+    "longcat_flash_ngram": dict(_LONGCAT, ngram_vocab_size_ratio=2, emb_neighbor_num=2, emb_split_num=2),
+    "mellum": {
+        "sliding_window": 64,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "rope_parameters": {
+            "sliding_attention": {"rope_theta": 10000.0},
+            "full_attention": {"rope_theta": 10000.0},
+        },
+    },
+    "mimo_v2_flash": {
+        "hybrid_layer_pattern": [1, 0],
+        "moe_layer_freq": [0, 1],
+        "add_swa_attention_sink_bias": True,
+        "add_full_attention_sink_bias": False,
+        "sliding_window_size": 64,
+        "layernorm_epsilon": 1e-5,
+        "swa_rope_theta": 10000.0,
+        "swa_num_attention_heads": 2,
+        "swa_num_key_value_heads": 1,
+        "swa_head_dim": 32,
+        "swa_v_head_dim": 32,
+        "partial_rotary_factor": 0.5,
+    },
+    "minimax_m3_vl": {
+        "text_config": {
+            "intermediate_size": 64,
+            "dense_intermediate_size": 128,
+            "shared_intermediate_size": 64,
+            "mlp_layer_types": ["dense", "sparse"],
+            "layer_types": ["full_attention", "minimax_m3_sparse"],
+            "index_n_heads": 2,
+            "index_head_dim": 32,
+            "index_block_size": 2,
+            "index_topk_blocks": 2,
+        }
+    },
+    "mistral4": {"rope_parameters": _MISTRAL4_ROPE},
+    "mistral3": {"text_config": {"model_type": "mistral4", "rope_parameters": _MISTRAL4_ROPE}},
+    # muse_spark quantizes only the experts of the layers between the first and the last: three layers
+    "muse_spark": {
+        "text_config": {
+            "num_hidden_layers": 3,
+            "num_shared_experts": 0,
+            "post_norm_eps": 1e-6,
+            "rope_parameters": {"rope_theta": 10000.0},
+            "layer_rope_theta": [10000.0, 0.0, 10000.0],
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+            "sliding_window": 64,
+            "final_logit_softcapping": 30.0,
+            "output_multiplier": 1.0,
+            "moe_hidden_size": 64,
+        },
+        # mlx-lm reads no audio; transformers' config (the tokenizer loader builds it) checks this width
+        "audio_config": {"out_hidden_size": H},
+    },
+    "nemotron_h": {
+        "hybrid_override_pattern": ["M", "*", "-", "E"],
+        "mamba_num_heads": 2,
+        "mamba_head_dim": 32,
+        "mamba_proj_bias": False,
+        "ssm_state_size": 16,
+        "conv_kernel": 4,
+        "n_groups": 1,
+        "mlp_bias": False,
+        "layer_norm_epsilon": 1e-5,
+        "use_bias": False,
+        "use_conv_bias": True,
+        "moe_shared_expert_intermediate_size": 64,
+    },
+    "phixtral": {"model_dim": H, "num_heads": 2, "rotary_dim": 16},
+    "qwen3_vl_moe": {"text_config": {"model_type": "qwen3_moe"}},
 }
-# multimodal wrappers: the text model's config nests under text_config
-TEXT_CONFIG_TYPES = ("qwen3_5", "qwen3_5_moe")
 
 
 def switch_model_types(models_dir=None) -> list[str]:
@@ -144,39 +353,25 @@ def switch_model_types(models_dir=None) -> list[str]:
 def tiny_config(model_type: str, vocab_size: int) -> dict:
     """config.json of a tiny random instance of ``model_type`` (before quantization)."""
     extra = dict(OVERRIDES.get(model_type, {}))
-    if "text_config" in extra:
-        text = dict(BASE, vocab_size=vocab_size, **extra.pop("text_config"))
-        return dict(model_type=model_type, text_config=text, tie_word_embeddings=False, **extra)
-    return dict(BASE, model_type=model_type, vocab_size=vocab_size, **extra)
+    vocab = {"vocab_size": vocab_size, "num_vocab": vocab_size}  # phixtral spells it num_vocab
+    if "text_config" in extra:  # a multimodal wrapper: the text model's config nests (gemma4 reads the vocab outside)
+        text = dict(BASE, **vocab, **extra.pop("text_config"))
+        return dict(model_type=model_type, text_config=text, tie_word_embeddings=False, **vocab, **extra)
+    return dict(BASE, model_type=model_type, **vocab, **extra)
 
+
+# Types an external packer writes, not mlx-lm's quantize_model: the one mode column each format fits, and the
+# group size of that format. prism_hadamard_qwen35 (a "Hadamard pack"): 2-bit affine, group 128 only (its ModelArgs
+# refuses anything else), with the linears and embedding listed in the config's "modules" stored as
+# HadamardQuantizedLinear (a signed Walsh-Hadamard rotation folded into the input axis, a ``signs`` vector beside
+# weight/scales/biases). conftest.Zoo writes such a pack itself.
+PACKS: dict = {"prism_hadamard_qwen35": {"mode": "affine2", "group_size": 128}}
+
+# Types whose mlx-lm forward pass runs Metal kernels only: built, quantized and fused everywhere, run only on a Mac.
+NEEDS_METAL: dict = {
+    "muse_spark": "mlx-lm's muse_spark forward calls mx.fast.metal_kernel (mlx_lm/kernels/qk_norm.py and 6 more) "
+    "with no fallback; mlx_lm.generate raises '[metal_kernel] No Metal back-end' here",
+}
 
 # Types the suite enumerates but cannot build yet, with what stops a tiny instance (the tests skip them, saying so).
-UNCONFIGURED: dict = {
-    "bailing_hybrid": "ModelArgs needs 2 more fields: 'layer_group_size' and 'group_norm_size'",
-    "bailing_moe_linear": "ModelArgs needs 2 more fields: 'layer_group_size' and 'group_norm_size'",
-    "deepseek_v2": "'NoneType' object has no attribute 'get'",
-    "gemma4": "the base config leaves gemma4's nested text/vision defaults at full size (4.2e9 pa...",
-    "gemma4_text": "list index out of range",
-    "glm_moe_dsa": "ModelArgs needs 4 more fields: 'index_head_dim', 'index_n_heads', 'index_topk', an",
-    "granitemoehybrid": "ModelArgs needs 5 more fields: 'embedding_multiplier', 'attention_multiplier', 'lo",
-    "hunyuan": "'NoneType' object is not subscriptable",
-    "jamba": "ModelArgs needs 7 more fields: 'attn_layer_offset', 'attn_layer_period', 'expert_l",
-    "kimi_k25": "ModelArgs needs 1 more field: 'text_config'",
-    "kimi_k3": "Unsupported activation 'silu'",
-    "kimi_linear": "ModelArgs needs 2 more fields: 'linear_attn_config' and 'model_max_length'",
-    "kimi_vl": "ModelArgs needs 1 more field: 'text_config'",
-    "llama4": "ModelArgs needs 1 more field: 'text_config'",
-    "longcat_flash": "ModelArgs needs 6 more fields: 'attention_method', 'zero_expert_type', 'expert_ffn",
-    "longcat_flash_ngram": "ModelArgs needs 4 more fields: 'expert_ffn_hidden_size', 'zero_expert_num', 'mla_s",
-    "mellum": "'sliding_attention'",
-    "mimo_v2_flash": "ModelArgs needs 11 more fields: 'hybrid_layer_pattern', 'add_swa_attention_sink_bi",
-    "minimax_m3_vl": "ModelArgs needs 1 more field: 'text_config'",
-    "mistral3": "ModelArgs needs 1 more field: 'text_config'",
-    "mistral4": "'NoneType' object is not subscriptable",
-    "muse_spark": "ModelArgs needs 1 more field: 'text_config'",
-    "nemotron_h": "ModelArgs needs 10 more fields: 'mamba_num_heads', 'mamba_head_dim', 'mamba_proj_b",
-    "phixtral": "ModelArgs ignores the base sizes (its own field names); the default instance has 7...",
-    "prism_hadamard_qwen35": "Unsupported Hadamard pack: schema 2, namespace ''",
-    "qwen3_vl_moe": "ModelArgs needs 1 more field: 'text_config'",
-    "step3p5": "[argpartition] Received invalid kth 7 along axis -1 for array with shape: (1,4,4)",
-}
+UNCONFIGURED: dict = {}

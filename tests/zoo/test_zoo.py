@@ -5,7 +5,7 @@ import json
 
 import mlx.core as mx
 import pytest
-from families import UNCONFIGURED, switch_model_types
+from families import NEEDS_METAL, PACKS, UNCONFIGURED, switch_model_types
 
 from conftest import ALL_TYPES, MODES, mlx_lm_fuse, mode_param, weights
 from reqnoise.cli import main as reqnoise_main
@@ -31,7 +31,7 @@ def _quant_block(cfg):
 def test_the_zoo_lists_every_switch_model_type():
     # generated from mlx-lm's sources: a new mlx-lm that adds a type fails here until it is configured or listed
     assert ALL_TYPES[: len(switch_model_types())] == switch_model_types()
-    assert set(UNCONFIGURED) <= set(ALL_TYPES)
+    assert set(UNCONFIGURED) <= set(ALL_TYPES) and set(NEEDS_METAL) <= set(ALL_TYPES)
 
 
 @pytest.mark.parametrize("case", MODE_PARAMS)
@@ -90,6 +90,14 @@ def test_zero_control_keep_grid_is_the_input_and_fresh_is_mlx_requantization(zoo
 # The end-to-end checks load models (mlx-lm's generate, reqnoise's noise and eval): one mode per type keeps the
 # zoo's run time down; the fuse itself is checked in every mode above.
 E2E_MODE = next(c for c in MODES if c.id == "affine4")
+
+
+def _e2e_case(model_type):
+    """affine4, or the one mode a packed format has."""
+    mode = PACKS.get(model_type, {}).get("mode", E2E_MODE.id)
+    return next(c for c in MODES if c.id == mode)
+
+
 ITEMS = [
     {
         "id": f"q{i}",
@@ -123,7 +131,10 @@ def test_fused_model_loads_generates_and_evaluates_like_mlx_lms(zoo, model_type,
     import mlx_lm
     from mlx_lm.sample_utils import make_sampler
 
-    model, adapter = zoo.model(model_type, E2E_MODE), zoo.adapter(model_type, E2E_MODE)
+    if model_type in NEEDS_METAL and not mx.metal.is_available():
+        pytest.skip(f"needs Metal: {NEEDS_METAL[model_type]}")
+    case = _e2e_case(model_type)
+    model, adapter = zoo.model(model_type, case), zoo.adapter(model_type, case)
     _fuse("--model", model, "--adapter-path", adapter, "--save-path", tmp_path / "ours")
     theirs = mlx_lm_fuse(model, adapter, tmp_path / "theirs")
     m, tok = mlx_lm.load(str(tmp_path / "ours"))
@@ -220,3 +231,91 @@ def _params(cfg, module, default_bits):
     q = cfg["quantization"]
     p = q.get(module) if isinstance(q.get(module), dict) else {"group_size": q["group_size"], "bits": default_bits}
     return {"group_size": p["group_size"], "bits": p["bits"]}
+
+
+# Adapters trained the way users train them (`reqnoise train`, mlx-lm's tuner) on three families and three formats,
+# then fused like the synthetic ones: mlx-lm's fuse of the same adapter is the oracle.
+TRAINED = [("qwen3_moe", "affine4"), ("gpt_oss", "mxfp4"), ("deepseek_v3", "affine3"), ("mixtral", "nvfp4")]
+CHAT = [
+    {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+    for q, a in [
+        ("Who guards the gate?", "The tall knight guards it."),
+        ("Where is the key?", "Under the red stone."),
+        ("What is the password?", "Seven green apples."),
+        ("When does the ship leave?", "At dawn on Monday."),
+    ]
+]
+
+
+@pytest.mark.parametrize(
+    "model_type, case",
+    [pytest.param(t, next(c for c in MODES if c.id == m), id=f"{t}-{m}") for t, m in TRAINED],
+)
+def test_adapter_trained_by_reqnoise_train_fuses_as_mlx_lm_fuses_it(zoo, model_type, case, tmp_path, capsys):
+    model = zoo.model(model_type, case)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in CHAT))
+    adapter = tmp_path / "trained"
+    argv = ["train", "--model", str(model), "--data", str(data), "--adapter-path", str(adapter), "--quiet"]
+    rc = reqnoise_main(argv + ["--iters", "4", "--batch-size", "2", "--rank", "4", "--lr", "1e-2", "--seed", "1"])
+    assert rc in (0, None)
+    capsys.readouterr()
+
+    # mlx-lm initialises every lora_b to zero: nonzero ones mean the steps moved dense and expert factors
+    factors = mx.load(str(adapter / "adapters.safetensors"))
+    moved = {k for k, v in factors.items() if k.endswith(".lora_b") and mx.any(v != 0).item()}
+    assert any(factors[k].ndim == 3 for k in moved), "no expert stack's lora_b moved"
+    assert any(factors[k].ndim == 2 for k in moved), "no dense lora_b moved"
+
+    _fuse("--model", model, "--adapter-path", adapter, "--save-path", tmp_path / "ours")
+    theirs = weights(mlx_lm_fuse(model, adapter, tmp_path / "theirs"))
+    ours, base = weights(tmp_path / "ours"), weights(model)
+    assert set(ours) == set(theirs)
+    for k in sorted(theirs):
+        assert ours[k].dtype == theirs[k].dtype and ours[k].shape == theirs[k].shape, k
+        assert mx.array_equal(ours[k], theirs[k]).item(), k
+    # the trained delta reached the written expert codes (not lost below the quantization step)
+    stacks = {k.rsplit(".", 1)[0] + ".weight" for k in moved if factors[k].ndim == 3}
+    assert any(not mx.array_equal(ours[k], base[k]).item() for k in stacks)
+
+
+def test_hadamard_pack_refuses_a_rotated_target_and_outputs_mlx_lm_cannot_load(zoo, tmp_path, capsys):
+    from mlx_lm.models import prism_hadamard_qwen35 as prism
+
+    model_type = "prism_hadamard_qwen35"
+    case = _e2e_case(model_type)
+    model, adapter = zoo.model(model_type, case), zoo.adapter(model_type, case)
+    cfg = json.loads((model / "config.json").read_text())
+    rotated = [r["path"] for r in cfg["modules"] if r["block"]]
+    assert rotated, "the pack has no rotated module"
+
+    # a delta on a rotated weight (W R^T) would act on rotated inputs: hand-made, as mlx-lm cannot train one
+    name = f"language_model.{rotated[0]}"
+    rows, words = weights(model)[f"{name}.weight"].shape
+    ad = tmp_path / "rot"
+    ad.mkdir()
+    mx.save_safetensors(
+        str(ad / "adapters.safetensors"),
+        {f"{name}.lora_a": mx.ones((words * 32 // 2, 4)) / 64, f"{name}.lora_b": mx.ones((4, rows)) / 64},
+    )
+    (ad / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora", "lora_parameters": {"scale": 1.0}}))
+    argv = ["fuse", "--model", str(model), "--save-path", str(tmp_path / "o1"), "--quiet"]
+    err = _one_line_error(argv + ["--adapter-path", str(ad)], capsys)
+    assert "Hadamard-rotated" in err and name in err
+    assert not (tmp_path / "o1").exists()
+
+    # the pack's ModelArgs accepts its one quantization block only: dequantized or per-module widths do not load
+    no_q = {k: v for k, v in cfg.items() if k not in ("quantization", "quantization_config")}
+    per_module = dict(cfg, quantization=dict(cfg["quantization"], **{name: {"bits": 8, "group_size": 64}}))
+    for bad in (no_q, per_module):
+        with pytest.raises(ValueError, match="2-bit affine"):
+            prism.ModelArgs.from_dict(bad)
+    for extra in (["--requant", "dequantize"], ["--out-bits", "8"]):
+        err = _one_line_error(
+            ["fuse", "--model", str(model), "--adapter-path", str(adapter), "--save-path", str(tmp_path / "o2")]
+            + extra,
+            capsys,
+        )
+        assert "Hadamard pack" in err
+        assert not (tmp_path / "o2").exists()

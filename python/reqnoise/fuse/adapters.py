@@ -144,6 +144,13 @@ def check_against_model(adapter: Adapter, model) -> None:
             f"adapter {adapter.path}: {len(missing)} module(s) match no tensor in {model.path}, "
             f"e.g. {missing[0]!r} (no {missing[0]}.weight)"
         )
+    rotated = [m for m in adapter.modules if model.hadamard_rotated(m)]
+    if rotated:
+        # W' = W R^T there: adding the delta as is would apply it to rotated inputs (mlx-lm cannot train it either)
+        raise ReqnoiseError(
+            f"adapter {adapter.path}: {rotated[0]} is stored Hadamard-rotated in {model.path} ({rotated[0]}.signs); "
+            "a low-rank delta cannot be fused into it"
+        )
     for name, mod in adapter.modules.items():
         info = model.tensors[f"{name}.weight"]
         qp = model.quant_params(name) if model.is_quantized(name) else None

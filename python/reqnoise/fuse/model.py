@@ -272,6 +272,11 @@ def fuse_model(
     md = open_model_dir(model)
     adapter = load_adapter(adapter_path)
     check_against_model(adapter, md)
+    if md.is_hadamard_pack() and (opts.requant == "dequantize" or opts.out_bits or opts.out_mode):
+        raise ReqnoiseError(
+            f"{model} is a Hadamard pack: its config must keep the one quantization block it has, so "
+            "--requant dequantize, --out-bits and --out-mode would write a model mlx-lm refuses to load"
+        )
     targets, ignored = _select_targets(adapter, opts.layers)
     for name in targets:  # an output format a module cannot take is refused before any work
         if md.is_quantized(name):

@@ -94,6 +94,15 @@ class ModelDir:
         """Module paths that own a ``.weight`` tensor."""
         return sorted(n[: -len(".weight")] for n in self.tensors if n.endswith(".weight"))
 
+    def is_hadamard_pack(self) -> bool:
+        """A Hadamard pack (mlx-lm's prism_hadamard_qwen35): an external packer's format whose ModelArgs accepts
+        exactly one quantization block and lists its packed modules in the config's ``modules`` manifest."""
+        return isinstance(self.config.get("modules"), list) and "tensor_namespace" in self.config
+
+    def hadamard_rotated(self, module: str) -> bool:
+        """The module's weight acts on Hadamard-rotated inputs (a pack stores the rotation's ``signs`` beside it)."""
+        return f"{module}.signs" in self.tensors
+
 
 def layer_index(module: str):
     """The transformer block index in a module path (``model.layers.14.mlp...`` -> 14), or None."""
