@@ -2,10 +2,14 @@
 // registry with mlx (NB_DOMAIN mlx in CMakeLists.txt), so `import mlx.core` must come first.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/vector.h>
 
 #include "fuse_primitive.h"
 #include "gptq_kernel.h"
+#include "mlx/allocator.h"
+#include "mlx/ops.h"
+#include "mlx/transforms.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -67,4 +71,30 @@ NB_MODULE(_core, m) {
       "bits"_a, "group_size"_a, "scale"_a, "block"_a = 128, "num_threads"_a = 0,
       "Lazy calibrated (error-feedback, fixed-grid) fuse on 3-D stacks; u: [E, in, in] upper Cholesky factor of "
       "each expert's inverse Hessian; feedback: [E] (0: keep-grid for that expert). Returns the new wq.");
+  m.def(
+      "inverse_hessian_factor",
+      [](const mx::array& h, double damping) -> std::pair<std::optional<mx::array>, int> {
+        if (h.ndim() != 2 || h.shape(0) != h.shape(1)) throw std::invalid_argument("the Hessian must be [n, n]");
+        // An evaluated float32 row-major Hessian is read in place: no op is queued behind a calibrated fuse
+        // still running on the CPU stream, so factoring the next expert overlaps it.
+        auto hf = h;
+        if (h.dtype() != mx::float32 || !h.is_available() || !h.flags().row_contiguous) {
+          const auto cpu = mx::default_stream(mx::Device::cpu);
+          hf = mx::contiguous(mx::astype(h, mx::float32, cpu), false, cpu);
+          mx::eval(hf);
+        }
+        const int n = h.shape(0);
+        mx::array u(mx::allocator::malloc(size_t(n) * size_t(n) * sizeof(float)), {n, n}, mx::float32);
+        int attempt;
+        {
+          nb::gil_scoped_release release;
+          attempt = reqnoise::gptq_factor(hf.data<float>(), n, damping, u.data<float>());
+        }
+        if (!attempt) return {std::nullopt, 0};
+        return {u, attempt};
+      },
+      "h"_a, "damping"_a,
+      "(U, attempt): upper U [n, n] float32 with U^T U = (H + d * mean(diag H) * I)^-1, d = damping, else 10x, "
+      "100x; float32 first, float64 only when that fails. attempt: 1 float32 at d, 2 float64 at d, 3/4 at 10x, "
+      "5/6 at 100x. (None, 0) when no attempt gives a finite factor with a positive diagonal.");
 }
