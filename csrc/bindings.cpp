@@ -56,10 +56,11 @@ NB_MODULE(_core, m) {
       "mode/out_mode: 0 affine, 1 mxfp4, 2 nvfp4, 3 mxfp8; dtype: what an fp-mode input dequantizes to.");
   m.def(
       "fuse_calibrated",
-      [](const mx::array& wq, const mx::array& scales, const mx::array& biases, std::optional<mx::array> a,
+      [](const mx::array& wq, const mx::array& scales, std::optional<mx::array> biases, std::optional<mx::array> a,
          std::optional<mx::array> b, std::optional<mx::array> mag, const mx::array& u, const mx::array& feedback,
-         int bits, int group_size, float scale, int block, int num_threads) {
+         int bits, int group_size, float scale, int block, int num_threads, int mode) {
         reqnoise::GptqSpec spec;
+        spec.mode = mode;
         spec.bits = bits;
         spec.group_size = group_size;
         spec.scale = scale;
@@ -67,10 +68,11 @@ NB_MODULE(_core, m) {
         spec.num_threads = num_threads;
         return reqnoise::fuse_calibrated(wq, scales, biases, a, b, mag, u, feedback, spec);
       },
-      "wq"_a, "scales"_a, "biases"_a, "a"_a.none(), "b"_a.none(), "mag"_a.none(), "u"_a, "feedback"_a, nb::kw_only(),
-      "bits"_a, "group_size"_a, "scale"_a, "block"_a = 128, "num_threads"_a = 0,
+      "wq"_a, "scales"_a, "biases"_a.none(), "a"_a.none(), "b"_a.none(), "mag"_a.none(), "u"_a, "feedback"_a,
+      nb::kw_only(), "bits"_a, "group_size"_a, "scale"_a, "block"_a = 128, "num_threads"_a = 0, "mode"_a = 0,
       "Lazy calibrated (error-feedback, fixed-grid) fuse on 3-D stacks; u: [E, in, in] upper Cholesky factor of "
-      "each expert's inverse Hessian; feedback: [E] (0: keep-grid for that expert). Returns the new wq.");
+      "each expert's inverse Hessian; feedback: [E] (0: keep-grid for that expert); mode: 0 affine (biases given), "
+      "1 mxfp4, 2 nvfp4, 3 mxfp8 (uint8 scales, biases None). Returns the new wq.");
   m.def(
       "inverse_hessian_factor",
       [](const mx::array& h, double damping) -> std::pair<std::optional<mx::array>, int> {

@@ -21,13 +21,21 @@ namespace reqnoise {
 
 template <typename T>
 void gptq_rows(const GptqSpec& spec, int64_t n_experts, int64_t out_dim, int64_t in_dim, const GptqBuffers<T>& buf) {
-  if (std::ranges::find(kSupportedBits, spec.bits) == std::end(kSupportedBits)) {
-    throw std::invalid_argument("unsupported bits");
+  const bool fp = spec.mode != kAffine;
+  if (!fp) {
+    if (std::ranges::find(kSupportedBits, spec.bits) == std::end(kSupportedBits)) {
+      throw std::invalid_argument("unsupported bits");
+    }
+    if (std::ranges::find(kSupportedGroupSizes, spec.group_size) == std::end(kSupportedGroupSizes)) {
+      throw std::invalid_argument("unsupported group size");
+    }
+  } else if (spec.mode > kMxfp8 || spec.bits != (spec.mode == kMxfp8 ? 8 : 4) ||
+             spec.group_size != (spec.mode == kNvfp4 ? 16 : 32)) {
+    throw std::invalid_argument("unsupported floating-point mode, bits or group size");
   }
-  if (spec.group_size != 32 && spec.group_size != 64 && spec.group_size != 128) {
-    throw std::invalid_argument("unsupported group size");
+  if (in_dim % (fp ? 16 : 32) || in_dim % spec.group_size) {
+    throw std::invalid_argument("input width must divide by the group size");
   }
-  if (in_dim % 32 || in_dim % spec.group_size) throw std::invalid_argument("input width must divide by the group size");
   if (spec.block < 1) throw std::invalid_argument("block must be positive");
   const int64_t n_rows = n_experts * out_dim;
   static const bool v3 = std::strcmp(kernel_isa(), "x86-64-v3") == 0;
@@ -122,14 +130,17 @@ void run(const GptqSpec& spec, const std::vector<mx::array>& in, std::vector<mx:
   const auto& wq = in[0];
   const int64_t E = wq.shape(0), out_dim = wq.shape(1);
   const int64_t in_dim = int64_t(wq.shape(2)) * 32 / spec.bits;
-  size_t k = 3;
+  const bool fp = spec.mode != kAffine;
+  size_t k = fp ? 2 : 3;
   const float* A = spec.rank ? in[k++].data<float>() : nullptr;
   const float* B = spec.rank ? in[k++].data<float>() : nullptr;
   const float* mag = spec.dora ? in[k++].data<float>() : nullptr;
   const float* U = in[k++].data<float>();
   const uint8_t* fb = in[k].data<uint8_t>();
-  const GptqBuffers<T> buf{wq.data<uint32_t>(),    in[1].data<T>(), in[2].data<T>(), A, B, mag, U, fb,
-                           out[0].data<uint32_t>()};
+  GptqBuffers<T> buf{
+      wq.data<uint32_t>(),    fp ? nullptr : in[1].data<T>(), fp ? nullptr : in[2].data<T>(), A, B, mag, U, fb,
+      out[0].data<uint32_t>()};
+  if (fp) buf.scales8 = in[1].data<uint8_t>();
   gptq_rows<T>(spec, E, out_dim, in_dim, buf);
 }
 
@@ -152,6 +163,7 @@ void FuseCalibrated::eval_cpu(const std::vector<mx::array>& inputs, std::vector<
   }
   for (const auto& o : outputs) outs.push_back(mx::array::unsafe_weak_copy(o));
   encoder.dispatch([spec = spec_, ins = std::move(ins), outs = std::move(outs)]() mutable {
+    if (spec.mode != kAffine) return run<float>(spec, ins, outs);  // uint8 scales; no value dtype in the loop
     switch (ins[1].dtype()) {
       case mx::float32:
         return run<float>(spec, ins, outs);
@@ -174,20 +186,26 @@ bool FuseCalibrated::is_equivalent(const mx::Primitive& other) const {
   if (!o) return false;
   const auto &x = spec_, &y = o->spec_;
   return x.bits == y.bits && x.group_size == y.group_size && x.scale == y.scale && x.rank == y.rank &&
-         x.dora == y.dora && x.block == y.block && x.num_threads == y.num_threads;
+         x.dora == y.dora && x.block == y.block && x.num_threads == y.num_threads && x.mode == y.mode;
 }
 
-mx::array fuse_calibrated(const mx::array& wq, const mx::array& scales, const mx::array& biases,
+mx::array fuse_calibrated(const mx::array& wq, const mx::array& scales, const std::optional<mx::array>& biases,
                           const std::optional<mx::array>& a, const std::optional<mx::array>& b,
                           const std::optional<mx::array>& mag, const mx::array& u, const mx::array& feedback,
                           GptqSpec spec) {
   auto s = mx::default_stream(mx::Device::cpu);
   auto prep = [&](const mx::array& x, mx::Dtype dt) { return mx::contiguous(mx::astype(x, dt, s), false, s); };
-  if (wq.ndim() != 3 || scales.ndim() != 3 || biases.ndim() != 3 || u.ndim() != 3) {
+  if (wq.ndim() != 3 || scales.ndim() != 3 || (biases && biases->ndim() != 3) || u.ndim() != 3) {
     throw std::invalid_argument("reqnoise calibrated fuse: the native op takes 3-D [E, ...] arrays");
   }
-  std::vector<mx::array> inputs = {mx::contiguous(wq, false, s), mx::contiguous(scales, false, s),
-                                   mx::contiguous(biases, false, s)};
+  if (biases.has_value() != (spec.mode == kAffine)) {
+    throw std::invalid_argument("reqnoise calibrated fuse: biases are given for the affine mode only");
+  }
+  if (spec.mode != kAffine && scales.dtype() != mx::uint8) {
+    throw std::invalid_argument("reqnoise calibrated fuse: fp-mode scales must be uint8");
+  }
+  std::vector<mx::array> inputs = {mx::contiguous(wq, false, s), mx::contiguous(scales, false, s)};
+  if (biases) inputs.push_back(mx::contiguous(*biases, false, s));
   spec.rank = 0;
   if (a && b) {
     spec.rank = a->shape(1);

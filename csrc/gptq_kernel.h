@@ -1,4 +1,5 @@
-// Calibrated fuse: error-feedback rounding (GPTQ's column loop) onto each group's fixed, stored grid.
+// Calibrated fuse: error-feedback rounding (GPTQ's column loop) onto each group's fixed, stored grid: the affine
+// scale and bias, or an fp mode's (mxfp4, nvfp4, mxfp8) e8m0/e4m3 scale with its E2M1/E4M3 code table.
 //
 // The target of a row is W_hat + delta (float32 dequantization plus the adapter's delta, DoRA applied), as
 // keep-grid forms it; the codes are then chosen column by column, each column's rounding error pushed onto the
@@ -43,9 +44,11 @@ class FuseCalibrated : public mlx::core::Primitive {
 };
 
 // Lazy op on 3-D stacks (validated by reqnoise.kernel.op): returns the new wq only; the grid is the input's.
+// biases: affine only; the fp modes (spec.mode) pass their uint8 scales and no biases.
 mlx::core::array fuse_calibrated(const mlx::core::array& wq, const mlx::core::array& scales,
-                                 const mlx::core::array& biases, const std::optional<mlx::core::array>& a,
-                                 const std::optional<mlx::core::array>& b, const std::optional<mlx::core::array>& mag,
-                                 const mlx::core::array& u, const mlx::core::array& feedback, GptqSpec spec);
+                                 const std::optional<mlx::core::array>& biases,
+                                 const std::optional<mlx::core::array>& a, const std::optional<mlx::core::array>& b,
+                                 const std::optional<mlx::core::array>& mag, const mlx::core::array& u,
+                                 const mlx::core::array& feedback, GptqSpec spec);
 
 }  // namespace reqnoise

@@ -5,21 +5,18 @@
 #include <type_traits>
 
 #include "affine_codec.h"
+#include "fp_codec.h"
 #include "gptq_kernel.h"
 
 namespace reqnoise::REQNOISE_ISA {
 namespace {
 
-// A group's fixed grid as the column loop sees it: the code a value rounds to and that code's value. This is
-// the whole codec interface of the loop; a floating-point mode (no bias, codes through a value table) is one
-// more struct with the same three members.
+// A group's fixed grid as the column loop sees it: the code a value rounds to, and the error of rounding the
+// target to a code, which the loop pushes onto the columns not yet rounded. A target already on the grid
+// rounds to its own code with zero error in every mode, so a zero delta returns the codes bit for bit.
 struct AffineGrid {
   float scale, bias, n_bins;
 
-  template <typename T>
-  static AffineGrid load(const T* scales, const T* biases, int64_t gi, int bits) {
-    return {load_value(scales + gi), load_value(biases + gi), float((1 << bits) - 1)};
-  }
   // keep-grid's encode_group, one value: nearest code on the grid, clamped to it; a zero step keeps the code.
   float encode(float x, float old_code) const {
     if (scale == 0.0f) return old_code;
@@ -28,20 +25,39 @@ struct AffineGrid {
     v = n_bins < v ? n_bins : v;
     return rint_small(v);
   }
-  // The float32 dequantization keep-grid forms its target with, so a code on the grid decodes to the target.
-  float decode(float code) const { return code * scale + bias; }
+  // Against the float32 dequantization keep-grid forms its target with.
+  float error(float x, float code) const { return x - (code * scale + bias); }
 };
 
-// The target row W_hat + delta, with keep-grid's arithmetic (fuse_kernel.cpp): float32 q*s+b, the delta summed
-// over the rank in order from the float32-rounded scale*b[k], DoRA's row factor from a float64 norm.
-template <typename T>
-void target_row(const GptqSpec& spec, int64_t in_dim, const T* scales, const T* biases, const float* a, const float* b,
-                const float* mag, const float* q, float* delta, float* w) {
-  const int g = spec.group_size;
-  for (int64_t gi = 0; gi < in_dim / g; ++gi) {
-    const float sc = load_value(scales + gi), bi = load_value(biases + gi);
-    for (int j = 0; j < g; ++j) w[gi * g + j] = q[gi * g + j] * sc + bi;
+// mxfp4 / nvfp4 / mxfp8: the group's stored e8m0 or e4m3 scale, codes through the E2M1 or E4M3 value table.
+struct FpGrid {
+  int mode;
+  float scale;
+
+  // keep-grid's fp_encode_group, one value (the same rules: fp_codec.h).
+  float encode(float x, float old_code) const {
+    float in = x, out;
+    const float old = old_code;
+    uint32_t c;
+    fp_encode_group(mode, &in, 1, scale, &old, &c);
+    out = float(c);
+    return out;
   }
+  // A code whose value times the scale is not finite (a NaN code, an infinite scale) is kept and passes no
+  // error on; a zero scale keeps its codes too, and its group's error is left to the other columns.
+  float error(float x, float code) const {
+    const float v = code_value(mode, uint32_t(code)) * scale;
+    return v - v == 0.0f ? x - v : 0.0f;
+  }
+};
+
+// The target row W_hat + delta, with keep-grid's arithmetic (fuse_kernel.cpp, fp_kernel.cpp): float32 q*s+b
+// (affine) or code value * scale (fp), the delta summed over the rank in order from the float32-rounded
+// scale*b[k], DoRA's row factor from a float64 norm.
+template <typename Rows>
+void target_row(const GptqSpec& spec, int64_t in_dim, const Rows& rows, int64_t row, const float* a, const float* b,
+                const float* mag, const float* q, float* delta, float* w) {
+  rows.dequantize(row, in_dim, q, w);
   if (spec.rank > 0) {
     const float sb0 = spec.scale * b[0];
     for (int64_t j = 0; j < in_dim; ++j) delta[j] = sb0 * a[j];
@@ -59,6 +75,41 @@ void target_row(const GptqSpec& spec, int64_t in_dim, const T* scales, const T* 
     for (int64_t j = 0; j < in_dim; ++j) w[j] = row_scale * w[j];
   }
 }
+
+// The grids of an affine stack: scales and biases [rows, in/g] in T.
+template <typename T>
+struct AffineRows {
+  const T* scales;
+  const T* biases;
+  int64_t n_groups;
+  int g, bits;
+
+  AffineGrid grid(int64_t row, int64_t col) const {
+    const int64_t gi = row * n_groups + col / g;
+    return {load_value(scales + gi), load_value(biases + gi), float((1 << bits) - 1)};
+  }
+  void dequantize(int64_t row, int64_t in_dim, const float* q, float* w) const {
+    for (int64_t gi = 0; gi < in_dim / g; ++gi) {
+      const float sc = load_value(scales + row * n_groups + gi), bi = load_value(biases + row * n_groups + gi);
+      for (int j = 0; j < g; ++j) w[gi * g + j] = q[gi * g + j] * sc + bi;
+    }
+  }
+};
+
+// The grids of an fp stack: uint8 scales [rows, in/g].
+struct FpRows {
+  const uint8_t* scales;
+  int64_t n_groups;
+  int g, mode;
+
+  FpGrid grid(int64_t row, int64_t col) const { return {mode, scale_value(mode, scales[row * n_groups + col / g])}; }
+  void dequantize(int64_t row, int64_t in_dim, const float* q, float* w) const {
+    for (int64_t gi = 0; gi < in_dim / g; ++gi) {
+      const float sc = scale_value(mode, scales[row * n_groups + gi]);
+      for (int j = 0; j < g; ++j) w[gi * g + j] = code_value(mode, uint32_t(q[gi * g + j])) * sc;
+    }
+  }
+};
 
 // The lazy batch's vector: 8 lanes where registers hold them (AVX2, or two NEON registers), 4 on SSE2, where
 // GCC would otherwise spill each broadcast of an 8-lane vector through the stack.
@@ -149,22 +200,21 @@ inline void lazy_update(const float* U, int64_t in_dim, int64_t b0, int64_t b1, 
 
 }  // namespace
 
-template <typename T>
-void gptq_tile(const GptqSpec& spec, int64_t out_dim, int64_t in_dim, int64_t e, int64_t r0, int64_t r1,
-               const GptqBuffers<T>& buf, const GptqScratch& s) {
-  const int64_t words = in_dim * spec.bits / 32, n_groups = in_dim / spec.group_size;
-  const int g = spec.group_size, nr = int(r1 - r0), block = spec.block;
-  auto grid = [&](int r, int64_t col) {
-    const int64_t row = e * out_dim + r0 + r;
-    return AffineGrid::load(buf.scales + row * n_groups, buf.biases + row * n_groups, col / g, spec.bits);
-  };
+namespace {
+
+template <typename Rows>
+void tile(const GptqSpec& spec, int64_t out_dim, int64_t in_dim, int64_t e, int64_t r0, int64_t r1, const Rows& rows,
+          const GptqBuffers<float>& buf, const GptqScratch& s) {
+  const int code_bits = spec.mode == kAffine ? spec.bits : (spec.mode == kMxfp8 ? 8 : 4);
+  const int64_t words = in_dim * code_bits / 32;
+  const int nr = int(r1 - r0), block = spec.block;
   for (int r = 0; r < nr; ++r) {
     const int64_t row = e * out_dim + r0 + r;
     float* q = s.q + r * in_dim;
-    unpack_codes(spec.bits, buf.wq + row * words, in_dim, q);
-    target_row<T>(spec, in_dim, buf.scales + row * n_groups, buf.biases + row * n_groups,
-                  spec.rank ? buf.A + e * spec.rank * in_dim : nullptr, spec.rank ? buf.B + row * spec.rank : nullptr,
-                  spec.dora ? buf.mag + row : nullptr, q, s.delta, s.w + r * in_dim);
+    unpack_codes(code_bits, buf.wq + row * words, in_dim, q);
+    target_row(spec, in_dim, rows, row, spec.rank ? buf.A + e * spec.rank * in_dim : nullptr,
+               spec.rank ? buf.B + row * spec.rank : nullptr, spec.dora ? buf.mag + row : nullptr, q, s.delta,
+               s.w + r * in_dim);
   }
 
   if (buf.feedback[e]) {
@@ -177,10 +227,10 @@ void gptq_tile(const GptqSpec& spec, int64_t out_dim, int64_t in_dim, int64_t e,
         for (int r = 0; r < nr; ++r) {
           float* w = s.w + r * in_dim;
           float* q = s.q + r * in_dim;
-          const AffineGrid gr = grid(r, i);
+          const auto gr = rows.grid(e * out_dim + r0 + r, i);
           const float c = gr.encode(w[i], q[i]);
           q[i] = c;
-          const float ei = (w[i] - gr.decode(c)) / ui[i];
+          const float ei = gr.error(w[i], c) / ui[i];
           s.err[r * block + (i - b0)] = ei;
           // A column on its grid has exactly zero error, and w - 0*U == w for the codes (a zero's sign cannot
           // change a code), so skipping it changes no byte.
@@ -197,14 +247,29 @@ void gptq_tile(const GptqSpec& spec, int64_t out_dim, int64_t in_dim, int64_t e,
     for (int r = 0; r < nr; ++r) {
       float* w = s.w + r * in_dim;
       float* q = s.q + r * in_dim;
-      for (int64_t i = 0; i < in_dim; ++i) q[i] = grid(r, i).encode(w[i], q[i]);
+      for (int64_t i = 0; i < in_dim; ++i) q[i] = rows.grid(e * out_dim + r0 + r, i).encode(w[i], q[i]);
     }
   }
 
   for (int r = 0; r < nr; ++r) {
     const float* q = s.q + r * in_dim;
     for (int64_t i = 0; i < in_dim; ++i) s.codes[i] = static_cast<uint32_t>(q[i]);
-    pack_codes(spec.bits, s.codes, in_dim, buf.wq_out + (e * out_dim + r0 + r) * words);
+    pack_codes(code_bits, s.codes, in_dim, buf.wq_out + (e * out_dim + r0 + r) * words);
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void gptq_tile(const GptqSpec& spec, int64_t out_dim, int64_t in_dim, int64_t e, int64_t r0, int64_t r1,
+               const GptqBuffers<T>& buf, const GptqScratch& s) {
+  const int64_t n_groups = in_dim / spec.group_size;
+  const GptqBuffers<float> rest{buf.wq, nullptr, nullptr, buf.A, buf.B, buf.mag, buf.U, buf.feedback, buf.wq_out};
+  if (spec.mode == kAffine) {
+    tile(spec, out_dim, in_dim, e, r0, r1, AffineRows<T>{buf.scales, buf.biases, n_groups, spec.group_size, spec.bits},
+         rest, s);
+  } else {
+    tile(spec, out_dim, in_dim, e, r0, r1, FpRows{buf.scales8, n_groups, spec.group_size, spec.mode}, rest, s);
   }
 }
 

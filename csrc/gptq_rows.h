@@ -15,9 +15,11 @@ struct GptqSpec {
   bool dora = false;
   int block = 128;      // GPTQ's lazy-batch width: columns whose updates are applied to the rest at once
   int num_threads = 0;  // 0: hardware concurrency
+  int mode = 0;         // QuantModeId (fuse_kernel.h): affine, or an fp mode with uint8 scales and no biases
 };
 
-// Buffers of one call, row-major and contiguous: wq [E, out, in*bits/32]; scales/biases [E, out, in/gs] in T;
+// Buffers of one call, row-major and contiguous: wq [E, out, in*bits/32]; scales/biases [E, out, in/gs] in T
+// (affine), or scales8 [E, out, in/gs] uint8 (the fp modes; scales and biases null);
 // A [E, rank, in], B [E, out, rank], mag [E, out], U [E, in, in] (upper triangle read), all float32;
 // feedback [E]: 0 rounds that expert without error feedback (keep-grid; U is not read); wq_out like wq.
 template <typename T>
@@ -31,6 +33,7 @@ struct GptqBuffers {
   const float* U;
   const uint8_t* feedback;
   uint32_t* wq_out;
+  const uint8_t* scales8 = nullptr;
 };
 
 // One thread's scratch for a tile of up to kGptqTileRows rows: w, q [kGptqTileRows, in], err [kGptqTileRows,

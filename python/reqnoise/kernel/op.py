@@ -59,8 +59,6 @@ def _validate(
             "out_bits/out_group_size/out_mode re-quantize at another width or mode and need requant='fresh'; "
             f"{requant} keeps the original grid"
         )
-    if requant == "calibrated" and mode != "affine":
-        raise ValueError(f"requant='calibrated' supports the affine mode so far, not {mode!r}")
     if MODES[om].has_biases:
         # an affine output keeps the input's width and group size unless told (from an fp mode: 8 bits, 64)
         ob = out_bits or (bits if om == mode else 8)
@@ -146,10 +144,10 @@ def _hessian_source(hessian, n_experts, in_dim, stacked):
 def fuse_calibrated(
     wq,
     scales,
-    biases,
+    biases=None,
     *,
-    group_size,
-    bits,
+    group_size=None,
+    bits=None,
     hessian,
     lora_a=None,
     lora_b=None,
@@ -159,13 +157,14 @@ def fuse_calibrated(
     num_threads=None,
     damping=DEFAULT_DAMPING,
     block=DEFAULT_BLOCK,
+    mode="affine",
 ):
     """``fuse_quantized(..., requant="calibrated")`` that also says which experts fell back to keep-grid.
 
     Returns ``(wq, scales, biases, fallback)``: ``fallback`` lists the expert indices (0 for a 2-D weight) whose
     Hessian was None or could not be factorised, rounded without error feedback.
     """
-    in_dim = _validate(
+    in_dim, bits, group_size = _validate(
         wq,
         scales,
         biases,
@@ -179,7 +178,8 @@ def fuse_calibrated(
         None,
         dora_magnitude,
         experts_per_chunk,
-    )[0]
+        mode,
+    )[:3]
     return _fuse_calibrated(
         wq,
         scales,
@@ -196,6 +196,7 @@ def fuse_calibrated(
         damping,
         block,
         in_dim,
+        mode,
     )
 
 
@@ -215,6 +216,7 @@ def _fuse_calibrated(
     damping,
     block,
     in_dim,
+    mode,
 ):
     """The calibrated branch of fuse_quantized: one chunk of experts' inverse-Hessian factors at a time."""
     if not isinstance(block, int) or block < 1:
@@ -271,6 +273,7 @@ def _fuse_calibrated(
             scale=float(scale),
             block=block,
             num_threads=int(num_threads or 0),
+            mode=MODES[mode].kernel_id,
         )
         del u3
         if e1 - e0 == n_experts:
@@ -322,8 +325,9 @@ def fuse_quantized(
         requant: ``"fresh"`` reproduces mlx-lm's fuse on the CPU stream (dequantize to the values' dtype, add
             the delta cast to it, quantize as ``mx.quantize``); ``"keep-grid"`` keeps each group's scale (and
             bias) and re-encodes ``w_hat + delta`` to the nearest code at it: a zero delta returns the inputs
-            bit for bit. ``"calibrated"`` (affine) keeps the grid too and chooses the codes by error feedback
-            (GPTQ's column loop, on the fixed grid) from ``hessian``: a zero delta is still returned bit for bit,
+            bit for bit. ``"calibrated"`` keeps the grid too and chooses the codes by error feedback
+            (GPTQ's column loop, on the fixed grid: the stored affine scale and bias, or the stored e8m0/e4m3
+            scale and the nearest E2M1/E4M3 code) from ``hessian``: a zero delta is still returned bit for bit,
             and an expert without a Hessian is rounded as keep-grid.
         out_bits, out_group_size, out_mode: fresh only, re-quantize at another width or into another mode
             (e.g. mxfp4 -> affine 8-bit; an affine output from an fp input defaults to 8 bits, group 64).
@@ -381,6 +385,7 @@ def fuse_quantized(
             damping,
             block,
             in_dim,
+            mode,
         )[:3]
     if hessian is not None:
         raise ValueError(f"hessian is used by requant='calibrated' only, not {requant!r}")
