@@ -2,10 +2,14 @@
 // registry with mlx (NB_DOMAIN mlx in CMakeLists.txt), so `import mlx.core` must come first.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/vector.h>
 
 #include "fuse_primitive.h"
 #include "gptq_kernel.h"
+#include "mlx/allocator.h"
+#include "mlx/ops.h"
+#include "mlx/transforms.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -52,10 +56,11 @@ NB_MODULE(_core, m) {
       "mode/out_mode: 0 affine, 1 mxfp4, 2 nvfp4, 3 mxfp8; dtype: what an fp-mode input dequantizes to.");
   m.def(
       "fuse_calibrated",
-      [](const mx::array& wq, const mx::array& scales, const mx::array& biases, std::optional<mx::array> a,
+      [](const mx::array& wq, const mx::array& scales, std::optional<mx::array> biases, std::optional<mx::array> a,
          std::optional<mx::array> b, std::optional<mx::array> mag, const mx::array& u, const mx::array& feedback,
-         int bits, int group_size, float scale, int block, int num_threads) {
+         int bits, int group_size, float scale, int block, int num_threads, int mode) {
         reqnoise::GptqSpec spec;
+        spec.mode = mode;
         spec.bits = bits;
         spec.group_size = group_size;
         spec.scale = scale;
@@ -63,8 +68,35 @@ NB_MODULE(_core, m) {
         spec.num_threads = num_threads;
         return reqnoise::fuse_calibrated(wq, scales, biases, a, b, mag, u, feedback, spec);
       },
-      "wq"_a, "scales"_a, "biases"_a, "a"_a.none(), "b"_a.none(), "mag"_a.none(), "u"_a, "feedback"_a, nb::kw_only(),
-      "bits"_a, "group_size"_a, "scale"_a, "block"_a = 128, "num_threads"_a = 0,
+      "wq"_a, "scales"_a, "biases"_a.none(), "a"_a.none(), "b"_a.none(), "mag"_a.none(), "u"_a, "feedback"_a,
+      nb::kw_only(), "bits"_a, "group_size"_a, "scale"_a, "block"_a = 128, "num_threads"_a = 0, "mode"_a = 0,
       "Lazy calibrated (error-feedback, fixed-grid) fuse on 3-D stacks; u: [E, in, in] upper Cholesky factor of "
-      "each expert's inverse Hessian; feedback: [E] (0: keep-grid for that expert). Returns the new wq.");
+      "each expert's inverse Hessian; feedback: [E] (0: keep-grid for that expert); mode: 0 affine (biases given), "
+      "1 mxfp4, 2 nvfp4, 3 mxfp8 (uint8 scales, biases None). Returns the new wq.");
+  m.def(
+      "inverse_hessian_factor",
+      [](const mx::array& h, double damping) -> std::pair<std::optional<mx::array>, int> {
+        if (h.ndim() != 2 || h.shape(0) != h.shape(1)) throw std::invalid_argument("the Hessian must be [n, n]");
+        // An evaluated float32 row-major Hessian is read in place: no op is queued behind a calibrated fuse
+        // still running on the CPU stream, so factoring the next expert overlaps it.
+        auto hf = h;
+        if (h.dtype() != mx::float32 || !h.is_available() || !h.flags().row_contiguous) {
+          const auto cpu = mx::default_stream(mx::Device::cpu);
+          hf = mx::contiguous(mx::astype(h, mx::float32, cpu), false, cpu);
+          mx::eval(hf);
+        }
+        const int n = h.shape(0);
+        mx::array u(mx::allocator::malloc(size_t(n) * size_t(n) * sizeof(float)), {n, n}, mx::float32);
+        int attempt;
+        {
+          nb::gil_scoped_release release;
+          attempt = reqnoise::gptq_factor(hf.data<float>(), n, damping, u.data<float>());
+        }
+        if (!attempt) return {std::nullopt, 0};
+        return {u, attempt};
+      },
+      "h"_a, "damping"_a,
+      "(U, attempt): upper U [n, n] float32 with U^T U = (H + d * mean(diag H) * I)^-1, d = damping, else 10x, "
+      "100x; float32 first, float64 only when that fails. attempt: 1 float32 at d, 2 float64 at d, 3/4 at 10x, "
+      "5/6 at 100x. (None, 0) when no attempt gives a finite factor with a positive diagonal.");
 }

@@ -5,7 +5,6 @@ import os
 
 import mlx.core as mx
 import numpy as np
-from scipy.linalg import solve_triangular
 
 from reqnoise import _core  # noqa: F401  (mlx.core must be imported first: shared nanobind domain)
 from reqnoise.kernel.formats import KERNEL_REQUANTS, MODES, mode_params
@@ -60,8 +59,6 @@ def _validate(
             "out_bits/out_group_size/out_mode re-quantize at another width or mode and need requant='fresh'; "
             f"{requant} keeps the original grid"
         )
-    if requant == "calibrated" and mode != "affine":
-        raise ValueError(f"requant='calibrated' supports the affine mode so far, not {mode!r}")
     if MODES[om].has_biases:
         # an affine output keeps the input's width and group size unless told (from an fp mode: 8 bits, 64)
         ob = out_bits or (bits if om == mode else 8)
@@ -116,28 +113,15 @@ DEFAULT_BLOCK = 128
 def inverse_hessian_factor(h, damping=DEFAULT_DAMPING):
     """GPTQ's Cholesky formulation: U, upper triangular, with ``U^T U = (H + damping * mean(diag H) * I)^-1``.
 
-    ``h``: ``[in, in]`` float. Returns float32 ``U`` ``[in, in]`` as an mx.array, or None when H has no positive
-    diagonal or the factorisation fails even with 10x and 100x the damping. Computed in float64 with numpy's
-    LAPACK (MLX's CPU Cholesky chain took ~1.4 s per 768x768 factor here, too slow for 128 experts).
+    ``h``: ``[in, in]`` float (mx.array or numpy; the upper triangle is read). Returns float32 ``U``
+    ``[in, in]`` as an mx.array (lower triangle zero), or None when H has no positive diagonal or no factor
+    exists even with 10x and 100x the damping. Native and single-threaded, so the bytes do not depend on any
+    thread count: float32 arithmetic, float64 only for a Hessian whose float32 factorisation fails (LAPACK
+    through numpy spent most of its time in OpenBLAS's thread spinning on a loaded 2-core machine).
     """
-    h = np.array(h.astype(mx.float32) if isinstance(h, mx.array) else h, dtype=np.float64)
-    mean_diag = float(np.mean(np.diag(h)))
-    if not np.isfinite(mean_diag) or not mean_diag > 0:
-        return None
-    eye = np.eye(h.shape[0])
-    for factor in (1.0, 10.0, 100.0):
-        try:
-            # With P the order reversal and P H P = L L^T, U = P L^-1 P is upper and U^T U = H^-1: one Cholesky
-            # and one triangular solve instead of GPTQ's Cholesky, inverse, Cholesky.
-            hd = h + (damping * factor * mean_diag) * eye
-            lower = np.linalg.cholesky(hd[::-1, ::-1])
-            u = solve_triangular(lower, eye, lower=True)[::-1, ::-1]
-        except np.linalg.LinAlgError:
-            continue
-        u = u.astype(np.float32)
-        if np.all(np.isfinite(u)) and np.min(np.diag(u)) > 0:
-            return mx.array(u)
-    return None
+    if not isinstance(h, mx.array):
+        h = mx.array(np.asarray(h, dtype=np.float32))
+    return _core.inverse_hessian_factor(h, float(damping))[0]
 
 
 def _hessian_source(hessian, n_experts, in_dim, stacked):
@@ -160,10 +144,10 @@ def _hessian_source(hessian, n_experts, in_dim, stacked):
 def fuse_calibrated(
     wq,
     scales,
-    biases,
+    biases=None,
     *,
-    group_size,
-    bits,
+    group_size=None,
+    bits=None,
     hessian,
     lora_a=None,
     lora_b=None,
@@ -173,13 +157,14 @@ def fuse_calibrated(
     num_threads=None,
     damping=DEFAULT_DAMPING,
     block=DEFAULT_BLOCK,
+    mode="affine",
 ):
     """``fuse_quantized(..., requant="calibrated")`` that also says which experts fell back to keep-grid.
 
     Returns ``(wq, scales, biases, fallback)``: ``fallback`` lists the expert indices (0 for a 2-D weight) whose
     Hessian was None or could not be factorised, rounded without error feedback.
     """
-    in_dim = _validate(
+    in_dim, bits, group_size = _validate(
         wq,
         scales,
         biases,
@@ -193,7 +178,8 @@ def fuse_calibrated(
         None,
         dora_magnitude,
         experts_per_chunk,
-    )[0]
+        mode,
+    )[:3]
     return _fuse_calibrated(
         wq,
         scales,
@@ -210,6 +196,7 @@ def fuse_calibrated(
         damping,
         block,
         in_dim,
+        mode,
     )
 
 
@@ -229,6 +216,7 @@ def _fuse_calibrated(
     damping,
     block,
     in_dim,
+    mode,
 ):
     """The calibrated branch of fuse_quantized: one chunk of experts' inverse-Hessian factors at a time."""
     if not isinstance(block, int) or block < 1:
@@ -243,26 +231,30 @@ def _fuse_calibrated(
     wq3, s3, b3, a3, bb3, m3 = map(as3, (wq, scales, biases, lora_a, lora_b, mag))
     n_experts = wq3.shape[0]
     source = _hessian_source(hessian, n_experts, in_dim, stacked)
-    # A chunk holds its experts' factors ([in, in] float32 each) beside its output: one expert at a time unless
-    # the caller asks for more, so the extra memory is one expert's Hessian and factor.
+    # A chunk holds its experts' Hessians and factors ([in, in] float32 each) beside the output: one expert at a
+    # time unless the caller asks for more, each Hessian dropped once factored. Chunks run one after another:
+    # overlapping the next chunk's factorisation with this chunk's kernel would hold a third [in, in] array.
     chunk = min(experts_per_chunk or 1, n_experts)
     out = None
     fallback = []
-    eye = None
     for e0 in range(0, n_experts, chunk):
         e1 = min(e0 + chunk, n_experts)
         hs = list(source(e0, e1))
         if len(hs) != e1 - e0:
             raise ValueError(f"hessian({e0}, {e1}) returned {len(hs)} Hessians, expected {e1 - e0}")
         us, feedback = [], []
-        for e, h in zip(range(e0, e1), hs):
-            u = None if h is None else inverse_hessian_factor(h, damping)
+        for i, e in enumerate(range(e0, e1)):
+            u = None if hs[i] is None else inverse_hessian_factor(hs[i], damping)
+            hs[i] = None
+            feedback.append(0 if u is None else 1)
             if u is None:
                 fallback.append(e)
-                eye = eye if eye is not None else mx.zeros((in_dim, in_dim), dtype=mx.float32)
-                u = eye  # a placeholder the kernel does not read: feedback 0 is keep-grid
+                u = mx.zeros((in_dim, in_dim), dtype=mx.float32)  # not read: feedback 0 is keep-grid
             us.append(u)
-            feedback.append(0 if fallback and fallback[-1] == e else 1)
+        del hs, u
+        # one expert: a view (reshape), not a stacked copy of its factor
+        u3 = us[0].reshape((1, in_dim, in_dim)) if len(us) == 1 else mx.stack(us)
+        del us
 
         def sl(x, e0=e0, e1=e1):
             return x if x is None or (e0, e1) == (0, n_experts) else x[e0:e1]
@@ -274,23 +266,24 @@ def _fuse_calibrated(
             sl(a3),
             sl(bb3),
             sl(m3),
-            mx.stack(us),
+            u3,
             mx.array(feedback, dtype=mx.uint8),
             bits=bits,
             group_size=group_size,
             scale=float(scale),
             block=block,
             num_threads=int(num_threads or 0),
+            mode=MODES[mode].kernel_id,
         )
+        del u3
         if e1 - e0 == n_experts:
             out = part
-            mx.eval(out)
         else:
             if out is None:
                 out = mx.zeros(wq3.shape, dtype=mx.uint32)
             out[e0:e1] = part
-            mx.eval(out)
-        del part, us
+        del part
+        mx.eval(out)
     new_wq = out if stacked else out.reshape(wq.shape)
     return new_wq, scales, biases, fallback
 
@@ -332,8 +325,9 @@ def fuse_quantized(
         requant: ``"fresh"`` reproduces mlx-lm's fuse on the CPU stream (dequantize to the values' dtype, add
             the delta cast to it, quantize as ``mx.quantize``); ``"keep-grid"`` keeps each group's scale (and
             bias) and re-encodes ``w_hat + delta`` to the nearest code at it: a zero delta returns the inputs
-            bit for bit. ``"calibrated"`` (affine) keeps the grid too and chooses the codes by error feedback
-            (GPTQ's column loop, on the fixed grid) from ``hessian``: a zero delta is still returned bit for bit,
+            bit for bit. ``"calibrated"`` keeps the grid too and chooses the codes by error feedback
+            (GPTQ's column loop, on the fixed grid: the stored affine scale and bias, or the stored e8m0/e4m3
+            scale and the nearest E2M1/E4M3 code) from ``hessian``: a zero delta is still returned bit for bit,
             and an expert without a Hessian is rounded as keep-grid.
         out_bits, out_group_size, out_mode: fresh only, re-quantize at another width or into another mode
             (e.g. mxfp4 -> affine 8-bit; an affine output from an fp input defaults to 8 bits, group 64).
@@ -391,6 +385,7 @@ def fuse_quantized(
             damping,
             block,
             in_dim,
+            mode,
         )[:3]
     if hessian is not None:
         raise ValueError(f"hessian is used by requant='calibrated' only, not {requant!r}")
