@@ -133,6 +133,27 @@ def test_keep_grid_zero_control_is_the_input_model_tensor_bytes(built, mode, tmp
 
 
 @pytest.mark.parametrize("mode", FP)
+def test_calibrated_keeps_each_groups_fp_scale_and_a_zero_delta_returns_the_input(built, mode, tmp_path):
+    src = built[mode]["model"]
+    base = weights(src)
+    fuse_model(src, built["adapter"], tmp_path / "zero", requant="calibrated", control="zero", progress=False)
+    zero = weights(tmp_path / "zero")
+    assert set(zero) == set(base)
+    for k in base:
+        assert bytes(memoryview(zero[k])) == bytes(memoryview(base[k])), k
+    report = fuse_model(src, built["adapter"], tmp_path / "cal", requant="calibrated", progress=False)
+    cal = weights(tmp_path / "cal")
+    assert report.modules and {m["mode"] for m in report.modules} >= {mode}
+    for k in base:
+        if k.endswith(".scales"):  # the grid is kept: every scale's bytes as stored
+            assert bytes(memoryview(cal[k])) == bytes(memoryview(base[k])), k
+    assert any(not mx.array_equal(cal[k], base[k]).item() for k in base if k.endswith(".weight")), "nothing moved"
+    import mlx_lm
+
+    mlx_lm.load(str(tmp_path / "cal"))  # mlx-lm reads it
+
+
+@pytest.mark.parametrize("mode", FP)
 def test_fresh_zero_control_is_mlx_own_round_trip(built, mode, tmp_path):
     src = built[mode]["model"]
     fuse_model(src, built["adapter"], tmp_path / "out", control="zero", progress=False)

@@ -100,10 +100,10 @@ def fuse_module(parts: dict, qp, factors, options: FuseOptions, mode: str = "aff
             kw["dora_magnitude"] = mx.broadcast_to(factors.magnitude, parts["weight"].shape[:2])
     if options.requant == "calibrated":
         wq, s, b, calibration.fallback = fuse_calibrated(
-            parts["weight"], parts["scales"], biases, group_size=group, bits=bits,
+            parts["weight"], parts["scales"], biases, group_size=group, bits=bits, mode=mode,
             hessian=calibration.hessians(), **kw
         )  # fmt: skip
-        return {"weight": wq, "scales": s, "biases": b}
+        return _named((wq, s, b))
     fresh = options.requant == "fresh"
     out = fuse_quantized(
         parts["weight"],
