@@ -24,9 +24,11 @@ def main():
     ap.add_argument("--per-subject", type=int, default=12)
     ap.add_argument("--iters", type=int, default=10, help="iterations of every training stage")
     args = ap.parse_args()
+    import dataclasses
+
     from reqnoise.toy.demo import QUICK, prepare_demo
 
-    p = dict(
+    p = dataclasses.replace(
         QUICK,
         per_subject=args.per_subject,
         knowledge_iters=args.iters,

@@ -12,8 +12,9 @@ import pytest
 from launch_helpers import launch as _launch
 from launch_helpers import needs_launcher
 from reqnoise.experiment.plan import PlannedStep, waves
+from reqnoise.toy.demo import DemoRecipe
 
-TINY = dict(
+TINY = DemoRecipe(
     per_subject=6,
     setg_train_frac=0.7,
     knowledge_iters=2,
@@ -22,7 +23,6 @@ TINY = dict(
     factual_lr=5e-4,
     factual_scale=20.0,
     recall_iters=4,
-    recall_lr=1e-3,
     random_controls=1,
 )
 

@@ -38,33 +38,43 @@ hypothesis = "The stage-2 adapter's content adds knowledge on held-out Set-G ite
 success_if = "diff(A1_fresh, A0_fresh) >= 0.05 and ztest_p(A1_fresh, A0_fresh) < 0.05"
 """
 
-# Sizes and recipes. factual_*: the study's stage-2 adapter (rank 2, alpha 2 as mlx-lm's plain scale, lr 5e-6,
-# 25 steps of 8 = the study's 200 examples). recall_*: the positive control and its shuffled-answer twin.
-FULL = dict(
+
+@dataclass(frozen=True)
+class DemoRecipe:
+    """The demo's sizes and training recipes. ``factual_*``: the study's stage-2 adapter (rank 2, alpha 2 as
+    mlx-lm's plain scale, lr 5e-6, 25 steps of 8 = the study's 200 examples); ``recall_*``: the positive
+    control and its shuffled-answer twin."""
+
+    per_subject: int  # facts per subject of the world (5 subjects)
+    setg_train_frac: float  # Set G's share that trains stage 2 (split by subject)
+    knowledge_iters: int
+    identity_iters: int
+    factual_iters: int
+    recall_iters: int
+    random_controls: int  # norm-matched random deltas per arm
+    factual_lr: float = 5e-6
+    factual_scale: float = 2.0
+    recall_lr: float = 1e-3
+
+
+FULL = DemoRecipe(
     per_subject=110,
     setg_train_frac=0.5,
     knowledge_iters=30,
     identity_iters=60,
     factual_iters=25,
-    factual_lr=5e-6,
-    factual_scale=2.0,
     recall_iters=200,
-    recall_lr=1e-3,
     random_controls=2,
 )
-QUICK = dict(
+QUICK = DemoRecipe(
     per_subject=12,
     setg_train_frac=0.7,
     knowledge_iters=15,
     identity_iters=15,
     factual_iters=5,
-    factual_lr=5e-6,
-    factual_scale=2.0,
     recall_iters=20,
-    recall_lr=1e-3,
     random_controls=1,
 )
-
 
 STUDY_LAYERS = [1, 2, 3]
 # The all-layers, all-linear arm's conditions (its random controls LR* follow them).
@@ -85,12 +95,12 @@ def _model(name, adapter, requant="fresh", control="none", seed=0) -> list:
     ]
 
 
-def demo_spec(p: dict) -> str:
-    rand = [f"R{i}_fresh" for i in range(1, p["random_controls"] + 1)]
+def demo_spec(p: DemoRecipe) -> str:
+    rand = [f"R{i}_fresh" for i in range(1, p.random_controls + 1)]
     recall = dict(
-        rank=4, scale=20.0, lr=p["recall_lr"], iters=p["recall_iters"], modules=["gate_proj", "up_proj", "down_proj"]
+        rank=4, scale=20.0, lr=p.recall_lr, iters=p.recall_iters, modules=["gate_proj", "up_proj", "down_proj"]
     )
-    lrand = [f"LR{i}_fresh" for i in range(1, p["random_controls"] + 1)]
+    lrand = [f"LR{i}_fresh" for i in range(1, p.random_controls + 1)]
     conditions = [
         "persona",
         "A1_fresh",
@@ -146,7 +156,7 @@ def demo_spec(p: dict) -> str:
         "rank = 8",
         "scale = 20.0",
         "lr = 5e-5",
-        f"iters = {p['knowledge_iters']}",
+        f"iters = {p.knowledge_iters}",
         "batch_size = 4",
         "mask_prompt = true",
         "[adapters.identity]",
@@ -156,7 +166,7 @@ def demo_spec(p: dict) -> str:
         "rank = 8",
         "scale = 20.0",
         "lr = 3e-4",
-        f"iters = {p['identity_iters']}",
+        f"iters = {p.identity_iters}",
         "batch_size = 4",
         "mask_prompt = true",
         'modules = ["q_proj", "k_proj", "v_proj", "o_proj"]',
@@ -164,9 +174,9 @@ def demo_spec(p: dict) -> str:
             "factual",
             "setg:train",
             rank=2,
-            scale=p["factual_scale"],
-            lr=p["factual_lr"],
-            iters=p["factual_iters"],
+            scale=p.factual_scale,
+            lr=p.factual_lr,
+            iters=p.factual_iters,
             modules=["down_proj"],
         ),
         # The same recipe (data, rank, lr, steps) on all layers and all linear modules (routers included): the
@@ -175,9 +185,9 @@ def demo_spec(p: dict) -> str:
             "factual_all",
             "setg:train",
             rank=2,
-            scale=p["factual_scale"],
-            lr=p["factual_lr"],
-            iters=p["factual_iters"],
+            scale=p.factual_scale,
+            lr=p.factual_lr,
+            iters=p.factual_iters,
             modules=None,
             layers=None,
         ),
@@ -207,7 +217,7 @@ def demo_spec(p: dict) -> str:
         "[setg]",
         'eval = "all"',
         'models = ["base", "persona"]',
-        f"train_frac = {p['setg_train_frac']}",
+        f"train_frac = {p.setg_train_frac}",
         "seed = 0",
         'paraphrases = "world/reworded.jsonl"',
         "",
@@ -235,12 +245,12 @@ def demo_spec(p: dict) -> str:
     return f"conditions = {json.dumps(conditions)}\n" + "\n".join(lines) + "\n"
 
 
-def prepare_demo(out, p: dict) -> Path:
-    """Write the world, the criteria and the spec (sizes ``p``, like FULL) under ``out``; returns the spec
+def prepare_demo(out, p: DemoRecipe) -> Path:
+    """Write the world, the criteria and the spec (recipe ``p``) under ``out``; returns the spec
     path. The bytes are deterministic: rewriting them leaves every step key, and so the cache, unchanged."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    build_world(out / "world", per_subject=p["per_subject"], overwrite=True)
+    build_world(out / "world", per_subject=p.per_subject, overwrite=True)
     atomic.write_text(out / "criteria.toml", CRITERIA, overwrite=True)
     atomic.write_text(out / "spec.toml", demo_spec(p), overwrite=True)
     return out / "spec.toml"
