@@ -139,3 +139,23 @@ def test_a_failing_rank_fails_the_run_with_its_reason(tmp_path, toy_model_dir):
     assert "exited with code 1" in out
     assert "of 2 failed" in out and "does not exist" in out
     assert not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_local_ranks_started_by_reqnoise_write_the_single_process_records(toy_model_dir, tmp_path, capfd):
+    """run_local_ranks (what `reqnoise demo --ranks N` uses): one ring group of N processes on localhost."""
+    from reqnoise.distributed import run_local_ranks
+    from reqnoise.toy.world import build_world
+
+    world = build_world(tmp_path / "world", per_subject=6)
+    single, double = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    args = ["eval", "--quiet", "--model", str(toy_model_dir), "--items", str(world / "items.jsonl")]
+    subprocess.run([sys.executable, "-m", "reqnoise", *args, "--out", str(single)], check=True, capture_output=True)
+    assert run_local_ranks(args + ["--out", str(double)], 2) == 0
+    out = capfd.readouterr()
+    per_rank = _rank_items(out.out + out.err)
+    assert len(per_rank) == 2 and min(per_rank) > 0 and sum(per_rank) == 30  # both ranks did a share
+    assert single.read_bytes() == double.read_bytes()
+    # A failing rank: its exit code comes back, with its reason.
+    assert run_local_ranks(["eval", "--quiet", "--model", str(tmp_path / "nope"), *args[4:], "--out", "x"], 2) != 0
+    assert "does not exist" in "".join(capfd.readouterr())
