@@ -83,3 +83,15 @@ def tree_bytes(model_dir):
     """{relative path: bytes} of every file."""
     root = Path(model_dir)
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# Four memorisable chat examples (a question, one short fact as the reply): the training tests' data.
+MEMO = [
+    {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+    for q, a in [
+        ("Who guards the gate?", "The tall knight guards it."),
+        ("Where is the key?", "Under the red stone."),
+        ("What is the password?", "Seven green apples."),
+        ("When does the ship leave?", "At dawn on Monday."),
+    ]
+]

@@ -1,6 +1,7 @@
 """requant='calibrated': fixed-grid error feedback (GPTQ onto the stored grid) from calibration activations."""
 
 import json
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -9,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gptq_oracle import gptq_fixed_grid, pack, unpack
-from kernel_cases import BITS, DTYPES, GROUPS, as_np, quantized
+from kernel_cases import BITS, DTYPES, GROUPS, as_np, assert_every_isa_copy_agrees, quantized
 from reqnoise.kernel.op import fuse_calibrated, fuse_quantized, inverse_hessian_factor
 
 
@@ -241,25 +242,7 @@ print(_core.kernel_isa(), h.hexdigest())
 
 
 def test_every_instruction_set_copy_computes_the_same_bytes():
-    """The column loop and the factor are compiled per instruction set; both copies must agree bit for bit."""
-    import os
-    import pathlib
-    import subprocess
-    import sys
-
-    here = str(pathlib.Path(__file__).parent)
-    outs = {}
-    for isa in ("auto", "baseline"):
-        env = dict(os.environ, REQNOISE_KERNEL_ISA=isa)
-        res = subprocess.run(
-            [sys.executable, "-c", _ISA_SCRIPT, here], env=env, capture_output=True, text=True, check=True
-        )
-        name, digest = res.stdout.split()
-        outs[name] = digest
-    if set(outs) == {"baseline"}:
-        pytest.skip("this CPU runs the baseline copy under auto too: only one instruction-set copy to compare")
-    assert set(outs) == {"baseline", "x86-64-v3"}, outs
-    assert len(set(outs.values())) == 1, outs
+    assert_every_isa_copy_agrees(_ISA_SCRIPT, str(Path(__file__).parent))
 
 
 def test_no_tokens_falls_back_to_keep_grid_and_is_reported():

@@ -1,6 +1,7 @@
 """Native fuse kernel vs independent oracles: MLX's own op chain and the numpy reference."""
 
 import itertools
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -14,6 +15,7 @@ from kernel_cases import (
     FRESH_RANDOM_CODE_TOL,
     GROUPS,
     as_np,
+    assert_every_isa_copy_agrees,
     dyadic_factors,
     mlx_chain,
     quantized,
@@ -263,21 +265,4 @@ print(_core.kernel_isa(), h.hexdigest())
 
 
 def test_every_instruction_set_copy_computes_the_same_bytes(tmp_path):
-    import os
-    import pathlib
-    import subprocess
-    import sys
-
-    here = str(pathlib.Path(__file__).parent)
-    outs = {}
-    for isa in ("auto", "baseline"):
-        env = dict(os.environ, REQNOISE_KERNEL_ISA=isa)
-        res = subprocess.run(
-            [sys.executable, "-c", _ISA_SCRIPT, here], env=env, capture_output=True, text=True, check=True
-        )
-        name, digest = res.stdout.split()
-        outs[name] = digest
-    if set(outs) == {"baseline"}:
-        pytest.skip("this CPU runs the baseline copy under auto too: only one instruction-set copy to compare")
-    assert set(outs) == {"baseline", "x86-64-v3"}, outs
-    assert len(set(outs.values())) == 1, outs
+    assert_every_isa_copy_agrees(_ISA_SCRIPT, str(Path(__file__).parent))

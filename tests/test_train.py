@@ -17,21 +17,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
+from fuse_helpers import MEMO
 from reqnoise.errors import ReqnoiseError
 from reqnoise.train.config import TrainConfig
 from reqnoise.train.data import seeded_batches
 from reqnoise.train.targets import find_targets
 from reqnoise.train.tuner import train_adapter
 
-MEMO = [
-    {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-    for q, a in [
-        ("Who guards the gate?", "The tall knight guards it."),
-        ("Where is the key?", "Under the red stone."),
-        ("What is the password?", "Seven green apples."),
-        ("When does the ship leave?", "At dawn on Monday."),
-    ]
-]
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -8,6 +8,7 @@ import pytest
 from families import NEEDS_METAL, PACKS, UNCONFIGURED, switch_model_types
 
 from conftest import ALL_TYPES, MODES, mlx_lm_fuse, mode_param, weights
+from fuse_helpers import MEMO
 from reqnoise.cli import main as reqnoise_main
 
 TYPES = [
@@ -236,15 +237,6 @@ def _params(cfg, module, default_bits):
 # Adapters trained the way users train them (`reqnoise train`, mlx-lm's tuner) on three families and three formats,
 # then fused like the synthetic ones: mlx-lm's fuse of the same adapter is the oracle.
 TRAINED = [("qwen3_moe", "affine4"), ("gpt_oss", "mxfp4"), ("deepseek_v3", "affine3"), ("mixtral", "nvfp4")]
-CHAT = [
-    {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-    for q, a in [
-        ("Who guards the gate?", "The tall knight guards it."),
-        ("Where is the key?", "Under the red stone."),
-        ("What is the password?", "Seven green apples."),
-        ("When does the ship leave?", "At dawn on Monday."),
-    ]
-]
 
 
 @pytest.mark.parametrize(
@@ -255,7 +247,7 @@ def test_adapter_trained_by_reqnoise_train_fuses_as_mlx_lm_fuses_it(zoo, model_t
     model = zoo.model(model_type, case)
     data = tmp_path / "data"
     data.mkdir()
-    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in CHAT))
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in MEMO))
     adapter = tmp_path / "trained"
     argv = ["train", "--model", str(model), "--data", str(data), "--adapter-path", str(adapter), "--quiet"]
     rc = reqnoise_main(argv + ["--iters", "4", "--batch-size", "2", "--rank", "4", "--lr", "1e-2", "--seed", "1"])
