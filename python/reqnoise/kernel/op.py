@@ -180,45 +180,6 @@ def fuse_calibrated(
         experts_per_chunk,
         mode,
     )[:3]
-    return _fuse_calibrated(
-        wq,
-        scales,
-        biases,
-        bits,
-        group_size,
-        lora_a,
-        lora_b,
-        scale,
-        dora_magnitude,
-        experts_per_chunk,
-        num_threads,
-        hessian,
-        damping,
-        block,
-        in_dim,
-        mode,
-    )
-
-
-def _fuse_calibrated(
-    wq,
-    scales,
-    biases,
-    bits,
-    group_size,
-    lora_a,
-    lora_b,
-    scale,
-    mag,
-    experts_per_chunk,
-    num_threads,
-    hessian,
-    damping,
-    block,
-    in_dim,
-    mode,
-):
-    """The calibrated branch of fuse_quantized: one chunk of experts' inverse-Hessian factors at a time."""
     if not isinstance(block, int) or block < 1:
         raise ValueError(f"block must be a positive integer, got {block!r}")
     if not isinstance(damping, (int, float)) or not damping > 0:
@@ -228,7 +189,7 @@ def _fuse_calibrated(
     def as3(x):
         return None if x is None else (x if stacked else x.reshape((1,) + tuple(x.shape)))
 
-    wq3, s3, b3, a3, bb3, m3 = map(as3, (wq, scales, biases, lora_a, lora_b, mag))
+    wq3, s3, b3, a3, bb3, m3 = map(as3, (wq, scales, biases, lora_a, lora_b, dora_magnitude))
     n_experts = wq3.shape[0]
     source = _hessian_source(hessian, n_experts, in_dim, stacked)
     # A chunk holds its experts' Hessians and factors ([in, in] float32 each) beside the output: one expert at a
@@ -369,23 +330,22 @@ def fuse_quantized(
         dtype,
     )
     if requant == "calibrated":
-        return _fuse_calibrated(
+        return fuse_calibrated(
             wq,
             scales,
             biases,
-            bits,
-            group_size,
-            lora_a,
-            lora_b,
-            scale,
-            dora_magnitude,
-            experts_per_chunk,
-            num_threads,
-            hessian,
-            damping,
-            block,
-            in_dim,
-            mode,
+            group_size=group_size,
+            bits=bits,
+            hessian=hessian,
+            lora_a=lora_a,
+            lora_b=lora_b,
+            scale=scale,
+            dora_magnitude=dora_magnitude,
+            experts_per_chunk=experts_per_chunk,
+            num_threads=num_threads,
+            damping=damping,
+            block=block,
+            mode=mode,
         )[:3]
     if hessian is not None:
         raise ValueError(f"hessian is used by requant='calibrated' only, not {requant!r}")
