@@ -56,6 +56,7 @@ class Runner:
         self.records: dict = {}  # step name -> cache record (after execution)
         self.model_paths: dict = {}
         self.adapter_paths: dict = {}
+        self.adapter_data: dict = {}  # adapter name -> its training data (a directory or file)
         self.timeline: list = []
         self._content: dict = {}  # model directory -> SHA-256 of its files (computed once, when needed)
 
@@ -114,7 +115,7 @@ class Runner:
         else:
             src = self.model(m["from"])
             ad = self.adapter(m["adapter"])
-            opts = FuseOptions.table_subset(m)
+            params, opts, inputs = self._fuse_options(m)
 
             def fuse(tmp):
                 # fuse.model imports mlx at its top: it loads when a fuse step runs, not when a spec is planned.
@@ -125,9 +126,26 @@ class Runner:
                 rep = fuse_model(src, ad, tmp / "model", progress=self.progress, **opts)
                 return {"modules": len(rep.modules), "seconds": rep.seconds}
 
-            self.step(step, "fuse", opts, deps=[f"model-{m['from']}", f"adapter-{m['adapter']}"], fn=fuse)
+            deps = [f"model-{m['from']}", f"adapter-{m['adapter']}"]
+            self.step(step, "fuse", params, deps=deps, inputs=inputs, fn=fuse)
         self.model_paths[name] = self.cache.dir(step) / "model"
         return self.model_paths[name]
+
+    def _fuse_options(self, m) -> tuple:
+        """``(step params, fuse keywords, input files)`` of a ``from`` + ``adapter`` model table. A calibration
+        file is relative to the spec and enters the key by its bytes, as training data does. Calibrated without
+        one: the adapter's training data as this runner trains it (covered by the adapter's key), not the path
+        its adapter_config names, which a cached adapter keeps after its data moved."""
+        opts = FuseOptions.table_subset(m)
+        params, inputs = dict(opts), []
+        if "calib_data" in opts:
+            path = self._external(opts["calib_data"])
+            opts["calib_data"] = str(path)
+            del params["calib_data"]
+            inputs.append(path)
+        elif opts.get("requant") == "calibrated":
+            opts["calib_data"] = str(self.adapter_data[m["adapter"]])
+        return params, opts, inputs
 
     def adapter(self, name):
         if name in self.adapter_paths:
@@ -166,6 +184,7 @@ class Runner:
         else:
             data_path = self._external(data)
             inputs.append(data_path)
+        self.adapter_data[name] = data_path
 
         def train(tmp):
             if str(data).startswith("setg:") and not data_path.is_dir():
@@ -435,7 +454,7 @@ class Runner:
             return None
         name = f"noise-{model_name}"
         src, ad = self.model(m["from"]), self.adapter(m["adapter"])
-        opts = FuseOptions.table_subset(m)
+        params, opts, inputs = self._fuse_options(m)
         outputs = bool(self.spec.noise.get("outputs", True))
 
         def run(tmp):
@@ -451,9 +470,8 @@ class Runner:
                 "alternatives": rep["alternatives"],
             }
 
-        self.step(
-            name, "noise", dict(opts, outputs=outputs), deps=[f"model-{m['from']}", f"adapter-{m['adapter']}"], fn=run
-        )
+        deps = [f"model-{m['from']}", f"adapter-{m['adapter']}"]
+        self.step(name, "noise", dict(params, outputs=outputs), deps=deps, inputs=inputs, fn=run)
         return name
 
     # ---------------------------------------------------------------- the whole run

@@ -9,8 +9,9 @@ the pre-registered criteria. Parsed and checked here, before anything runs.
     path = "/models/Qwen3-30B-A3B-3bit"
     [models.persona]
     from = "base"                     # fuse an adapter into a model:
-    adapter = "identity"              #   requant (fresh|keep-grid|dequantize), control (none|zero|random),
-    requant = "fresh"                 #   seed, out_bits, layers as in `reqnoise fuse`
+    adapter = "identity"              #   requant (fresh|keep-grid|calibrated|dequantize), control (none|zero|
+    requant = "fresh"                 #   random), seed, out_bits, layers, calib_data, calib_tokens as in
+                                      #   `reqnoise fuse`; calibrated without calib_data: the adapter's data
     [models.small]
     toy = { seed = 0, bits = 3, extra_corpus = "world/corpus.txt" }   # the embedded model
     [models.q3]
@@ -244,6 +245,13 @@ class Spec:
                     extra = set(m) - FUSE_KEYS
                     if extra:
                         self._err(f"models.{name}: unknown keys {sorted(extra)} (allowed: {sorted(FUSE_KEYS)})")
+                    try:
+                        FuseOptions.from_table(m).check()
+                    except ReqnoiseError as err:
+                        self._err(f"models.{name}: {err}")
+                    cal = m.get("calib_data")
+                    if cal is not None and not (isinstance(cal, str) and self.resolve(cal).exists()):
+                        self._err(f"models.{name}.calib_data {cal!r} does not exist (a .jsonl file or a directory)")
 
     def _check_adapters(self):
         for name, a in self.adapters.items():

@@ -53,7 +53,7 @@ from reqnoise.fuse.model_io import layer_index, open_model_dir
 from reqnoise.fuse.module import EXPERTS_PER_STEP, _dora, expert_steps, fuse_module, module_parts
 from reqnoise.fuse.options import FuseOptions
 from reqnoise.kernel.formats import FP_MODES, MODES
-from reqnoise.noise.heldout import DEFAULT_HELDOUT_TOKENS, heldout_set, output_measures
+from reqnoise.noise.heldout import DEFAULT_HELDOUT_TOKENS, heldout_set, output_measures, overlaps
 
 # Verdict thresholds on the median delta cosine over adapted (module, expert) entries.
 SURVIVES = 0.9
@@ -354,10 +354,11 @@ def summarize(rows, heldout_modules=()) -> dict:
     )
 
 
-def verdict(summary, outputs, *, requant, out_bits, control, alternatives=None) -> str:
+def verdict(summary, outputs, *, requant, out_bits, control, alternatives=None, calibrated=None) -> str:
     """One line. Thresholds: median delta cosine >= 0.9 survives, >= 0.5 partly, below: mostly erased.
 
-    ``alternatives`` (option -> median delta cosine), below survival: see ``alternatives_text``."""
+    ``alternatives`` (option -> median delta cosine), below survival: see ``alternatives_text``.
+    ``calibrated``: the ``calibrated_alternative`` of ``noise_report``, see ``calibrated_text``."""
     if control == "zero":
         frac = summary["mean_code_change_frac"]
         if frac is not None and frac == 0:
@@ -386,7 +387,21 @@ def verdict(summary, outputs, *, requant, out_bits, control, alternatives=None) 
     line = f"{word} (median cosine {med:.2f}{closer})"
     if med < SURVIVES and alternatives:
         line += alternatives_text(med, alternatives, summary.get("median_delta_rms_over_step"))
+    if calibrated:
+        line += calibrated_text(summary.get("median_residual_over_effect"), calibrated["median_residual_over_effect"])
     return line
+
+
+def calibrated_text(ours: float | None, theirs: float | None) -> str:
+    """The verdict's tail about ``--requant calibrated`` measured on the same held-out inputs: offered only
+    when its median residual over effect is strictly lower than this fuse's; ``""`` when either is missing."""
+    if ours is None or theirs is None:
+        return ""
+    t, o = _two_values(theirs, ours)
+    numbers = f"on the held-out inputs (median residual/effect {t} vs {o})"
+    if theirs < ours:
+        return f"; --requant calibrated keeps more of its effect {numbers}"
+    return f"; --requant calibrated does not keep more of it {numbers}"
 
 
 KEEP_GRID_LIMIT = "keep-grid removes the zero-delta artifact but cannot keep a delta smaller than half a step"
@@ -428,6 +443,40 @@ def _has_fp_target(md, targets) -> bool:
     return any(md.is_quantized(n) and md.quant_mode(n) in FP_MODES for n in targets)
 
 
+def _calibrated_alternative_data(model, adapter_path, opts: FuseOptions, held):
+    """The calibration data a default ``--requant calibrated`` fuse of this adapter reads, checked (before any
+    model runs) to share no example with the held-out set the comparison is measured on."""
+    if held is None:
+        raise ReqnoiseError("comparing with --requant calibrated needs the output measures (held-out inputs)")
+    if opts.requant == "calibrated":
+        raise ReqnoiseError("this report is already --requant calibrated: there is nothing to compare with")
+    data = load_calibration(model, adapter_path, None, DEFAULT_CALIB_TOKENS)
+    hit = overlaps(held.data.examples, data.examples)
+    if hit:
+        i, j = next(iter(sorted(hit.items())))
+        raise ReqnoiseError(
+            f"held-out example {i + 1} of {held.source} overlaps calibration example {j + 1} of {data.source}: "
+            "the calibrated fuse cannot be compared on prompts it was calibrated on"
+        )
+    return data
+
+
+def _calibrated_alternative(model, adapter_path, md, targets, opts: FuseOptions, data, held_inputs, progress) -> dict:
+    """The held-out measures of a default calibrated fuse (in memory), on this report's held-out inputs."""
+    calibration = collect_inputs(model, adapter_path, targets, data)
+    alt = replace(opts, requant="calibrated", out_bits=None, out_mode=None, calib_data=None, calib_tokens=None)
+    rows = weight_metrics(md, targets, alt, progress=progress, calibration=calibration, heldout=held_inputs)
+    del calibration
+    held = pool_heldout(rows)
+    return dict(
+        median_residual_over_effect=_median([m["residual_over_effect"] for m in held]),
+        median_output_cosine=_median([m["output_cosine"] for m in held]),
+        median_delta_cosine=_median([r["delta_cosine"] for r in rows]),
+        calibration=dict(source=data.source, sha256=data.sha256, tokens=data.tokens),
+        fallback_entries=sum(bool(r["calibration_fallback"]) for r in rows),
+    )
+
+
 def noise_report(
     model,
     adapter_path,
@@ -438,6 +487,7 @@ def noise_report(
     heldout_tokens=DEFAULT_HELDOUT_TOKENS,
     outputs=True,
     alternatives=True,
+    compare_calibrated=False,
     progress=True,
     **fields,
 ) -> dict:
@@ -450,12 +500,15 @@ def noise_report(
     (runs the adapter model on the held-out set, loads the base model and a fused copy written to a temporary
     directory); without them no model is loaded except, under calibrated, the adapter model on its calibration
     data. ``alternatives``: when the adapter does not survive, also measure keep-grid and --out-bits 8 to say
-    whether they would keep it.
+    whether they would keep it. ``compare_calibrated`` (needs ``outputs``; not under calibrated): also fuse
+    under ``--requant calibrated`` (default calibration data, which the held-out set must not overlap) in
+    memory and measure its residual over effect on the same held-out inputs; the verdict says whether it keeps
+    more of the adapter's effect than this fuse (the median over modules, lower is better).
 
     Returns:
         ``{"modules": [...], "heldout_modules": [...], "summary": {...}, "outputs": {...} or None,
-        "heldout": {...} or None, "calibration": {...} or None, "alternatives": {...}, "verdict": str,
-        "options": {...}}``
+        "heldout": {...} or None, "calibration": {...} or None, "alternatives": {...},
+        "calibrated_alternative": {...} or None, "verdict": str, "options": {...}}``
     """
     opts = FuseOptions.merge(options, fields, "noise_report").check()
     md = open_model_dir(model)
@@ -475,6 +528,8 @@ def noise_report(
             model, adapter_path, opts, prompts=prompts, data=heldout_data, max_tokens=heldout_tokens,
             calibration=cal_data,
         )  # fmt: skip
+    alt_cal = _calibrated_alternative_data(model, adapter_path, opts, held) if compare_calibrated else None
+    cal_alt = None
     with tempfile.TemporaryDirectory(prefix="reqnoise-noise-") as tmp:
         if held is not None:
             adapter_logits = []
@@ -486,6 +541,10 @@ def noise_report(
             rows = weight_metrics(
                 md, targets, opts, progress=progress, heldout=held_inputs, fused=(open_model_dir(fused_dir), entries)
             )
+            if alt_cal is not None:
+                cal_alt = _calibrated_alternative(
+                    model, adapter_path, md, targets, opts, alt_cal, held_inputs, progress
+                )
             del held_inputs
             outs = output_measures(adapter_logits, model, fused_dir, held.data.sequences)
             del adapter_logits
@@ -531,8 +590,15 @@ def noise_report(
         heldout=None if held is None else held.to_dict(),
         calibration=cal_info,
         alternatives=alts,
+        calibrated_alternative=cal_alt,
         verdict=verdict(
-            summary, outs, requant=opts.requant, out_bits=opts.out_bits, control=opts.control, alternatives=alts
+            summary,
+            outs,
+            requant=opts.requant,
+            out_bits=opts.out_bits,
+            control=opts.control,
+            alternatives=alts,
+            calibrated=cal_alt,
         ),
         options=dict(model=str(model), adapter=str(adapter_path), **opts.to_dict()),
     )
