@@ -61,3 +61,23 @@ def test_a_comparison_that_cannot_be_made_is_refused_before_any_model_runs(
     monkeypatch.setattr(report, "collect_inputs", no_model)
     with pytest.raises(ReqnoiseError, match=match):
         noise_report(toy_model_dir, adapter, compare_calibrated=True, progress=False, **kw)
+
+
+def test_the_cli_flag_asks_for_the_comparison(monkeypatch, tmp_path):
+    import reqnoise.noise.report as report
+    from reqnoise.cli import main
+
+    seen = {}
+
+    def fake(model, adapter_path, **kw):
+        seen.update(kw)
+        raise SystemExit(0)  # the arguments are all this test reads
+
+    monkeypatch.setattr(report, "noise_report", fake)
+    with pytest.raises(SystemExit):
+        main(["noise", "--model", str(tmp_path), "--adapter-path", str(tmp_path), "--compare-calibrated"])
+    assert seen["compare_calibrated"] is True
+    seen.clear()
+    with pytest.raises(SystemExit):
+        main(["noise", "--model", str(tmp_path), "--adapter-path", str(tmp_path)])
+    assert seen["compare_calibrated"] is False

@@ -38,6 +38,12 @@ def register(sub) -> None:
         help="weight-level metrics only: no held-out measures, no model loads (calibrated still runs the "
         "adapter model on its calibration data)",
     )
+    p.add_argument(
+        "--compare-calibrated",
+        action="store_true",
+        help="also fuse under --requant calibrated (the adapter's own training data, else the built-in prompts) "
+        "and measure its residual over effect on the same held-out inputs; the verdict says which keeps more",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing --json/--plot files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -69,6 +75,7 @@ def run(args) -> int:
         prompts=prompts,
         heldout_data=args.heldout_data,
         outputs=not args.no_outputs,
+        compare_calibrated=args.compare_calibrated,
         progress=not args.quiet,
         **extra,
     )
