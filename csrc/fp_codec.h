@@ -5,6 +5,11 @@
 // tests/test_kernel_fp.py); the arithmetic is written here from those rules. As in affine_codec.h, the
 // order of roundings is load-bearing: MLX runs the fp quantizer as an op chain in the weights' dtype, so
 // every intermediate it stores is rounded to that dtype here too (round_to<T>).
+//
+// Speed: every per-value function is branch-free (bit arithmetic and selects, no table search, no library
+// call), so that the group loops in fp_kernel.cpp vectorize under each instruction-set copy; the rare values
+// that need MLX's exact table search (E2M1 beyond +-12, NaN) are flagged by the vector loop and the group is
+// redone by the scalar form.
 #pragma once
 
 #include <cmath>
@@ -16,17 +21,31 @@
 
 namespace reqnoise::REQNOISE_ISA {
 
-// E2M1 magnitudes by code (bit 3 is the sign): 0, 0.5, 1, 1.5, 2, 3, 4, 6.
+inline uint32_t bits_of(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return u;
+}
+
+inline float float_of(uint32_t u) {
+  float x;
+  std::memcpy(&x, &u, 4);
+  return x;
+}
+
+// E2M1 magnitudes by code (bit 3 is the sign): 0, 0.5, 1, 1.5, 2, 3, 4, 6. From index 2 on, E2M1's mantissa
+// bit is float32's bit 22 and its exponent carries into float32's exponent, so the float bits of 1, 1.5, 2,
+// 3, 4, 6 step by 2^22 from those of 1.0; indices 0 and 1 (zero and the subnormal 0.5) are selected.
 inline float e2m1_value(uint32_t c) {
-  constexpr float mag[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
-  const float m = mag[c & 7u];
-  return (c & 8u) ? -m : m;
+  const uint32_t i = c & 7u;
+  uint32_t u = 0x3F800000u + ((i - 2u) << 22);
+  u = i == 1u ? 0x3F000000u : u;
+  u = i == 0u ? 0u : u;
+  return float_of(u | ((c & 8u) << 28));  // code 8 is -0
 }
 
 // MLX's E2M1 code: the first entry of its code table (index = code) at the smallest distance |x - value|,
-// each distance rounded to D. Up to |x| = 6 that is the nearest code with ties to the smaller magnitude, and
-// any |x| <= 0.25 (negative included) gives +0: the thresholds below. Beyond 6 (only when a scale saturated
-// or underflowed) the rounded distances decide, so they are computed as MLX does; NaN and inf give code 0.
+// each distance rounded to D. NaN and inf give code 0. Used for the values e2m1_encode_near does not cover.
 template <typename D>
 inline uint32_t e2m1_encode_far(float x) {
   uint32_t best = 0;
@@ -41,117 +60,187 @@ inline uint32_t e2m1_encode_far(float x) {
   return best;
 }
 
-template <typename D>
-inline uint32_t e2m1_encode(float x) {
+// Values up to |x| = 12 (for D = float32, bfloat16 or float16) take the same code from MLX's table search as
+// from the thresholds below: up to 6 the search finds the nearest code with ties to the smaller magnitude,
+// and any |x| <= 0.25 (negative included) gives +0. On (6, 12] x - 6 is exact in D (Sterbenz; D's spacing
+// there is at most 2^-3 even for bfloat16), so the rounded distance to +-6 stays strictly the smallest and the
+// code is +-6, which the count of thresholds (7) also gives.
+inline constexpr float kE2m1NearLimit = 12.0f;
+
+// The nearest E2M1 code of |x| <= kE2m1NearLimit by counting the midpoints below |x|; branch-free.
+inline uint32_t e2m1_encode_near(float x) {
   const float a = __builtin_fabsf(x);
-  if (!(a <= 6.0f)) return e2m1_encode_far<D>(x);
   const uint32_t c = uint32_t(a > 0.25f) + uint32_t(a > 0.75f) + uint32_t(a > 1.25f) + uint32_t(a > 1.75f) +
                      uint32_t(a > 2.5f) + uint32_t(a > 3.5f) + uint32_t(a > 5.0f);
-  return (__builtin_signbit(x) && c) ? (c | 8u) : c;
+  const uint32_t sign = (bits_of(x) >> 28) & 8u;
+  return c | (c ? sign : 0u);
 }
 
-// E4M3 (fn variant: no infinities; 0x7F and 0xFF are NaN, which the encoder never produces).
+// 1 when e2m1_encode_near does not apply (|x| beyond the limit, or NaN): the group is then redone exactly.
+inline uint32_t e2m1_is_far(float x) { return __builtin_fabsf(x) <= kE2m1NearLimit ? 0u : 1u; }
+
+template <typename D>
+inline uint32_t e2m1_encode(float x) {
+  return e2m1_is_far(x) ? e2m1_encode_far<D>(x) : e2m1_encode_near(x);
+}
+
+// E4M3 (fn variant: no infinities; 0x7F and 0xFF are NaN, which the encoder never produces). A normal code's
+// bits (exponent, mantissa) are float32's exponent and top mantissa bits with the bias moved from 7 to 127;
+// subnormals are m * 2^-9. NaN codes give a NaN of the code's sign.
 inline float e4m3_value(uint32_t c) {
-  const uint32_t e = (c >> 3) & 15u, m = c & 7u;
-  float v;
-  if (e == 15 && m == 7) {
-    v = __builtin_nanf("");
-  } else if (e == 0) {
-    v = float(m) * 0.001953125f;  // subnormals: m * 2^-9
-  } else {
-    const uint32_t u = ((e + 120u) << 23) | (m << 20);
-    std::memcpy(&v, &u, 4);
-  }
-  return (c & 0x80u) ? -v : v;
+  const uint32_t a = c & 0x7Fu;
+  uint32_t u = (a << 20) + (120u << 23);
+  u = a < 8u ? bits_of(float(int32_t(a)) * 0.001953125f) : u;
+  u = a == 0x7Fu ? 0x7FC00000u : u;
+  return float_of(u ^ ((c & 0x80u) << 24));
 }
 
 // Nearest E4M3 code, ties to even; |x| >= 464 (the midpoint above 448), inf and NaN saturate to +-448.
+// Branch-free: both the subnormal and the normal code are computed and one is selected.
 inline uint32_t e4m3_encode(float x) {
-  uint32_t ux;
-  std::memcpy(&ux, &x, 4);
+  const uint32_t ux = bits_of(x);
   const uint32_t sign = (ux >> 24) & 0x80u;
-  const float a = __builtin_fabsf(x);
-  uint32_t c;
-  if (!(a < 464.0f)) {
-    c = 0x7Eu;
-  } else if (a < 0.015625f) {
-    c = uint32_t(rint_small(a * 512.0f));  // below 2^-6: multiples of 2^-9 (scaling by 2^9 is exact)
-  } else {
-    uint32_t ua;
-    std::memcpy(&ua, &a, 4);
-    const uint32_t r = ua + 0x7FFFFu + ((ua >> 20) & 1u);  // round the 23-bit mantissa to 3 bits, ties even
-    c = (r >> 20) - (120u << 3);
-  }
+  const uint32_t ua = ux & 0x7FFFFFFFu;
+  const float a = float_of(ua);
+  const uint32_t small = code_of(a * 512.0f);            // below 2^-6: multiples of 2^-9 (scaling by 2^9 is exact)
+  const uint32_t r = ua + 0x7FFFFu + ((ua >> 20) & 1u);  // round the 23-bit mantissa to 3 bits, ties even
+  uint32_t c = a < 0.015625f ? small : (r >> 20) - (120u << 3);
+  c = a < 464.0f ? c : 0x7Eu;
   return c | sign;
 }
 
 inline float code_value(int mode, uint32_t c) { return mode == kMxfp8 ? e4m3_value(c) : e2m1_value(c); }
-// D: the dtype MLX's table search computes distances in (the weights' dtype; float32 for nvfp4, whose chain
-// passes through a float32 multiply first).
-template <typename D>
-inline uint32_t code_encode(int mode, float x) {
-  return mode == kMxfp8 ? e4m3_encode(x) : e2m1_encode<D>(x);
-}
 
-// The float value of a stored scale byte: 2^(byte-127) for e8m0 (byte 255 gives inf), e4m3 for nvfp4.
-inline float scale_value(int mode, uint8_t b) {
-  return mode == kNvfp4 ? e4m3_value(b) : __builtin_ldexpf(1.0f, int(b) - 127);
-}
+// The float value of a stored scale byte: 2^(byte-127) for e8m0 (byte 255 gives inf, byte 0 the subnormal
+// 2^-127), e4m3 for nvfp4.
+inline float e8m0_value(uint32_t b) { return float_of(b == 0u ? 0x00400000u : b << 23); }
+inline float scale_value(int mode, uint8_t b) { return mode == kNvfp4 ? e4m3_value(b) : e8m0_value(b); }
 
-// The smallest power of two >= s (s > 0, finite), as its exponent.
+// The smallest n with 2^n >= s (s > 0). Normal s from its bits; subnormal and non-finite s through frexp.
 inline int ceil_log2(float s) {
-  int e;
-  const float m = __builtin_frexpf(s, &e);
-  return m == 0.5f ? e - 1 : e;
+  const uint32_t u = bits_of(s);
+  const uint32_t e = (u >> 23) & 0xFFu;
+  if (e != 0u && e != 0xFFu) return int(e) - ((u & 0x7FFFFFu) ? 126 : 127);
+  int ex;
+  const float m = __builtin_frexpf(s, &ex);
+  return m == 0.5f ? ex - 1 : ex;
 }
 
-// One group as mx.quantize(w, mode=...) on the CPU stream, for values ``x`` that are already T-values:
+inline constexpr int group_of(int mode) { return mode == kNvfp4 ? 16 : 32; }
+inline constexpr float largest_code(int mode) { return mode == kMxfp8 ? 448.0f : 6.0f; }
+
+// |x| over G values, as MLX's sequential scan computes it (NaN ignored): eight independent lanes, then a
+// fold (max is order-free for non-NaN values).
+template <int G>
+inline float group_amax(const float* __restrict x) {
+  static_assert(G % 8 == 0);
+  const v8u abs_mask = {0x7FFFFFFFu, 0x7FFFFFFFu, 0x7FFFFFFFu, 0x7FFFFFFFu,
+                        0x7FFFFFFFu, 0x7FFFFFFFu, 0x7FFFFFFFu, 0x7FFFFFFFu};
+  v8f m = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int j = 0; j < G; j += 8) {
+    v8u v;
+    std::memcpy(&v, x + j, sizeof(v));
+    const v8f a = (v8f)(v & abs_mask);
+    m = m < a ? a : m;
+  }
+  float amax = m[0];
+  for (int l = 1; l < 8; ++l) amax = amax < m[l] ? m[l] : amax;
+  return amax;
+}
+
+// One group as mx.quantize(w, mode=MODE) on the CPU stream, for values ``x`` that are already T-values:
 // scale = amax / (6 or 448) in T; e8m0 modes take the smallest power of two >= it (0 for an all-zero group)
 // and store exponent + 127 as a byte (wrapping below -127, as MLX's int32 -> uint8 cast does); nvfp4 stores
-// the scale's nearest e4m3. Codes are the nearest code of x / scale, that quotient rounded to T.
-template <typename T>
-inline void fp_quantize_group(int mode, const float* x, int g, uint32_t* codes, uint8_t& scale_byte) {
-  float amax = 0.0f;
-  for (int j = 0; j < g; ++j) {
-    const float a = __builtin_fabsf(x[j]);
-    amax = amax < a ? a : amax;
-  }
-  const float s = round_to<T>(amax / (mode == kMxfp8 ? 448.0f : 6.0f));
+// the scale's nearest e4m3. Codes are the nearest code of x / scale, that quotient rounded to T; the E2M1
+// table search computes its distances in T for mxfp4 and in float32 for nvfp4 (whose chain passes through a
+// float32 multiply first).
+template <typename T, int MODE>
+inline void fp_quantize_group(const float* __restrict x, uint32_t* __restrict codes, uint8_t& scale_byte) {
+  constexpr int G = group_of(MODE);
+  const float s = round_to<T>(group_amax<G>(x) / largest_code(MODE));
   float p;
-  if (mode == kNvfp4) {
+  if constexpr (MODE == kNvfp4) {
     scale_byte = uint8_t(e4m3_encode(s));
     p = round_to<T>(e4m3_value(scale_byte));
   } else {
     const int n = s == 0.0f ? 0 : ceil_log2(s);
     scale_byte = uint8_t(uint32_t(n + 127) & 0xFFu);
-    p = round_to<T>(__builtin_ldexpf(1.0f, n));
+    p = round_to<T>(n >= -126 && n <= 127 ? float_of(uint32_t(n + 127) << 23) : __builtin_ldexpf(1.0f, n));
   }
-  if (mode == kNvfp4) {
-    for (int j = 0; j < g; ++j) codes[j] = e2m1_encode<float>(round_to<T>(x[j] / p));
-  } else if (mode == kMxfp4) {
-    for (int j = 0; j < g; ++j) codes[j] = e2m1_encode<T>(round_to<T>(x[j] / p));
+  // x / p: a power of two p whose reciprocal is a normal float divides exactly as a multiply by that
+  // reciprocal does (the same real quotient, rounded once), and the multiply is the cheaper instruction.
+  const uint32_t pe = (bits_of(p) >> 23) & 0xFFu;
+  const bool by_inverse = MODE != kNvfp4 && (bits_of(p) & 0x7FFFFFu) == 0u && pe >= 1u && pe <= 253u;
+  const float inv = float_of((254u - pe) << 23);
+  uint32_t far = 0;
+  if (by_inverse) {
+    for (int j = 0; j < G; ++j) {  // hot-loop: fp quantize (e8m0 scale)
+      const float v = round_to<T>(x[j] * inv);
+      if constexpr (MODE == kMxfp8) {
+        codes[j] = e4m3_encode(v);
+      } else {
+        codes[j] = e2m1_encode_near(v);
+        far |= e2m1_is_far(v);
+      }
+    }
   } else {
-    for (int j = 0; j < g; ++j) codes[j] = e4m3_encode(round_to<T>(x[j] / p));
+    for (int j = 0; j < G; ++j) {  // hot-loop: fp quantize (divide)
+      const float v = round_to<T>(x[j] / p);
+      if constexpr (MODE == kMxfp8) {
+        codes[j] = e4m3_encode(v);
+      } else {
+        codes[j] = e2m1_encode_near(v);
+        far |= e2m1_is_far(v);
+      }
+    }
+  }
+  if constexpr (MODE != kMxfp8) {
+    using D = std::conditional_t<MODE == kNvfp4, float, T>;
+    if (far) {
+      for (int j = 0; j < G; ++j) codes[j] = e2m1_encode<D>(round_to<T>(x[j] / p));
+    }
   }
 }
 
 // Keep-grid: re-encode against the stored scale. A value equal to its old code's value keeps that code
-// (so +-0 survives a zero delta), and so does a NaN code; a zero, infinite or NaN scale cannot express a change.
-inline void fp_encode_group(int mode, const float* x, int g, float scale, const float* old_codes, uint32_t* codes) {
+// (so +-0 survives a zero delta), and so does a NaN code; a zero, infinite or NaN scale cannot express a
+// change. Values are clamped to the largest code first: the nearest code of a value beyond it is the largest,
+// also for an infinite one (the fresh encoder's inf -> 0 is MLX's table search, not a nearest code).
+template <int MODE>
+inline void fp_encode_group(const float* __restrict x, float scale, const float* __restrict old_codes,
+                            uint32_t* __restrict codes) {
+  constexpr int G = group_of(MODE);
   const bool usable = scale != 0.0f && __builtin_fabsf(scale) < __builtin_inff();
-  for (int j = 0; j < g; ++j) {
+  if (!usable) {
+    for (int j = 0; j < G; ++j) codes[j] = static_cast<uint32_t>(old_codes[j]);
+    return;
+  }
+  constexpr float lim = largest_code(MODE);
+  uint32_t far = 0;
+  for (int j = 0; j < G; ++j) {  // hot-loop: fp keep-grid encode
     const uint32_t old = static_cast<uint32_t>(old_codes[j]);
-    if (!usable) {
-      codes[j] = old;
-      continue;
-    }
-    // Clamped first: the nearest code of a value beyond the largest is the largest, also for an infinite one
-    // (the fresh encoder's inf -> 0 is MLX's table search, not a nearest code).
-    const float lim = mode == kMxfp8 ? 448.0f : 6.0f;
     float v = x[j] / scale;
     v = v < -lim ? -lim : (lim < v ? lim : v);
-    const float ov = code_value(mode, old);
-    codes[j] = (v == ov || ov != ov) ? old : code_encode<float>(mode, v);
+    const float ov = MODE == kMxfp8 ? e4m3_value(old) : e2m1_value(old);
+    uint32_t c;
+    if constexpr (MODE == kMxfp8) {
+      c = e4m3_encode(v);
+    } else {
+      c = e2m1_encode_near(v);
+      far |= e2m1_is_far(v);  // only a NaN, after the clamp
+    }
+    codes[j] = (v == ov || ov != ov) ? old : c;
+  }
+  if constexpr (MODE != kMxfp8) {
+    if (far) {
+      for (int j = 0; j < G; ++j) {
+        const uint32_t old = static_cast<uint32_t>(old_codes[j]);
+        float v = x[j] / scale;
+        v = v < -lim ? -lim : (lim < v ? lim : v);
+        const float ov = e2m1_value(old);
+        codes[j] = (v == ov || ov != ov) ? old : e2m1_encode<float>(v);
+      }
+    }
   }
 }
 
