@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "affine_codec.h"
 #include "fuse_kernel.h"
@@ -129,8 +130,37 @@ inline int ceil_log2(float s) {
 inline constexpr int group_of(int mode) { return mode == kNvfp4 ? 16 : 32; }
 inline constexpr float largest_code(int mode) { return mode == kMxfp8 ? 448.0f : 6.0f; }
 
+// The G codes of group ``gi`` straight from a packed row (4-bit: 8 codes per word; 8-bit: 4), eight at a
+// time: one broadcast, one per-lane shift and one mask, the same on every instruction set.
+template <int MODE>
+inline void unpack_group(const uint32_t* __restrict row, int64_t gi, uint32_t* __restrict codes) {
+  constexpr int G = group_of(MODE);
+  if constexpr (MODE == kMxfp8) {
+    const uint32_t* w = row + gi * (G / 4);
+    const v8u sh = {0, 8, 16, 24, 0, 8, 16, 24};
+    for (int b = 0; b < G / 8; ++b) {
+      const uint32_t lo = w[2 * b], hi = w[2 * b + 1];
+      const v8u c = (v8u{lo, lo, lo, lo, hi, hi, hi, hi} >> sh) & 0xFFu;
+      std::memcpy(codes + 8 * b, &c, sizeof(c));
+    }
+  } else {
+    const uint32_t* w = row + gi * (G / 8);
+    const v8u sh = {0, 4, 8, 12, 16, 20, 24, 28};
+    for (int b = 0; b < G / 8; ++b) {
+      const uint32_t x = w[b];
+      const v8u c = (v8u{x, x, x, x, x, x, x, x} >> sh) & 0xFu;
+      std::memcpy(codes + 8 * b, &c, sizeof(c));
+    }
+  }
+}
+
+template <int MODE>
+inline float decode(uint32_t c) {
+  return MODE == kMxfp8 ? e4m3_value(c) : e2m1_value(c);
+}
+
 // |x| over G values, as MLX's sequential scan computes it (NaN ignored): eight independent lanes, then a
-// fold (max is order-free for non-NaN values).
+// pairwise fold (max is order-free for non-NaN values, and no lane ever holds a NaN).
 template <int G>
 inline float group_amax(const float* __restrict x) {
   static_assert(G % 8 == 0);
@@ -143,37 +173,74 @@ inline float group_amax(const float* __restrict x) {
     const v8f a = (v8f)(v & abs_mask);
     m = m < a ? a : m;
   }
-  float amax = m[0];
-  for (int l = 1; l < 8; ++l) amax = amax < m[l] ? m[l] : amax;
-  return amax;
+  v8f h = __builtin_shufflevector(m, m, 4, 5, 6, 7, 0, 1, 2, 3);
+  m = m < h ? h : m;
+  h = __builtin_shufflevector(m, m, 2, 3, 0, 1, 6, 7, 4, 5);
+  m = m < h ? h : m;
+  h = __builtin_shufflevector(m, m, 1, 0, 3, 2, 5, 4, 7, 6);
+  m = m < h ? h : m;
+  return m[0];
 }
 
-// One group as mx.quantize(w, mode=MODE) on the CPU stream, for values ``x`` that are already T-values:
-// scale = amax / (6 or 448) in T; e8m0 modes take the smallest power of two >= it (0 for an all-zero group)
-// and store exponent + 127 as a byte (wrapping below -127, as MLX's int32 -> uint8 cast does); nvfp4 stores
-// the scale's nearest e4m3. Codes are the nearest code of x / scale, that quotient rounded to T; the E2M1
-// table search computes its distances in T for mxfp4 and in float32 for nvfp4 (whose chain passes through a
-// float32 multiply first).
+// A group's scale as mx.quantize(w, mode=MODE) on the CPU stream chooses it from the group's amax (of values
+// that are T-values): s = amax / (6 or 448) in T; e8m0 modes take the smallest power of two >= s (2^0 for an
+// all-zero group) and store exponent + 127 as a byte (wrapping below -127, as MLX's int32 -> uint8 cast does);
+// nvfp4 stores the nearest e4m3 of s. ``p`` is the stored scale's value in T, which the group's values are
+// divided by; ``inv`` is 1/p where that is exact (p a power of two with a normal reciprocal: a multiply by it
+// then rounds the same real quotient once, as the division does), else 0.
+struct FpScale {
+  float p, inv;
+  uint8_t byte;
+};
+
 template <typename T, int MODE>
-inline void fp_quantize_group(const float* __restrict x, uint32_t* __restrict codes, uint8_t& scale_byte) {
-  constexpr int G = group_of(MODE);
-  const float s = round_to<T>(group_amax<G>(x) / largest_code(MODE));
-  float p;
+inline FpScale fp_scale(float amax) {
+  const float s = round_to<T>(amax / largest_code(MODE));
+  FpScale r;
   if constexpr (MODE == kNvfp4) {
-    scale_byte = uint8_t(e4m3_encode(s));
-    p = round_to<T>(e4m3_value(scale_byte));
+    r.byte = uint8_t(e4m3_encode(s));
+    r.p = round_to<T>(e4m3_value(r.byte));
+    r.inv = 0.0f;
   } else {
     const int n = s == 0.0f ? 0 : ceil_log2(s);
-    scale_byte = uint8_t(uint32_t(n + 127) & 0xFFu);
-    p = round_to<T>(n >= -126 && n <= 127 ? float_of(uint32_t(n + 127) << 23) : __builtin_ldexpf(1.0f, n));
+    r.byte = uint8_t(uint32_t(n + 127) & 0xFFu);
+    r.p = round_to<T>(n >= -126 && n <= 127 ? float_of(uint32_t(n + 127) << 23) : __builtin_ldexpf(1.0f, n));
+    const uint32_t pe = bits_of(r.p) >> 23;  // p >= 0
+    r.inv = (bits_of(r.p) & 0x7FFFFFu) == 0u && pe >= 1u && pe <= 253u ? float_of((254u - pe) << 23) : 0.0f;
   }
-  // x / p: a power of two p whose reciprocal is a normal float divides exactly as a multiply by that
-  // reciprocal does (the same real quotient, rounded once), and the multiply is the cheaper instruction.
-  const uint32_t pe = (bits_of(p) >> 23) & 0xFFu;
-  const bool by_inverse = MODE != kNvfp4 && (bits_of(p) & 0x7FFFFFu) == 0u && pe >= 1u && pe <= 253u;
-  const float inv = float_of((254u - pe) << 23);
+  return r;
+}
+
+// fp_scale without branches, for a loop over many groups: the same for every s = amax / L (in T) that is zero
+// or a normal float up to 2^127, which is every group of weights short of the float32 limits; returns 1 for
+// the others (then fp_scale is used).
+template <typename T, int MODE>
+inline uint32_t fp_scale_fast(float amax, float& p, float& inv, uint8_t& byte) {
+  const float s = round_to<T>(amax / largest_code(MODE));
+  if constexpr (MODE == kNvfp4) {
+    byte = uint8_t(e4m3_encode(s));
+    p = round_to<T>(e4m3_value(byte));
+    inv = 0.0f;
+    return 0u;
+  } else {
+    const uint32_t u = bits_of(s), e = u >> 23;
+    const uint32_t n127 = u == 0u ? 127u : e + ((u & 0x7FFFFFu) ? 1u : 0u);  // n + 127
+    byte = uint8_t(n127 & 0xFFu);
+    p = round_to<T>(float_of(n127 << 23));
+    const uint32_t pb = bits_of(p), pe = pb >> 23;
+    inv = (pb & 0x7FFFFFu) == 0u && pe >= 1u && pe <= 253u ? float_of((254u - pe) << 23) : 0.0f;
+    return (u != 0u && e == 0u) || n127 >= 255u ? 1u : 0u;
+  }
+}
+
+// The codes of one group (G values that are T-values, unless DoRA rescaled them) at a chosen scale: the
+// nearest code of x / p, that quotient rounded to T. The E2M1 table search computes its distances in T for
+// mxfp4 and in float32 for nvfp4 (whose chain passes through a float32 multiply first).
+template <typename T, int MODE>
+inline void fp_encode_fresh(const float* __restrict x, float p, float inv, uint32_t* __restrict codes) {
+  constexpr int G = group_of(MODE);
   uint32_t far = 0;
-  if (by_inverse) {
+  if (inv != 0.0f) {
     for (int j = 0; j < G; ++j) {  // hot-loop: fp quantize (e8m0 scale)
       const float v = round_to<T>(x[j] * inv);
       if constexpr (MODE == kMxfp8) {
@@ -202,26 +269,50 @@ inline void fp_quantize_group(const float* __restrict x, uint32_t* __restrict co
   }
 }
 
+// mx.quantize of n values (n a multiple of the group size): codes and scale bytes. The groups' scales are
+// chosen a chunk at a time in one loop, apart from their codes, so that no group waits on its own scale's
+// chain of dependent operations (amax, divide, round, exponent) before its codes.
+template <typename T, int MODE>
+inline void fp_quantize(const float* __restrict x, int64_t n, uint32_t* __restrict codes, uint8_t* __restrict bytes) {
+  constexpr int G = group_of(MODE);
+  constexpr int kChunk = 64;
+  float amax[kChunk], p[kChunk], inv[kChunk];
+  for (int64_t g0 = 0; g0 < n / G; g0 += kChunk) {
+    const int m = int(n / G - g0 < kChunk ? n / G - g0 : kChunk);
+    const float* xc = x + g0 * G;
+    for (int i = 0; i < m; ++i) amax[i] = group_amax<G>(xc + i * G);
+    uint32_t special = 0;
+    for (int i = 0; i < m; ++i) special |= fp_scale_fast<T, MODE>(amax[i], p[i], inv[i], bytes[g0 + i]);
+    if (special) {
+      for (int i = 0; i < m; ++i) {
+        const FpScale sc = fp_scale<T, MODE>(amax[i]);
+        p[i] = sc.p, inv[i] = sc.inv, bytes[g0 + i] = sc.byte;
+      }
+    }
+    for (int i = 0; i < m; ++i) fp_encode_fresh<T, MODE>(xc + i * G, p[i], inv[i], codes + (g0 + i) * G);
+  }
+}
+
 // Keep-grid: re-encode against the stored scale. A value equal to its old code's value keeps that code
 // (so +-0 survives a zero delta), and so does a NaN code; a zero, infinite or NaN scale cannot express a
 // change. Values are clamped to the largest code first: the nearest code of a value beyond it is the largest,
 // also for an infinite one (the fresh encoder's inf -> 0 is MLX's table search, not a nearest code).
 template <int MODE>
-inline void fp_encode_group(const float* __restrict x, float scale, const float* __restrict old_codes,
+inline void fp_encode_group(const float* __restrict x, float scale, const uint32_t* __restrict old_codes,
                             uint32_t* __restrict codes) {
   constexpr int G = group_of(MODE);
   const bool usable = scale != 0.0f && __builtin_fabsf(scale) < __builtin_inff();
   if (!usable) {
-    for (int j = 0; j < G; ++j) codes[j] = static_cast<uint32_t>(old_codes[j]);
+    for (int j = 0; j < G; ++j) codes[j] = old_codes[j];
     return;
   }
   constexpr float lim = largest_code(MODE);
   uint32_t far = 0;
   for (int j = 0; j < G; ++j) {  // hot-loop: fp keep-grid encode
-    const uint32_t old = static_cast<uint32_t>(old_codes[j]);
+    const uint32_t old = old_codes[j];
     float v = x[j] / scale;
     v = v < -lim ? -lim : (lim < v ? lim : v);
-    const float ov = MODE == kMxfp8 ? e4m3_value(old) : e2m1_value(old);
+    const float ov = decode<MODE>(old);
     uint32_t c;
     if constexpr (MODE == kMxfp8) {
       c = e4m3_encode(v);
@@ -234,7 +325,7 @@ inline void fp_encode_group(const float* __restrict x, float scale, const float*
   if constexpr (MODE != kMxfp8) {
     if (far) {
       for (int j = 0; j < G; ++j) {
-        const uint32_t old = static_cast<uint32_t>(old_codes[j]);
+        const uint32_t old = old_codes[j];
         float v = x[j] / scale;
         v = v < -lim ? -lim : (lim < v ? lim : v);
         const float ov = e2m1_value(old);

@@ -20,36 +20,32 @@ namespace {
 
 inline int mode_bits(int mode, int bits) { return mode == kAffine ? bits : (mode == kMxfp8 ? 8 : 4); }
 
-template <int MODE>
-inline float decode(float q) {
-  const uint32_t c = static_cast<uint32_t>(q);
-  return MODE == kMxfp8 ? e4m3_value(c) : e2m1_value(c);
-}
-
 // mx.dequantize of one group: the code and the scale as T, one product rounded to T; then the delta cast to
 // T and the sum rounded to T (the fuse chain's `w + delta.astype(w.dtype)`).
 template <typename T, int MODE, bool DELTA>
-inline void fp_dequantize_group(const float* __restrict qg, float sc, const float* __restrict dg,
+inline void fp_dequantize_group(const uint32_t* __restrict cg, float sc, const float* __restrict dg,
                                 float* __restrict wg) {
   for (int j = 0; j < group_of(MODE); ++j) {  // hot-loop: fp dequantize
-    float v = round_to<T>(decode<MODE>(qg[j]) * sc);
+    float v = round_to<T>(decode<MODE>(cg[j]) * sc);
     if constexpr (DELTA) v = round_to<T>(v + round_to<T>(dg[j]));
     wg[j] = v;
   }
 }
 
-// Pass 1: w = the row's values in the input mode, plus the delta. Fresh rounds as MX's op chain does; keep-grid
-// keeps float32 (re-encoding that against the same grid returns every code unchanged).
+// Pass 1: w = the row's values in the input mode, plus the delta, straight from the packed row. Fresh rounds
+// as MLX's op chain does; keep-grid keeps float32 (re-encoding that against the same grid returns every code
+// unchanged).
 template <typename T, int MODE>
-void dequantize_fp_row(bool keep_grid, const uint8_t* scales8, const float* __restrict q, const float* __restrict delta,
+void dequantize_fp_row(bool keep_grid, const uint32_t* wq, const uint8_t* scales8, const float* __restrict delta,
                        int64_t n, float* __restrict w) {
   constexpr int G = group_of(MODE);
+  uint32_t cg[G];
   for (int64_t gi = 0; gi < n / G; ++gi) {
-    const float* qg = q + gi * G;
+    unpack_group<MODE>(wq, gi, cg);
     float* wg = w + gi * G;
     if (keep_grid) {
       const float sc = scale_value(MODE, scales8[gi]);
-      for (int j = 0; j < G; ++j) wg[j] = decode<MODE>(qg[j]) * sc;  // hot-loop: fp keep-grid dequantize
+      for (int j = 0; j < G; ++j) wg[j] = decode<MODE>(cg[j]) * sc;  // hot-loop: fp keep-grid dequantize
       if (delta) {
         const float* dg = delta + gi * G;
         for (int j = 0; j < G; ++j) wg[j] = wg[j] + dg[j];
@@ -57,9 +53,9 @@ void dequantize_fp_row(bool keep_grid, const uint8_t* scales8, const float* __re
     } else {
       const float sc = round_to<T>(scale_value(MODE, scales8[gi]));
       if (delta) {
-        fp_dequantize_group<T, MODE, true>(qg, sc, delta + gi * G, wg);
+        fp_dequantize_group<T, MODE, true>(cg, sc, delta + gi * G, wg);
       } else {
-        fp_dequantize_group<T, MODE, false>(qg, sc, nullptr, wg);
+        fp_dequantize_group<T, MODE, false>(cg, sc, nullptr, wg);
       }
     }
   }
@@ -67,9 +63,10 @@ void dequantize_fp_row(bool keep_grid, const uint8_t* scales8, const float* __re
 
 // Pass 1 for an affine input (a requantization into an fp mode): MLX's affine dequantize chain in T.
 template <typename T>
-void dequantize_affine_row(const FuseSpec& spec, const FuseBuffers<T>& row, const float* __restrict q,
+void dequantize_affine_row(const FuseSpec& spec, const FuseBuffers<T>& row, float* __restrict q,
                            const float* __restrict delta, int64_t n, float* __restrict w) {
   const int g = spec.group_size;
+  unpack_codes(spec.bits, row.wq, n, q);
   for (int64_t gi = 0; gi < n / g; ++gi) {
     const float sc = load_value(row.scales + gi), bi = load_value(row.biases + gi);
     const float* qg = q + gi * g;
@@ -82,17 +79,16 @@ void dequantize_affine_row(const FuseSpec& spec, const FuseBuffers<T>& row, cons
   }
 }
 
-// Pass 2 into an fp mode: fresh groups (scale chosen here) or keep-grid (the input's scales).
+// Pass 2 into an fp mode: fresh (scales chosen here) or keep-grid (the input's scales and codes).
 template <typename T, int MODE>
-void quantize_fp_row(bool keep_grid, const uint8_t* scales8_in, const float* __restrict q, const float* __restrict w,
+void quantize_fp_row(bool keep_grid, const uint32_t* wq_in, const uint8_t* scales8_in, const float* __restrict w,
                      int64_t n, uint32_t* __restrict codes, uint8_t* scales8_out) {
   constexpr int G = group_of(MODE);
+  if (!keep_grid) return fp_quantize<T, MODE>(w, n, codes, scales8_out);
+  uint32_t old[G];
   for (int64_t gi = 0; gi < n / G; ++gi) {
-    if (keep_grid) {
-      fp_encode_group<MODE>(w + gi * G, scale_value(MODE, scales8_in[gi]), q + gi * G, codes + gi * G);
-    } else {
-      fp_quantize_group<T, MODE>(w + gi * G, codes + gi * G, scales8_out[gi]);
-    }
+    unpack_group<MODE>(wq_in, gi, old);
+    fp_encode_group<MODE>(w + gi * G, scale_value(MODE, scales8_in[gi]), old, codes + gi * G);
   }
 }
 
@@ -104,16 +100,15 @@ void fp_one_row(const FuseSpec& spec, int64_t in_dim, const FuseBuffers<T>& row,
   float* q = s.q;
   float* w = s.w;
 
-  unpack_codes(mode_bits(mode, spec.bits), row.wq, in_dim, q);
   switch (mode) {  // keep-grid never changes the mode, so only fresh reaches the affine input
     case kMxfp4:
-      dequantize_fp_row<T, kMxfp4>(keep, row.scales8, q, delta, in_dim, w);
+      dequantize_fp_row<T, kMxfp4>(keep, row.wq, row.scales8, delta, in_dim, w);
       break;
     case kNvfp4:
-      dequantize_fp_row<T, kNvfp4>(keep, row.scales8, q, delta, in_dim, w);
+      dequantize_fp_row<T, kNvfp4>(keep, row.wq, row.scales8, delta, in_dim, w);
       break;
     case kMxfp8:
-      dequantize_fp_row<T, kMxfp8>(keep, row.scales8, q, delta, in_dim, w);
+      dequantize_fp_row<T, kMxfp8>(keep, row.wq, row.scales8, delta, in_dim, w);
       break;
     default:
       dequantize_affine_row<T>(spec, row, q, delta, in_dim, w);
@@ -130,13 +125,13 @@ void fp_one_row(const FuseSpec& spec, int64_t in_dim, const FuseBuffers<T>& row,
   uint32_t* codes = s.codes;
   switch (out_mode) {
     case kMxfp4:
-      quantize_fp_row<T, kMxfp4>(keep, row.scales8, q, w, in_dim, codes, row.scales8_out);
+      quantize_fp_row<T, kMxfp4>(keep, row.wq, row.scales8, w, in_dim, codes, row.scales8_out);
       break;
     case kNvfp4:
-      quantize_fp_row<T, kNvfp4>(keep, row.scales8, q, w, in_dim, codes, row.scales8_out);
+      quantize_fp_row<T, kNvfp4>(keep, row.wq, row.scales8, w, in_dim, codes, row.scales8_out);
       break;
     case kMxfp8:
-      quantize_fp_row<T, kMxfp8>(keep, row.scales8, q, w, in_dim, codes, row.scales8_out);
+      quantize_fp_row<T, kMxfp8>(keep, row.wq, row.scales8, w, in_dim, codes, row.scales8_out);
       break;
     default: {
       const int g_out = spec.out_group_size;
