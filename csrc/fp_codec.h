@@ -211,42 +211,56 @@ inline FpScale fp_scale(float amax) {
   return r;
 }
 
+// round_to<T> for a value known not to be NaN (bfloat16 then skips its NaN case).
+template <typename T>
+inline float round_to_non_nan(float x) {
+  if constexpr (std::is_same_v<T, mlx::core::bfloat16_t>) {
+    return round_bf16_non_nan(x);
+  } else {
+    return round_to<T>(x);
+  }
+}
+
 // fp_scale without branches, for a loop over many groups: the same for every s = amax / L (in T) that is zero
 // or a normal float up to 2^127, which is every group of weights short of the float32 limits; returns 1 for
-// the others (then fp_scale is used).
+// the others (then fp_scale is used). amax is never NaN (group_amax). The logic is bitwise rather than
+// short-circuit so that the body is one straight line, which the loop over groups vectorizes.
 template <typename T, int MODE>
-inline uint32_t fp_scale_fast(float amax, float& p, float& inv, uint8_t& byte) {
-  const float s = round_to<T>(amax / largest_code(MODE));
+inline uint32_t fp_scale_fast(float amax, float& p, float& inv, uint32_t& byte) {
+  const float s = round_to_non_nan<T>(amax / largest_code(MODE));
   if constexpr (MODE == kNvfp4) {
-    byte = uint8_t(e4m3_encode(s));
+    byte = e4m3_encode(s);
     p = round_to<T>(e4m3_value(byte));
     inv = 0.0f;
     return 0u;
   } else {
     const uint32_t u = bits_of(s), e = u >> 23;
-    const uint32_t n127 = u == 0u ? 127u : e + ((u & 0x7FFFFFu) ? 1u : 0u);  // n + 127
-    byte = uint8_t(n127 & 0xFFu);
-    p = round_to<T>(float_of(n127 << 23));
+    const uint32_t n127 = u == 0u ? 127u : e + uint32_t((u & 0x7FFFFFu) != 0u);  // n + 127
+    byte = n127 & 0xFFu;
+    p = round_to_non_nan<T>(float_of(n127 << 23));
     const uint32_t pb = bits_of(p), pe = pb >> 23;
-    inv = (pb & 0x7FFFFFu) == 0u && pe >= 1u && pe <= 253u ? float_of((254u - pe) << 23) : 0.0f;
-    return (u != 0u && e == 0u) || n127 >= 255u ? 1u : 0u;
+    const uint32_t exact = uint32_t((pb & 0x7FFFFFu) == 0u) & uint32_t(pe - 1u <= 252u);  // pe in [1, 253]
+    inv = exact ? float_of((254u - pe) << 23) : 0.0f;
+    // s subnormal (u in [1, 2^23)) or n beyond 127. A sum, not an OR, of the two tests: GCC 12 vectorizes
+    // the loop for the one and not the other.
+    return uint32_t(u - 1u < 0x7FFFFFu) + uint32_t(n127 >= 255u);
   }
 }
 
 // The codes of one group (G values that are T-values, unless DoRA rescaled them) at a chosen scale: the
 // nearest code of x / p, that quotient rounded to T. The E2M1 table search computes its distances in T for
 // mxfp4 and in float32 for nvfp4 (whose chain passes through a float32 multiply first).
-template <typename T, int MODE>
-inline void fp_encode_fresh(const float* __restrict x, float p, float inv, uint32_t* __restrict codes) {
+template <typename T, int MODE, typename C>
+inline void fp_encode_fresh(const float* __restrict x, float p, float inv, C* __restrict codes) {
   constexpr int G = group_of(MODE);
   uint32_t far = 0;
   if (inv != 0.0f) {
     for (int j = 0; j < G; ++j) {  // hot-loop: fp quantize (e8m0 scale)
       const float v = round_to<T>(x[j] * inv);
       if constexpr (MODE == kMxfp8) {
-        codes[j] = e4m3_encode(v);
+        codes[j] = C(e4m3_encode(v));
       } else {
-        codes[j] = e2m1_encode_near(v);
+        codes[j] = C(e2m1_encode_near(v));
         far |= e2m1_is_far(v);
       }
     }
@@ -254,9 +268,9 @@ inline void fp_encode_fresh(const float* __restrict x, float p, float inv, uint3
     for (int j = 0; j < G; ++j) {  // hot-loop: fp quantize (divide)
       const float v = round_to<T>(x[j] / p);
       if constexpr (MODE == kMxfp8) {
-        codes[j] = e4m3_encode(v);
+        codes[j] = C(e4m3_encode(v));
       } else {
-        codes[j] = e2m1_encode_near(v);
+        codes[j] = C(e2m1_encode_near(v));
         far |= e2m1_is_far(v);
       }
     }
@@ -264,32 +278,35 @@ inline void fp_encode_fresh(const float* __restrict x, float p, float inv, uint3
   if constexpr (MODE != kMxfp8) {
     using D = std::conditional_t<MODE == kNvfp4, float, T>;
     if (far) {
-      for (int j = 0; j < G; ++j) codes[j] = e2m1_encode<D>(round_to<T>(x[j] / p));
+      for (int j = 0; j < G; ++j) codes[j] = C(e2m1_encode<D>(round_to<T>(x[j] / p)));
     }
   }
 }
 
-// mx.quantize of n values (n a multiple of the group size): codes and scale bytes. The groups' scales are
-// chosen a chunk at a time in one loop, apart from their codes, so that no group waits on its own scale's
-// chain of dependent operations (amax, divide, round, exponent) before its codes.
-template <typename T, int MODE>
-inline void fp_quantize(const float* __restrict x, int64_t n, uint32_t* __restrict codes, uint8_t* __restrict bytes) {
+// mx.quantize of n values (n a multiple of the group size): codes (C: uint32_t, or uint8_t for E4M3, whose
+// packed row is its codes as bytes) and scale bytes. The groups' scales are chosen a chunk at a time in one
+// loop, apart from their codes, so that no group waits on its own scale's chain of dependent operations
+// (amax, divide, round, exponent) before its codes.
+template <typename T, int MODE, typename C>
+inline void fp_quantize(const float* __restrict x, int64_t n, C* __restrict codes, uint8_t* __restrict bytes) {
   constexpr int G = group_of(MODE);
   constexpr int kChunk = 64;
   float amax[kChunk], p[kChunk], inv[kChunk];
+  uint32_t b[kChunk];
   for (int64_t g0 = 0; g0 < n / G; g0 += kChunk) {
     const int m = int(n / G - g0 < kChunk ? n / G - g0 : kChunk);
     const float* xc = x + g0 * G;
     for (int i = 0; i < m; ++i) amax[i] = group_amax<G>(xc + i * G);
     uint32_t special = 0;
-    for (int i = 0; i < m; ++i) special |= fp_scale_fast<T, MODE>(amax[i], p[i], inv[i], bytes[g0 + i]);
+    for (int i = 0; i < m; ++i) special |= fp_scale_fast<T, MODE>(amax[i], p[i], inv[i], b[i]);
     if (special) {
       for (int i = 0; i < m; ++i) {
         const FpScale sc = fp_scale<T, MODE>(amax[i]);
-        p[i] = sc.p, inv[i] = sc.inv, bytes[g0 + i] = sc.byte;
+        p[i] = sc.p, inv[i] = sc.inv, b[i] = sc.byte;
       }
     }
-    for (int i = 0; i < m; ++i) fp_encode_fresh<T, MODE>(xc + i * G, p[i], inv[i], codes + (g0 + i) * G);
+    for (int i = 0; i < m; ++i) bytes[g0 + i] = uint8_t(b[i]);
+    for (int i = 0; i < m; ++i) fp_encode_fresh<T, MODE, C>(xc + i * G, p[i], inv[i], codes + (g0 + i) * G);
   }
 }
 

@@ -79,17 +79,23 @@ void dequantize_affine_row(const FuseSpec& spec, const FuseBuffers<T>& row, floa
   }
 }
 
-// Pass 2 into an fp mode: fresh (scales chosen here) or keep-grid (the input's scales and codes).
+// Pass 2 into an fp mode, through to the packed output row: fresh (scales chosen here) or keep-grid (the
+// input's scales and codes). Fresh E4M3 codes are written straight to the row (8-bit codes pack as bytes).
 template <typename T, int MODE>
 void quantize_fp_row(bool keep_grid, const uint32_t* wq_in, const uint8_t* scales8_in, const float* __restrict w,
-                     int64_t n, uint32_t* __restrict codes, uint8_t* scales8_out) {
+                     int64_t n, uint32_t* __restrict codes, uint32_t* wq_out, uint8_t* scales8_out) {
   constexpr int G = group_of(MODE);
-  if (!keep_grid) return fp_quantize<T, MODE>(w, n, codes, scales8_out);
-  uint32_t old[G];
-  for (int64_t gi = 0; gi < n / G; ++gi) {
-    unpack_group<MODE>(wq_in, gi, old);
-    fp_encode_group<MODE>(w + gi * G, scale_value(MODE, scales8_in[gi]), old, codes + gi * G);
+  if (!keep_grid && MODE == kMxfp8) return fp_quantize<T, MODE>(w, n, reinterpret_cast<uint8_t*>(wq_out), scales8_out);
+  if (keep_grid) {
+    uint32_t old[G];
+    for (int64_t gi = 0; gi < n / G; ++gi) {
+      unpack_group<MODE>(wq_in, gi, old);
+      fp_encode_group<MODE>(w + gi * G, scale_value(MODE, scales8_in[gi]), old, codes + gi * G);
+    }
+  } else {
+    fp_quantize<T, MODE>(w, n, codes, scales8_out);
   }
+  pack_codes(MODE == kMxfp8 ? 8 : 4, codes, n, wq_out);
 }
 
 template <typename T>
@@ -125,14 +131,11 @@ void fp_one_row(const FuseSpec& spec, int64_t in_dim, const FuseBuffers<T>& row,
   uint32_t* codes = s.codes;
   switch (out_mode) {
     case kMxfp4:
-      quantize_fp_row<T, kMxfp4>(keep, row.wq, row.scales8, w, in_dim, codes, row.scales8_out);
-      break;
+      return quantize_fp_row<T, kMxfp4>(keep, row.wq, row.scales8, w, in_dim, codes, row.wq_out, row.scales8_out);
     case kNvfp4:
-      quantize_fp_row<T, kNvfp4>(keep, row.wq, row.scales8, w, in_dim, codes, row.scales8_out);
-      break;
+      return quantize_fp_row<T, kNvfp4>(keep, row.wq, row.scales8, w, in_dim, codes, row.wq_out, row.scales8_out);
     case kMxfp8:
-      quantize_fp_row<T, kMxfp8>(keep, row.wq, row.scales8, w, in_dim, codes, row.scales8_out);
-      break;
+      return quantize_fp_row<T, kMxfp8>(keep, row.wq, row.scales8, w, in_dim, codes, row.wq_out, row.scales8_out);
     default: {
       const int g_out = spec.out_group_size;
       for (int64_t gi = 0; gi < in_dim / g_out; ++gi) {
@@ -141,9 +144,9 @@ void fp_one_row(const FuseSpec& spec, int64_t in_dim, const FuseBuffers<T>& row,
         store_value(row.scales_out + gi, so);
         store_value(row.biases_out + gi, bo);
       }
+      pack_codes(spec.out_bits, codes, in_dim, row.wq_out);
     }
   }
-  pack_codes(mode_bits(out_mode, spec.out_bits), codes, in_dim, row.wq_out);
 }
 
 }  // namespace
