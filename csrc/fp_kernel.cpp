@@ -27,7 +27,9 @@ inline void fp_dequantize_group(const uint32_t* __restrict cg, float sc, const f
                                 float* __restrict wg) {
   for (int j = 0; j < group_of(MODE); ++j) {  // hot-loop: fp dequantize
     float v = round_to<T>(decode<MODE>(cg[j]) * sc);
-    if constexpr (DELTA) v = round_to<T>(v + round_to<T>(dg[j]));
+    // dg + 0: a delta that is a sum of products all -0 becomes +0, as MLX's matmul (whose sums start from
+    // +0) gives it; nothing else changes. The sign matters here only, where it can reach an E4M3 code.
+    if constexpr (DELTA) v = round_to<T>(v + round_to<T>(dg[j] + 0.0f));
     wg[j] = v;
   }
 }
@@ -74,7 +76,7 @@ void dequantize_affine_row(const FuseSpec& spec, const FuseBuffers<T>& row, floa
     for (int j = 0; j < g; ++j) wg[j] = round_to<T>(round_to<T>(qg[j] * sc) + bi);
     if (delta) {
       const float* dg = delta + gi * g;
-      for (int j = 0; j < g; ++j) wg[j] = round_to<T>(wg[j] + round_to<T>(dg[j]));
+      for (int j = 0; j < g; ++j) wg[j] = round_to<T>(wg[j] + round_to<T>(dg[j] + 0.0f));  // + 0: as above
     }
   }
 }

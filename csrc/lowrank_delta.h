@@ -9,6 +9,9 @@
 #include "fuse_kernel.h"
 
 namespace reqnoise::REQNOISE_ISA {
+// Internal to each including file: fuse_kernel.cpp and fp_kernel.cpp are compiled with different flags
+// (CMakeLists.txt), so the linker must not pick one file's copy for the other.
+namespace {
 
 // Rows of one expert share A: the delta is computed for a tile of up to kTile rows at once, so each element
 // of A is loaded once per tile instead of once per row (A is [rank, in] floats: 48 KiB at rank 16, in 768,
@@ -33,16 +36,12 @@ inline void delta_tile(const FuseSpec& spec, const float* __restrict a, const fl
     // Two 8-lane vectors per tile row: 2 * TILE accumulators, registers on AVX2 (16) and NEON (32).
     v8f acc[TILE][2];
     v8f a0, a1;
-    // The sums start from +0, as a BLAS matmul's accumulators do (MLX's and numpy's): a sum whose products are
-    // all zeros is then +0 whatever their signs (x + 0 is x for every other x). An E4M3 code keeps the sign
-    // of a zero, so the fp kernel's bytes depend on it.
-    const v8f zero = {0, 0, 0, 0, 0, 0, 0, 0};
     std::memcpy(&a0, a + j0, sizeof(v8f));
     std::memcpy(&a1, a + j0 + 8, sizeof(v8f));
 #pragma GCC unroll 8
     for (int t = 0; t < TILE; ++t) {
-      acc[t][0] = zero + sb[t][0] * a0;
-      acc[t][1] = zero + sb[t][0] * a1;
+      acc[t][0] = sb[t][0] * a0;
+      acc[t][1] = sb[t][0] * a1;
     }
     for (int k = 1; k < r; ++k) {
       const float* ak = a + int64_t(k) * n + j0;
@@ -71,4 +70,5 @@ inline void delta_row(const FuseSpec& spec, const float* a, const float* b, int6
   delta_tile<1>(spec, a, b, n, delta);
 }
 
+}  // namespace
 }  // namespace reqnoise::REQNOISE_ISA
