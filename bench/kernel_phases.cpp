@@ -141,7 +141,9 @@ int main(int argc, char** argv) {
   // The phases, each alone over all rows (the helpers the row loop calls). The dequantize phase includes
   // adding the (cast) delta, and for the fp modes their unpacking (the unpack phase is affine's); the quantize
   // phase includes the groups' scale choice.
-  const double unpack = ns_per_weight([&] {
+  // -1 (printed null): not a separate phase of this mode's row loop (fp codes are unpacked inside the
+  // dequantize phase, E4M3 codes are written as bytes by the quantize phase).
+  const double unpack = fp ? -1.0 : ns_per_weight([&] {
     for (int64_t r = 0; r < rows; ++r) k::unpack_codes(bits, wq.data() + r * words, in_dim, s.q);
   });
   std::vector<float> d(k::kTile * in_dim);
@@ -177,7 +179,8 @@ int main(int argc, char** argv) {
           k::fp_quantize<bf16, reqnoise::kNvfp4>(s.w, in_dim, s.codes, &sc8_out[r * groups]);
           break;
         case reqnoise::kMxfp8:
-          k::fp_quantize<bf16, reqnoise::kMxfp8>(s.w, in_dim, s.codes, &sc8_out[r * groups]);
+          k::fp_quantize<bf16, reqnoise::kMxfp8>(s.w, in_dim, reinterpret_cast<uint8_t*>(wq_out.data() + r * words),
+                                                 &sc8_out[r * groups]);
           break;
         default:
           for (int64_t gi = 0; gi < groups; ++gi) {
@@ -189,15 +192,20 @@ int main(int argc, char** argv) {
       }
     }
   });
-  const double pack = ns_per_weight([&] {
+  const double pack = mode == reqnoise::kMxfp8 ? -1.0 : ns_per_weight([&] {
     for (int64_t r = 0; r < rows; ++r) k::pack_codes(bits, s.codes, in_dim, wq_out.data() + r * words);
   });
   const double copy = ns_per_weight([&] { std::memcpy(wq_out.data(), wq.data(), wq.size() * 4); });
+  auto num = [](double x) {
+    char b[32];
+    std::snprintf(b, sizeof(b), "%.3f", x);
+    return x < 0 ? std::string("null") : std::string(b);
+  };
   std::printf(
       "{\"isa\": \"%s\", \"mode\": \"%s\", \"experts\": %ld, \"bits\": %d, \"rank\": %d, \"cpu_ns_per_weight\": "
-      "{\"row_loop\": %.3f, \"unpack\": %.3f, \"delta\": %.3f, \"dequant_bf16\": %.3f, \"scale_quantize\": %.3f, "
-      "\"pack\": %.3f, \"memcpy_codes\": %.3f}, \"wall_ns_per_weight\": {\"row_loop_1t\": %.3f, \"row_loop_2t\": "
+      "{\"row_loop\": %.3f, \"unpack\": %s, \"delta\": %.3f, \"dequant_bf16\": %.3f, \"scale_quantize\": %.3f, "
+      "\"pack\": %s, \"memcpy_codes\": %.3f}, \"wall_ns_per_weight\": {\"row_loop_1t\": %.3f, \"row_loop_2t\": "
       "%.3f}, \"thread_scaling_1_to_2\": %.2f}\n",
-      REQNOISE_STR(REQNOISE_ISA), mode_name.c_str(), long(E), bits, rank, whole1, unpack, delta, dequant, quant, pack,
-      copy, whole1_wall, whole2, whole1_wall / whole2);
+      REQNOISE_STR(REQNOISE_ISA), mode_name.c_str(), long(E), bits, rank, whole1, num(unpack).c_str(), delta, dequant,
+      quant, num(pack).c_str(), copy, whole1_wall, whole2, whole1_wall / whole2);
 }
