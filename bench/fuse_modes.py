@@ -10,7 +10,7 @@ Kernel and chain are run alternately ``--reps`` times; the seconds are medians, 
 paired ratios (wall clock) and ``speedup_cpu`` the same for the process's CPU time (all threads), which a shared
 machine's other tenants disturb much less than the wall clock.
 
-    python bench/fuse_modes.py [--experts 128] [--reps 3]
+    python bench/fuse_modes.py [--experts 128] [--reps 3] [--modes affine mxfp8]
 """
 
 import argparse
@@ -78,6 +78,7 @@ def main():
     p.add_argument("--experts", type=int, default=128)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--modes", nargs="+", default=[m for m, _ in MODES], choices=[m for m, _ in MODES])
     args = p.parse_args()
     mx.set_default_device(mx.cpu)
     rng = np.random.default_rng(0)
@@ -86,7 +87,7 @@ def main():
     a = mx.array((rng.standard_normal((shape[0], args.rank, shape[2])) * 0.01).astype(np.float32))
     bb = mx.array((rng.standard_normal((shape[0], shape[1], args.rank)) * 0.01).astype(np.float32))
     mx.eval(w, a, bb)
-    for mode, kw in MODES:
+    for mode, kw in [(m, kw) for m, kw in MODES if m in args.modes]:
         wq, s, b = _quantize(w, mode, kw)
         mx.eval(wq, s, b)
         packed = nbytes(wq, s, b)
