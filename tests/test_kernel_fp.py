@@ -135,6 +135,21 @@ def test_fresh_equals_the_mlx_op_chain(mode, dt, kind, stacked):
     assert_same(got, _chain(q, s, mode, dtype, delta=b @ a))
 
 
+@pytest.mark.parametrize("dt", DTYPES)
+def test_a_delta_summing_signed_zeros_is_plus_zero_as_in_mlx(dt):
+    # -0 weights (E4M3 code 0x80) plus a delta whose every product is -0: MLX's matmul sums from +0, so the
+    # sum is +0, -0 + +0 = +0 and the code is 0x00 (E4M3 keeps the sign of a zero). A sum started from the
+    # first product would give -0 and code 0x80.
+    q = mx.array(R.pack_codes(np.full((2, 32), 0x80), 8))
+    s = mx.array(np.full((2, 1), 127, np.uint8))
+    a = mx.zeros((2, 32))
+    b = mx.full((2, 2), -1.0)
+    got = fuse_quantized(q, s, mode="mxfp8", dtype=DTYPES[dt], lora_a=a, lora_b=b)
+    want = _chain(q, s, "mxfp8", DTYPES[dt], delta=b @ a)
+    assert not np.array_equal(np.array(want[0]), np.array(q))  # the oracle really flips the zeros' sign
+    assert_same(got, want)
+
+
 @pytest.mark.parametrize("mode", FP)
 @pytest.mark.parametrize("dt", DTYPES)
 def test_fresh_random_delta_equals_the_reference_and_nearly_the_chain(mode, dt):

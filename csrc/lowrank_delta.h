@@ -1,0 +1,74 @@
+// The low-rank delta scale * B @ A for a tile of rows of one expert: shared by the affine row kernel
+// (fuse_kernel.cpp) and the floating-point one (fp_kernel.cpp), which must sum in the same order.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "affine_codec.h"
+#include "fuse_kernel.h"
+
+namespace reqnoise::REQNOISE_ISA {
+// Internal to each including file: fuse_kernel.cpp and fp_kernel.cpp are compiled with different flags
+// (CMakeLists.txt), so the linker must not pick one file's copy for the other.
+namespace {
+
+// Rows of one expert share A: the delta is computed for a tile of up to kTile rows at once, so each element
+// of A is loaded once per tile instead of once per row (A is [rank, in] floats: 48 KiB at rank 16, in 768,
+// more than L1 holds, so per-row streaming would re-read it from L2 every row).
+constexpr int kTile = 4;
+
+// delta[t][j] = sum_k (scale * b_t[k]) * A[k, j] for the tile's rows t, summed in k order in float32 (as a
+// rank-r matmul of the pre-scaled B would); each scaled b[k] is rounded to float32 first, like MLX's
+// `scale * lora_b`. Columns go in blocks of 16 whose kTile x 16 partial sums stay in registers while k
+// runs. The order of operations per element is the same for any tile size, so tiling never changes a bit.
+template <int TILE>
+inline void delta_tile(const FuseSpec& spec, const float* __restrict a, const float* __restrict b, int64_t n,
+                       float* __restrict delta) {
+  constexpr int kBlock = 16;  // rows are multiples of 16 values (32 in affine modes)
+  constexpr int kMaxRank = 256;
+  float sb[TILE][kMaxRank];
+  const int r = spec.rank < kMaxRank ? spec.rank : kMaxRank;
+  for (int t = 0; t < TILE; ++t) {
+    for (int k = 0; k < r; ++k) sb[t][k] = spec.scale * b[t * spec.rank + k];
+  }
+  for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
+    // Two 8-lane vectors per tile row: 2 * TILE accumulators, registers on AVX2 (16) and NEON (32).
+    v8f acc[TILE][2];
+    v8f a0, a1;
+    std::memcpy(&a0, a + j0, sizeof(v8f));
+    std::memcpy(&a1, a + j0 + 8, sizeof(v8f));
+#pragma GCC unroll 8
+    for (int t = 0; t < TILE; ++t) {
+      acc[t][0] = sb[t][0] * a0;
+      acc[t][1] = sb[t][0] * a1;
+    }
+    for (int k = 1; k < r; ++k) {
+      const float* ak = a + int64_t(k) * n + j0;
+      std::memcpy(&a0, ak, sizeof(v8f));
+      std::memcpy(&a1, ak + 8, sizeof(v8f));
+#pragma GCC unroll 8
+      for (int t = 0; t < TILE; ++t) {
+        acc[t][0] = acc[t][0] + sb[t][k] * a0;
+        acc[t][1] = acc[t][1] + sb[t][k] * a1;
+      }
+    }
+    for (int t = 0; t < TILE; ++t) std::memcpy(delta + t * n + j0, acc[t], sizeof(acc[t]));
+  }
+  for (int k = kMaxRank; k < spec.rank; ++k) {  // ranks above 256: the plain form, same order of operations
+    const float* ak = a + int64_t(k) * n;
+    for (int t = 0; t < TILE; ++t) {
+      const float s = spec.scale * b[t * spec.rank + k];
+      float* d = delta + t * n;
+      for (int64_t j = 0; j < n; ++j) d[j] = d[j] + s * ak[j];
+    }
+  }
+}
+
+// One row's delta: the tile form with a tile of one (the rows left over at the end of an expert or a block).
+inline void delta_row(const FuseSpec& spec, const float* a, const float* b, int64_t n, float* delta) {
+  delta_tile<1>(spec, a, b, n, delta);
+}
+
+}  // namespace
+}  // namespace reqnoise::REQNOISE_ISA
