@@ -352,4 +352,16 @@ inline void fp_encode_group(const float* __restrict x, float scale, const uint32
   }
 }
 
+// Keep-grid's rule for one value of a run-time mode (the calibrated kernel's column loop): what
+// fp_encode_group gives that value, old code and scale.
+inline uint32_t fp_encode_keep(int mode, float x, float scale, uint32_t old) {
+  if (!(scale != 0.0f && __builtin_fabsf(scale) < __builtin_inff())) return old;
+  const float lim = largest_code(mode);
+  float v = x / scale;
+  v = v < -lim ? -lim : (lim < v ? lim : v);
+  const float ov = code_value(mode, old);
+  if (v == ov || ov != ov) return old;
+  return mode == kMxfp8 ? e4m3_encode(v) : e2m1_encode<float>(v);
+}
+
 }  // namespace reqnoise::REQNOISE_ISA

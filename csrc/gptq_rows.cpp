@@ -34,15 +34,8 @@ struct FpGrid {
   int mode;
   float scale;
 
-  // keep-grid's fp_encode_group, one value (the same rules: fp_codec.h).
-  float encode(float x, float old_code) const {
-    float in = x, out;
-    const float old = old_code;
-    uint32_t c;
-    fp_encode_group(mode, &in, 1, scale, &old, &c);
-    out = float(c);
-    return out;
-  }
+  // keep-grid's rule, one value (fp_codec.h fp_encode_keep).
+  float encode(float x, float old_code) const { return float(fp_encode_keep(mode, x, scale, uint32_t(old_code))); }
   // A code whose value times the scale is not finite (a NaN code, an infinite scale) is kept and passes no
   // error on; a zero scale keeps its codes too, and its group's error is left to the other columns.
   float error(float x, float code) const {

@@ -5,7 +5,7 @@ edge groups, against MLX's own ops on the CPU stream (the oracle) and the numpy 
 import mlx.core as mx
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from kernel_cases import DTYPES, dyadic_factors, random_factors
@@ -255,6 +255,9 @@ def test_bad_input_gets_a_one_line_error():
     seed=st.integers(0, 2**16),
 )
 def test_hypothesis_shapes_and_magnitudes(mode, dt, experts, out_dim, groups, log_size, seed):
+    # float16 overflows near 6.5e4: weights of e^8 standard deviations and more reach inf there, and non-finite
+    # weights are outside what the kernel promises to match (docs/mlx-fp-formats.md).
+    assume(not (dt == "float16" and log_size > 8))
     dtype = DTYPES[dt]
     rng = np.random.default_rng(seed)
     in_dim = groups * 32
