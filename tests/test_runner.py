@@ -300,30 +300,34 @@ def test_results_recomputed_after_the_lock_from_models_made_before_it_are_not_pr
     assert list(steps) == ["model-q", "eval-e-q"]
 
 
-def test_a_model_with_the_bytes_of_an_evaluated_one_gets_its_records_without_a_rerun(
+def test_a_model_with_the_tensors_of_an_evaluated_one_gets_its_records_without_a_rerun(
     tmp_path, toy_model_dir, toy_model_dir_fp
 ):
-    import shutil
-
+    """A keep-grid zero-delta fuse rewrites the shards (another layout) and adds fuse_report.json, but computes
+    with the same tensors: its eval copies the source's records. A fresh zero-delta fuse moves codes: it runs."""
+    from fuse_helpers import make_adapter
     from reqnoise.eval.multiple_choice import evaluate_items
+    from reqnoise.experiment.runner import run_spec
+    from reqnoise.fuse.model import fuse_model
 
-    twin = tmp_path / "twin"
-    shutil.copytree(toy_model_dir, twin)
+    adapter = make_adapter(toy_model_dir, tmp_path / "ad")
+    twin, moved = tmp_path / "twin", tmp_path / "moved"
+    fuse_model(toy_model_dir, adapter, twin, requant="keep-grid", control="zero", progress=False)
+    fuse_model(toy_model_dir, adapter, moved, requant="fresh", control="zero", progress=False)
+    assert (twin / "fuse_report.json").is_file()
     spec = _small_study(tmp_path, toy_model_dir, toy_model_dir_fp, criteria=False)
     spec.write_text(
         spec.read_text()
-        .replace('conditions = ["q3", "fp"]', 'conditions = ["q3", "fp", "twin"]')
-        .replace("[evals.e]", f'[models.twin]\npath = "{twin}"\n[evals.e]')
+        .replace('conditions = ["q3", "fp"]', 'conditions = ["q3", "fp", "twin", "moved"]')
+        .replace("[evals.e]", f'[models.twin]\npath = "{twin}"\n[models.moved]\npath = "{moved}"\n[evals.e]')
     )
     out = tmp_path / "out"
     logs = []
-    from reqnoise.experiment.runner import run_spec
-
     run_spec(spec, out, progress=False, log=logs.append)
     step = lambda m: json.loads((out / "steps" / f"eval-e-{m}" / "step.json").read_text())["summary"]  # noqa: E731
     assert step("twin")["same_weights_as"] == "q3"
-    assert "same_weights_as" not in step("fp") and "same_weights_as" not in step("q3")
-    assert any("eval-e-twin: weights byte-identical to q3's" in line for line in logs)
+    assert all("same_weights_as" not in step(m) for m in ("q3", "fp", "moved"))
+    assert any("eval-e-twin: the model computes with q3's tensors" in line for line in logs)
     # The oracle: the twin evaluated on its own, outside the runner.
     recs, _ = evaluate_items(twin, tmp_path / "items.jsonl", progress=False)
     saved = [json.loads(line) for line in (out / "results" / "e" / "twin.jsonl").read_text().splitlines()]

@@ -33,6 +33,34 @@ def hash_path(path: Path) -> str:
     return h.hexdigest()
 
 
+# Files of a model directory that do not change what the model computes: how the tensors are sharded, and
+# reqnoise's own record of how a fuse was made.
+LAYOUT_ONLY = ("model.safetensors.index.json", "fuse_report.json")
+
+
+def model_fingerprint(path: Path) -> str:
+    """SHA-256 of what a model directory computes with: every tensor (name, dtype, shape, bytes, in name order,
+    whatever shards hold them) and every other file's bytes except ``LAYOUT_ONLY``. Two directories with one
+    fingerprint give the same outputs; a keep-grid zero-delta fuse of a model has that model's fingerprint."""
+    import mlx.core as mx
+
+    path = Path(path)
+    h = hashlib.sha256()
+    shards = sorted(path.glob("*.safetensors"))
+    digests = {}
+    for shard in shards:  # one shard in memory at a time
+        for name, arr in mx.load(str(shard)).items():
+            t = hashlib.sha256(f"{arr.dtype}{tuple(arr.shape)}".encode())
+            t.update(memoryview(arr))
+            digests[name] = t.hexdigest()
+    for name in sorted(digests):
+        h.update(f"{name}\0{digests[name]}\n".encode())
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and p not in shards and p.name not in LAYOUT_ONLY):
+        h.update(str(f.relative_to(path)).encode() + b"\0")
+        h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
 _CODE_HASH = None
 
 

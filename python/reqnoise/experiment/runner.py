@@ -24,7 +24,7 @@ from reqnoise.eval.multiple_choice import evaluate_items, summarize
 from reqnoise.eval.records import read_records, write_records
 from reqnoise.eval.setg import TRAIN_DATA, build_setg_step
 from reqnoise.eval.sharded import evaluate_distributed
-from reqnoise.experiment.cache import StepCache, hash_path, step_key
+from reqnoise.experiment.cache import StepCache, model_fingerprint, step_key
 from reqnoise.experiment.models import quantize_model_dir
 from reqnoise.experiment.plan import PlannedStep, execute
 from reqnoise.experiment.report import collect, verdict_dict, write_outputs
@@ -58,7 +58,7 @@ class Runner:
         self.adapter_paths: dict = {}
         self.adapter_data: dict = {}  # adapter name -> its training data (a directory or file)
         self.timeline: list = []
-        self._content: dict = {}  # model directory -> SHA-256 of its files (computed once, when needed)
+        self._content: dict = {}  # model directory -> its model_fingerprint (computed once, when needed)
 
     # ---------------------------------------------------------------- planning (nothing runs here)
     def step(self, name, kind, params, deps=(), inputs=(), fn=None, collective=False, cost=None):
@@ -227,29 +227,24 @@ class Runner:
         path = self._external(items)
         return path, [], [path]
 
-    def _model_hash(self, path: Path) -> str:
+    def _fingerprint(self, path: Path) -> str:
         path = Path(path)
         if path not in self._content:
-            self._content[path] = hash_path(path)
+            self._content[path] = model_fingerprint(path)
         return self._content[path]
 
     def _same_weights(self, model_name, candidates) -> tuple | None:
         """(model, step record) of the first of ``candidates`` (model name -> step name, planned before this
-        one) whose step is in the cache and whose model directory holds byte for byte the files of
-        ``model_name``'s, else None. Called while steps execute: a deterministic evaluation of identical bytes
-        gives identical records, so such a step copies them instead of running the model again (a keep-grid
-        zero-delta control is its source model, byte for byte)."""
-        mine = self.model(model_name)
-        sizes = sorted((str(f.relative_to(mine)), f.stat().st_size) for f in mine.rglob("*") if f.is_file())
+        one) whose step is in the cache and whose model computes with the same tensors and files as
+        ``model_name``'s (``cache.model_fingerprint``), else None. Called while steps execute: a deterministic
+        evaluation of the same model gives identical records, so such a step copies them instead of running
+        the model again (a keep-grid zero-delta control is its source model, tensor for tensor)."""
+        mine = self._fingerprint(self.model(model_name))
         for other, step in candidates.items():
             rec = self.cache.lookup(step, self.keys[step])
-            theirs = self.model(other)
             if rec is None or rec.get("summary", {}).get("same_weights_as"):
                 continue
-            same_sizes = sizes == sorted(
-                (str(f.relative_to(theirs)), f.stat().st_size) for f in theirs.rglob("*") if f.is_file()
-            )
-            if same_sizes and self._model_hash(mine) == self._model_hash(theirs):
+            if self._fingerprint(self.model(other)) == mine:
                 return other, rec
         return None
 
@@ -262,7 +257,7 @@ class Runner:
         other, rec = found
         for f in files:
             shutil.copyfile(self.cache.dir(candidates[other]) / f, tmp / f)
-        self.log(f"{name}: weights byte-identical to {other}'s: its records are reused, not recomputed")
+        self.log(f"{name}: the model computes with {other}'s tensors and files: its records are reused, not recomputed")
         return dict(rec["summary"], same_weights_as=other)
 
     def evaluate(self, model_name, ev):

@@ -519,7 +519,7 @@ def check_keep_grid_answers(run: DemoRun) -> list:
     def how(ev, z):
         step = run.steps / f"eval-{ev}-{z}" / "step.json"
         same = json.loads(step.read_text())["summary"].get("same_weights_as") if step.is_file() else None
-        return f" (weights byte-identical to {same}'s: its records, not re-run)" if same else ""
+        return f" (the same tensors as {same}: its records, not re-run)" if same else ""
 
     return [
         _check(
