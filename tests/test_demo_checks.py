@@ -118,3 +118,20 @@ def test_one_function_per_check_in_order():
     # A check whose comparisons are missing prints nothing rather than a line about absent numbers.
     empty = demo.DemoRun.of("unused", results({}))
     assert demo.check_study_adapter(empty) == demo.check_heldout(empty) == demo.check_positive_control(empty) == []
+
+
+def test_timing_counts_core_seconds_over_ranks():
+    from reqnoise.toy.demo import render_timing, timing
+
+    steps = [
+        dict(step="eval-a", kind="eval", cached=False, seconds=10.0, rank=None),  # collective: both ranks
+        dict(step="adapter-x", kind="train", cached=False, seconds=30.0, rank=0),
+        dict(step="adapter-y", kind="train", cached=False, seconds=30.0, rank=1),
+        dict(step="model-z", kind="fuse", cached=True, seconds=0.0, rank=None),
+    ]
+    t = timing([], steps, floor_seconds=5.0, total=50.0, ranks=2)
+    got = {k: v["seconds"] for k, v in t["stages"].items()}
+    assert got == {"eval": 20.0, "train": 60.0, "floor": 5.0, "other (planning, loading, report, waiting)": 15.0}
+    assert sum(got.values()) == 2 * 50.0
+    text = render_timing(t)
+    assert "core-seconds over 2 ranks" in text and " 60%" in text.splitlines()[1]

@@ -282,7 +282,7 @@ def run_demo(
     """Build the world and the spec under ``out`` and run it; print what the run shows. Re-running resumes
     from the step cache. ``margin``: equivalence margin (fraction) of the checks' "matched" lines. Returns the
     results dict (with ``floor``, the persona's floor table, and ``timing``, seconds per stage)."""
-    from reqnoise.distributed import on_root
+    from reqnoise.distributed import on_root, rank_and_size
     from reqnoise.experiment.runner import Runner, run_spec
     from reqnoise.experiment.spec import load_spec
 
@@ -305,7 +305,9 @@ def run_demo(
         return results
     results["floor"] = floor_rep
     results["checks"] = demo_checks(out, results, margin)
-    results["timing"] = timing(upstream.timeline, results["steps"], t_floor, time.perf_counter() - t0)
+    results["timing"] = timing(
+        upstream.timeline, results["steps"], t_floor, time.perf_counter() - t0, ranks=rank_and_size()[1]
+    )
     atomic.write_text(out / "results.json", json.dumps(results, indent=2, default=str) + "\n", overwrite=True)
     log("")
     log(summarize_demo(results))
@@ -353,8 +355,12 @@ def floor_summary(floor_rep: dict) -> str:
     )
 
 
-def timing(upstream: list, steps: list, floor_seconds: float, total: float) -> dict:
-    """Seconds per stage (step kind) computed in this run, from the upstream and the full run's timelines."""
+def timing(upstream: list, steps: list, floor_seconds: float, total: float, ranks: int = 1) -> dict:
+    """Core-seconds per stage (step kind) computed in this run, from the upstream and the full run's timelines.
+
+    Under ``ranks`` processes a collective step (rank None) keeps every rank busy for its seconds, an
+    independent one its own rank, the floor rank 0 (the others wait); the rest of ``total * ranks`` is
+    planning, loading, reporting and ranks waiting for each other."""
     seen: dict = {}
     for s in list(upstream) + list(steps):
         if not s["cached"]:
@@ -363,19 +369,26 @@ def timing(upstream: list, steps: list, floor_seconds: float, total: float) -> d
     for s in seen.values():
         row = stages.setdefault(s["kind"], {"steps": 0, "seconds": 0.0})
         row["steps"] += 1
-        row["seconds"] = round(row["seconds"] + s["seconds"], 2)
+        row["seconds"] = round(row["seconds"] + s["seconds"] * (ranks if s["rank"] is None else 1), 2)
     stages["floor"] = {"steps": 1, "seconds": round(floor_seconds, 2)}
     counted = sum(r["seconds"] for r in stages.values())
-    stages["other (planning, loading, report)"] = {"steps": 0, "seconds": round(max(0.0, total - counted), 2)}
-    return {"stages": stages, "total": round(total, 2)}
+    stages["other (planning, loading, report, waiting)"] = {
+        "steps": 0,
+        "seconds": round(max(0.0, total * ranks - counted), 2),
+    }
+    return {"stages": stages, "total": round(total, 2), "ranks": ranks}
 
 
 def render_timing(t: dict) -> str:
-    lines = [f"{'stage':36s} {'steps':>5s} {'seconds':>8s} {'share':>6s}"]
+    ranks = t.get("ranks", 1)
+    budget = t["total"] * ranks
+    lines = [f"{'stage':44s} {'steps':>5s} {'seconds':>8s} {'share':>6s}"]
+    if ranks > 1:
+        lines[0] += f"   (seconds: core-seconds over {ranks} ranks; share of {ranks} x wall)"
     for kind, row in sorted(t["stages"].items(), key=lambda kv: -kv[1]["seconds"]):
-        share = row["seconds"] / t["total"] if t["total"] else 0
-        lines.append(f"{kind:36s} {row['steps']:>5d} {row['seconds']:>8.1f} {100 * share:>5.0f}%")
-    lines.append(f"{'total (wall)':36s} {'':>5s} {t['total']:>8.1f}")
+        share = row["seconds"] / budget if budget else 0
+        lines.append(f"{kind:44s} {row['steps']:>5d} {row['seconds']:>8.1f} {100 * share:>5.0f}%")
+    lines.append(f"{'total (wall)':44s} {'':>5s} {t['total']:>8.1f}")
     return "\n".join(lines)
 
 
