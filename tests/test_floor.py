@@ -120,3 +120,19 @@ def test_bad_groups_are_one_line_errors(toy_model_dir, items, capsys, targets, m
 def test_missing_items_file_is_a_one_line_error(toy_model_dir, tmp_path, capsys):
     code, err = _error(capsys, "--model", toy_model_dir, "--items", tmp_path / "nope.jsonl")
     assert code != 0 and "items file" in err and "does not exist" in err and len(err.splitlines()) == 1
+
+
+def test_keep_grid_swaps_leave_every_tensor_as_it_was_and_fresh_swaps_do_not(toy_model_dir):
+    """What lets a keep-grid row skip the scoring: its zero-delta swap is the loaded tensors bit for bit
+    (checked against the loaded module's own arrays); a fresh swap moves codes and is scored."""
+    from reqnoise.eval.multiple_choice import load_model
+    from reqnoise.fuse.options import FuseOptions
+    from reqnoise.noise.floor import _same_state, zero_delta
+
+    net, _ = load_model(toy_model_dir)
+    mod = dict(net.named_modules())["model.layers.0.self_attn.q_proj"]
+    keep = zero_delta(mod, FuseOptions(requant="keep-grid", control="zero"))
+    fresh = zero_delta(mod, FuseOptions(requant="fresh", control="zero"))
+    current = {k: getattr(mod, k) for k in keep}
+    assert _same_state(current, keep)
+    assert not _same_state(current, fresh)

@@ -5,7 +5,9 @@ For each group (module type and layer band, one layer, or an adapter directory's
 tensors are requantized with a zero delta by the native kernel (``fuse_quantized``; ``fresh`` is what mlx-lm's
 fuse does, ``keep-grid`` keeps every group's scale and bias) and swapped into the one loaded model, the items are
 scored (``reqnoise.eval.multiple_choice``), and the original tensors are put back. Nothing is written to disk per
-group, so a sweep of ten groups costs ten evaluations, not ten model writes.
+group, so a sweep of ten groups costs ten evaluations, not ten model writes. A copy whose every swapped tensor
+is bit for bit the original (keep-grid's zero delta) is the unfused model: its row takes the unfused model's
+records and a KL of 0 without scoring the items again.
 
 Per (group, requant) row: answers changed, wrong-to-right (``fixed``) and right-to-wrong (``broken``) flips
 against the unfused model, the accuracy change with its paired CI and exact McNemar p
@@ -230,6 +232,22 @@ def _swap(module, state: dict) -> dict:
     return old
 
 
+def _same_state(old: dict, new: dict) -> bool:
+    """Whether a swap left every array of the module bit for bit as it was (and every other field equal)."""
+    import mlx.core as mx
+
+    for k, v in new.items():
+        o = old[k]
+        if isinstance(v, mx.array) or isinstance(o, mx.array):
+            if not (isinstance(v, mx.array) and isinstance(o, mx.array)):
+                return False
+            if v.dtype != o.dtype or v.shape != o.shape or not mx.array_equal(v, o).item():
+                return False
+        elif v != o:
+            return False
+    return True
+
+
 def _codes(wq, bits, group):
     from reqnoise.noise.report import _codes as codes
 
@@ -424,20 +442,24 @@ def floor_loaded(
         for requant in requants:
             t1 = time.perf_counter()
             opts = FuseOptions(requant=requant, out_bits=out_bits if requant == "fresh" else None, control="zero")
-            saved, changed, total, comparable = [], 0, 0, True
+            saved, changed, total, comparable, same = [], 0, 0, True, True
             try:
                 for path in group.modules:
                     mod = named[path]
                     new = zero_delta(mod, opts)
                     old = _swap(mod, new)
                     saved.append((mod, old))
+                    same = same and _same_state(old, new)
                     cc = _codes_changed(old, new)
                     if cc is None:
                         comparable = False
                     else:
                         changed, total = changed + cc[0], total + cc[1]
-                recs = ev.records()
-                kl = _kl(base_lp, ev.logprobs()) if len(base_lp) else None
+                if same:  # every tensor as it was (keep-grid's zero delta): the model's own records, KL 0
+                    recs, kl = base_recs, (0.0 if len(base_lp) else None)
+                else:
+                    recs = ev.records()
+                    kl = _kl(base_lp, ev.logprobs()) if len(base_lp) else None
             finally:
                 for mod, old in reversed(saved):
                     _swap(mod, old)
