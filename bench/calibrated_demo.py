@@ -156,9 +156,15 @@ def targets(r: dict) -> dict:
     steps = cal["median_delta_rms_over_step"]
     t = {}
     if r["adapter"] == POSITIVE:
-        ci = cal["kept_ci95"]
-        t["calibrated_keeps_80pct_point"] = None if cal["kept"] is None else cal["kept"] >= KEEP_TARGET
-        t["calibrated_keeps_80pct_ci_lower"] = None if ci is None else ci[0] >= KEEP_TARGET
+        # A fraction of a gain means something only when there is a gain: the unfused adapter's paired CI must lie
+        # above 0 (a negative "gain" kept at 180% is a larger loss, not a target met).
+        if r["gain_ci95"] is None or r["gain_ci95"][0] <= 0:
+            t["calibrated_keeps_80pct_point"] = t["calibrated_keeps_80pct_ci_lower"] = None
+            t["why_not_judged"] = "the unfused adapter shows no gain (its 95% CI does not lie above 0)"
+        else:
+            ci = cal["kept_ci95"]
+            t["calibrated_keeps_80pct_point"] = None if cal["kept"] is None else cal["kept"] >= KEEP_TARGET
+            t["calibrated_keeps_80pct_ci_lower"] = None if ci is None else ci[0] >= KEEP_TARGET
     if steps is not None and steps >= MIN_STEPS and cal["kl_ratio"] is not None:
         t["calibrated_kl_ratio_le_0.4"] = cal["kl_ratio"] <= KL_TARGET
     else:
