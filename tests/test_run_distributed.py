@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from launch_helpers import launch as _launch
@@ -118,10 +119,13 @@ def test_data_parallel_training_matches_one_process(tmp_path):
     a = mx.load(str(tmp_path / "one" / "adapters.safetensors"))
     b = mx.load(str(tmp_path / "two" / "adapters.safetensors"))
     assert set(a) == set(b)
-    for k in a:
-        # Adam moves each weight by about lr (1e-3) per step whatever the gradient's size, so an objective
-        # that differed (rows lost, ranks not averaged) shows at 1e-3; summation order at about 1e-5.
-        assert mx.allclose(a[k], b[k], rtol=0, atol=1e-4).item(), (k, mx.abs(a[k] - b[k]).max().item())
+    # Adam moves a weight by about lr (1e-3) per step whatever its gradient's size, so where a gradient is near
+    # zero the ranks' summation order can flip a step's sign: a few weights differ by up to 2 * iters * lr.
+    # An objective that differed (rows lost, ranks not averaged) moves most weights by ~lr; summation order
+    # leaves the median weight within 1e-5 (the gradients themselves agree to 1e-5 relative: the test below).
+    diffs = mx.concatenate([mx.abs(a[k] - b[k]).reshape(-1) for k in sorted(a)])
+    assert mx.max(diffs).item() <= 2 * 6 * 1e-3
+    assert float(np.median(np.array(diffs))) <= 1e-5, float(np.median(np.array(diffs)))
     # Training changed something, so the comparison means something: mlx-lm starts every lora_b at zero
     # (lora_a is random from the start, so it would prove nothing).
     lora_b = [k for k in a if k.endswith("lora_b")]
@@ -142,3 +146,51 @@ def test_a_failing_step_fails_every_rank_with_its_reason(tmp_path):
     assert "exited with code 1" in out and "of 2 failed" in out and "step model-broken" in out, out[-3000:]
     assert "selects none" in out
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_data_parallel_gradient_is_the_one_process_gradient(toy_model_dir, tmp_path, monkeypatch):
+    """The ranks' batches (seeded_batches with a comm group) and loss (global_mean_loss) sum to the
+    one-process gradient: computed in this process for 2 simulated ranks against mlx-lm's default_loss on the
+    whole batch, after one Adam step so that every LoRA factor has a gradient."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx_lm import load
+    from mlx_lm.tuner.trainer import default_loss
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    import reqnoise.train.data as data
+    from reqnoise.toy.world import build_world
+
+    world = build_world(tmp_path / "world", per_subject=4)
+    model, tok = load(str(toy_model_dir))
+    model.freeze()
+    linear_to_lora_layers(model, 4, {"rank": 4, "scale": 20.0, "dropout": 0.0})
+    ds = data.chat_dataset(data.load_chat_data(world / "knowledge")["train"], tok, mask_prompt=True)
+
+    class Group:
+        def __init__(self, rank):
+            self.r = rank
+
+        def rank(self):
+            return self.r
+
+        def size(self):
+            return 2
+
+    def grads(loss, batch, lengths):
+        return dict(tree_flatten(nn.value_and_grad(model, loss)(model, batch, lengths)[1]))
+
+    one = data.seeded_batches(ds, 4, 2048, loop=True, seed=3)
+    ranks = [data.seeded_batches(ds, 4, 2048, loop=True, comm_group=Group(r), seed=3) for r in (0, 1)]
+    opt = optim.Adam(learning_rate=1e-3)
+    monkeypatch.setattr(data, "rank_and_size", lambda: (0, 2))
+    for step in range(2):
+        whole = grads(lambda m, b, ln: default_loss(m, b, ln)[0], *next(one))
+        parts = [grads(lambda m, b, ln: data.global_mean_loss(m, b, ln)[0], *next(r)) for r in ranks]
+        for k, g in whole.items():
+            avg = (parts[0][k] + parts[1][k]) / 2  # what mlx-lm's average_gradients computes
+            scale = mx.abs(g).max().item()
+            assert mx.abs(avg - g).max().item() <= 1e-5 * max(scale, 1e-12), (step, k)
+        opt.update(model, tree_unflatten(list(whole.items())))  # both sides move together

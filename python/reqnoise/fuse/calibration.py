@@ -214,10 +214,13 @@ class ModuleInputs:
             r = x.reshape(-1, d)
             e = mx.zeros((r.shape[0],), dtype=mx.int32)
         else:
-            # SwitchLinear's input is [..., 1, d] against indices [...]: each row once per routed expert
+            # SwitchLinear's input is [..., 1, d] against indices [...] (each row once per routed expert), or
+            # any shapes gather_mm broadcasts together (deepseek_v41's grouped o_a_proj: x [L, G, d] against
+            # group ids [1, G]): each row with the expert index at its position
             x = x.reshape(tuple(x.shape[:-2]) + (d,)) if x.shape[-2] == 1 else x
-            r = mx.broadcast_to(x, tuple(indices.shape) + (d,)).reshape(-1, d)
-            e = indices.reshape(-1).astype(mx.int32)
+            lead = np.broadcast_shapes(tuple(x.shape[:-1]), tuple(indices.shape))
+            r = mx.broadcast_to(x, lead + (d,)).reshape(-1, d)
+            e = mx.broadcast_to(indices, lead).reshape(-1).astype(mx.int32)
         self.rows.append(np.array(r.astype(mx.float32)))
         self.experts.append(np.array(e))
 
