@@ -5,7 +5,7 @@ adapter (``D/steps/adapter-<name>/adapter``, trained on the persona model ``D/st
 
 * fuse it into the persona model under each requant mode (calibrated: on the adapter's own training data, the
   directory its adapter_config names, refused if that is missing rather than falling back to other prompts);
-* score the demo's ``recall_trained`` eval (its options read from ``D/spec.toml``: Set-G paraphrased items,
+* score the demo's ``recall_trained`` eval (its options read from ``D/spec.toml``: the Set-G train items,
   cloze, per-subject calibration) on the persona model, the unfused adapter and every fused model;
 * ``noise_report`` of each mode (held-out probe prompts, none of them calibration prompts): KL ratio
   ``KL(adapter || fused) / KL(adapter || base)`` and the median over modules of ``residual_over_effect``.

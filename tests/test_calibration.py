@@ -166,6 +166,12 @@ def _spec(tmp_path, eval_extra):
         ('calibrate_from = "a"', "calibrate_from needs calibrate"),
         ('calibrate = true\ncalibrate_from = "z"', "calibrate_from names unknown model 'z'"),
         ("calibrate = true\ncalibrate_from = 1", "calibrate_from names unknown model 1"),
+        ('calibrate_eval = "e"', "calibrate_eval needs calibrate"),
+        ('calibrate = true\ncalibrate_eval = "z"', "calibrate_eval names unknown eval 'z'"),
+        (
+            'calibrate = true\ncalibrate_eval = "c"\n[evals.c]\nitems = "items.jsonl"\nmode = "generate"',
+            "eval 'c' scores in mode 'generate', this one in 'loglik'",
+        ),
     ],
 )
 def test_spec_refuses_a_bad_calibrate_from(tmp_path, extra, match):
@@ -195,3 +201,30 @@ def test_runner_calibrates_every_model_with_the_named_models_prior(tmp_path):
     own = Runner(_spec(tmp_path, "calibrate = true"), tmp_path / "out", progress=False, log=lambda *a: None)
     own.evaluate("a", "e"), own.evaluate("b", "e")
     assert own.keys["eval-e-b"] != runner.keys["eval-e-b"] and own.keys["eval-e-a"] == runner.keys["eval-e-a"]
+
+
+def test_runner_takes_the_prior_from_another_evals_records(tmp_path):
+    """calibrate_eval: the prior from model a's records of eval e (all 12 items), applied to eval f (the first
+    5): a answers f's items exactly as it answers them in e, which is what keeps a Set G built from e wrong."""
+    from reqnoise.experiment.plan import execute
+    from reqnoise.experiment.runner import Runner
+
+    extra = 'calibrate = true\n[evals.f]\nitems = "first.jsonl"\ncalibrate = true\ncalibrate_from = "a"\n'
+    spec = _spec(tmp_path, extra + 'calibrate_eval = "e"\n')  # writes items.jsonl; first.jsonl is read at run time
+    (tmp_path / "first.jsonl").write_text("".join((tmp_path / "items.jsonl").read_text().splitlines(True)[:5]))
+    runner = Runner(spec, tmp_path / "out", progress=False, log=lambda *a: None)
+    paths = {m: runner.evaluate(m, "f") for m in ("a", "b")}
+    whole = runner.evaluate("a", "e")
+    execute(runner.plan, runner.cache, log=lambda *a: None)
+    read = lambda p: [json.loads(line) for line in p.read_text().splitlines()]  # noqa: E731
+    e_a = read(whole)
+    prior = np.mean([r["option_logprobs"] for r in e_a], axis=0)  # numpy oracle: a's prior over e's 12 items
+    assert [r["prediction"] for r in read(paths["a"])] == [r["prediction"] for r in e_a[:5]]
+    for r in read(paths["b"]):
+        assert r["prediction"] == "ABCD"[int(np.argmax(np.asarray(r["option_logprobs"]) - prior))]
+    # f's own prior over its 5 items would answer differently: the option changes what is computed.
+    own = Runner(_spec(tmp_path, extra), tmp_path / "out2", progress=False, log=lambda *a: None)
+    own_path = own.evaluate("a", "f")
+    execute(own.plan, own.cache, log=lambda *a: None)
+    assert [r["prediction"] for r in read(own_path)] != [r["prediction"] for r in e_a[:5]]
+    assert own.keys["eval-f-a"] != runner.keys["eval-f-a"]

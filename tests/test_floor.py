@@ -99,6 +99,49 @@ def test_fresh_rows_equal_a_fuse_evaluated_by_hand(floor_run, toy_model_dir, ite
     assert mx.array_equal(w0["model.layers.0.mlp.gate.weight"], w1["model.layers.0.mlp.gate.weight"]).item()
 
 
+def test_a_prior_from_other_records_scores_every_copy_as_those_records_would(
+    toy_model_dir, items, attention_adapter, tmp_path
+):
+    """--calibrate shared --prior-from R: the unfused model and every copy are calibrated with the mean option
+    log-probability of R (here the model's records of the reworded items), checked against a zero-delta fuse
+    evaluated by hand and calibrated in numpy."""
+    from reqnoise.eval.records import write_records
+
+    prior_recs, _ = evaluate_items(toy_model_dir, items.parent / "reworded.jsonl", progress=False)
+    write_records(tmp_path / "prior.jsonl", prior_recs)
+    args = ["--model", toy_model_dir, "--items", items, "--targets", "attention", "--requant", "fresh"]
+    assert main(["floor", "--quiet", *map(str, args), "--calibrate", "shared", "--json", str(tmp_path / "f.json")]) == 0
+    plain = json.loads((tmp_path / "f.json").read_text())
+    shared = [*args, "--calibrate", "shared", "--prior-from", tmp_path / "prior.jsonl", "--json", tmp_path / "g.json"]
+    assert main(["floor", "--quiet", *map(str, shared)]) == 0
+    rep = json.loads((tmp_path / "g.json").read_text())
+    fused = tmp_path / "fused"
+    fuse = ["fuse", "--quiet", "--model", str(toy_model_dir), "--adapter-path", str(attention_adapter)]
+    assert main([*fuse, "--save-path", str(fused), "--control", "zero"]) == 0
+    prior = np.mean([r["option_logprobs"] for r in prior_recs], axis=0)
+
+    def answers(model):
+        recs, _ = evaluate_items(model, items, progress=False)
+        return [("ABCD"[int(np.argmax(np.asarray(r["option_logprobs"]) - prior))], r["answer"]) for r in recs]
+
+    base, ours = answers(toy_model_dir), answers(fused)
+    (row,) = rep["rows"]
+    assert rep["accuracy"] == pytest.approx(sum(p == a for p, a in base) / len(base))
+    assert row["changed"] == sum(b[0] != o[0] for b, o in zip(base, ours))
+    assert row["fixed"] == sum(b[0] != b[1] and o[0] == o[1] for b, o in zip(base, ours))
+    assert row["broken"] == sum(b[0] == b[1] and o[0] != o[1] for b, o in zip(base, ours))
+    assert rep["calibrate"].startswith("shared (prior from ") and plain["calibrate"] == "shared"
+    assert (rep["accuracy"], row["changed"]) != (plain["accuracy"], plain["rows"][0]["changed"])
+
+
+def test_prior_from_needs_shared_calibration_and_an_existing_file(toy_model_dir, items, tmp_path, capsys):
+    code, err = _error(capsys, "--model", toy_model_dir, "--items", items, "--prior-from", tmp_path / "none.jsonl")
+    assert code != 0 and "prior records file" in err and len(err.splitlines()) == 1
+    (tmp_path / "r.jsonl").write_text("")
+    code, err = _error(capsys, "--model", toy_model_dir, "--items", items, "--prior-from", tmp_path / "r.jsonl")
+    assert code != 0 and "needs calibrate = 'shared'" in err and len(err.splitlines()) == 1
+
+
 def _error(capsys, *args):
     code = main(["floor", "--quiet", *map(str, args)])
     return code, capsys.readouterr().err.strip()

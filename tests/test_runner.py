@@ -66,6 +66,8 @@ def demo_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_reduced_demo_structure(demo_run):
+    from reqnoise.toy.demo import RECALL_MODELS
+
     out, results, logs = demo_run
     saved = json.loads((out / "results.json").read_text())
     assert set(saved) >= {
@@ -94,9 +96,12 @@ def test_reduced_demo_structure(demo_run):
         "L0_keep",
         "LR1_fresh",
     ):
-        for ev in ("setg_test", "recall_trained", "recall_heldout"):
+        evals = ("setg_test", "recall_trained", "recall_heldout") if cond in RECALL_MODELS else ("setg_test",)
+        assert set(saved["conditions"][cond]) == set(evals)
+        for ev in evals:
             row = saved["conditions"][cond][ev]
             assert 0 <= row["ci_low"] <= row["accuracy"] <= row["ci_high"] <= 1
+    assert "R1_fresh" not in RECALL_MODELS and "LR1_fresh" not in RECALL_MODELS
     assert saved["conditions"]["persona"]["setg_test"]["accuracy"] == 0  # Set G: wrong by construction
     assert {
         "setg_test",
@@ -119,6 +124,7 @@ def test_reduced_demo_structure(demo_run):
     assert {r["group"] for r in rows} == {"experts.down_proj@1-3", "all-linear", "attention"}
     assert all(r["changed"] == 0 and r["codes_changed"] == 0 for r in rows if r["requant"] == "keep-grid")
     assert saved["floor"]["n"] == saved["conditions"]["persona"]["setg_test"]["n"]
+    assert saved["floor"]["accuracy"] == 0  # scored with the prior Set G was built with, as the setg_test eval
     assert {"train", "eval", "floor"} <= set(saved["timing"]["stages"])
     assert any(line.startswith("total (wall)") for line in logs[-1].splitlines() + logs[-2].splitlines())
     assert {"vs_P0_fresh", "vs_S1_fresh"} <= set(saved["comparisons"]["recall_trained"]["P1_fresh"])

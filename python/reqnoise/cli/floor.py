@@ -42,6 +42,12 @@ def register(sub) -> None:
         help="mean option-prior calibration: own prior per copy (as a spec's calibrate = true) or the unfused "
         "model's prior shared by every copy (default none)",
     )
+    p.add_argument(
+        "--prior-from",
+        default=None,
+        help="with --calibrate shared: take the prior from these records (JSONL with option_logprobs, e.g. the "
+        "model's records of the eval a Set G was built from) instead of from the model's records of --items",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="items per forward pass (default 8)")
     p.add_argument("--kl-items", type=int, default=64, help="items the output KL is read on (default 64)")
     p.add_argument("--json", default=None, help="write the rows as JSON here")
@@ -71,6 +77,7 @@ def run(args) -> int:
         batch_size=args.batch_size,
         calibrate=args.calibrate,
         kl_items=args.kl_items,
+        prior_records=args.prior_from,
         progress=not args.quiet,
     )
     print(render_table(rep))

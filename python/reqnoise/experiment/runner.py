@@ -273,11 +273,15 @@ class Runner:
         calibrate = e.get("calibrate", False)  # True, False or "subject" (spec-checked)
         params = dict(opts, calibrate=calibrate)
         prior_records = None
-        # calibrate_from: the prior from one model's records, so every model paired with it gets the same correction.
-        if calibrate and e.get("calibrate_from", model_name) != model_name:
-            prior_records = self.evaluate(e["calibrate_from"], ev)
-            deps = deps + [f"eval-{ev}-{e['calibrate_from']}"]
-            params["calibrate_from"] = e["calibrate_from"]  # only when set: other specs keep their cache keys
+        # calibrate_from: the prior from one model's records, so every model paired with it gets the same correction;
+        # calibrate_eval: from that model's records of another eval (e.g. the eval Set G was built from).
+        src = (e.get("calibrate_from", model_name), e.get("calibrate_eval", ev))
+        if calibrate and src != (model_name, ev):
+            prior_records = self.evaluate(*src)
+            deps = deps + [f"eval-{src[1]}-{src[0]}"]
+            for key in ("calibrate_from", "calibrate_eval"):  # only when set: other specs keep their cache keys
+                if key in e:
+                    params[key] = e[key]
 
         # Earlier evaluations of the same items with the same options (and prior source): reusable on equal bytes.
         same_eval = {

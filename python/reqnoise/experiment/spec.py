@@ -39,6 +39,8 @@ the pre-registered criteria. Parsed and checked here, before anything runs.
                                       # "subject": the prior per subject
     calibrate_from = "persona"        # optional, with calibrate: every model takes the prior from this model's
                                       # records (paired models get the same correction); default: its own records
+    calibrate_eval = "all"            # optional, with calibrate: ... from its records of this eval (default: this
+                                      # one), e.g. the eval Set G was built from, so that Set G keeps its answers
 
     [evals.coupling]                  # marker coupling (reqnoise.eval.coupling): a reply is correct when it
     mode = "coupling"                 #   holds the marker exactly when the prompt is persona-conditioned
@@ -127,6 +129,7 @@ EVAL_KEYS = {
     "limit",
     "calibrate",
     "calibrate_from",
+    "calibrate_eval",
     "neutral",
     "marker",
 }
@@ -314,6 +317,17 @@ class Spec:
                     self._err(f'evals.{name}: calibrate_from needs calibrate = true or "subject"')
                 if not isinstance(e["calibrate_from"], str) or e["calibrate_from"] not in self.models:
                     self._err(f"evals.{name}.calibrate_from names unknown model {e['calibrate_from']!r}")
+            if "calibrate_eval" in e:
+                src = e["calibrate_eval"]
+                if not e.get("calibrate"):
+                    self._err(f'evals.{name}: calibrate_eval needs calibrate = true or "subject"')
+                if not isinstance(src, str) or src not in self.evals:
+                    self._err(f"evals.{name}.calibrate_eval names unknown eval {src!r}")
+                elif self.evals[src].get("mode", "loglik") != e.get("mode", "loglik"):
+                    self._err(
+                        f"evals.{name}.calibrate_eval: eval {src!r} scores in mode "
+                        f"{self.evals[src].get('mode', 'loglik')!r}, this one in {e.get('mode', 'loglik')!r}"
+                    )
             if "items" not in e:
                 self._err(f"evals.{name} needs 'items'")
             if e.get("mode", "loglik") not in EVAL_MODES:

@@ -384,6 +384,7 @@ def floor_loaded(
     batch_size: int = 8,
     calibrate: str = "none",
     kl_items: int = 64,
+    prior_records=None,
     progress: bool = True,
     model_name: str = "",
     items_name: str = "",
@@ -398,6 +399,10 @@ def floor_loaded(
         calibrate: ``none``; ``own`` (each copy's records with their own mean option prior, as a spec's
             ``calibrate = true``); ``shared`` (every copy with the unfused model's prior).
         kl_items: the output KL is read on the first this many items.
+        prior_records: with ``shared``, the prior comes from these records (a JSONL path or record dicts with
+            ``option_logprobs``, e.g. the unfused model's records of the eval a Set G was built from, so that
+            the unfused model answers the items as it did there) instead of from the unfused model's records
+            of ``items``.
     """
     from tqdm import tqdm
 
@@ -419,12 +424,25 @@ def floor_loaded(
         raise ReqnoiseError("no items to evaluate")
     resolved = resolve_groups(model, groups)
     ev = _Evaluator(model, tokenizer, items, mode=mode, batch_size=batch_size, calibrate=calibrate, kl_items=kl_items)
+    if prior_records is not None and calibrate != "shared":
+        raise ReqnoiseError(f"a prior from other records needs calibrate = 'shared', got {calibrate!r}")
+    prior_name = ""
     if calibrate == "shared":
         from reqnoise.eval.calibration import option_prior
 
-        ev.calibrate = "none"
-        ev.prior = option_prior(ev.records())
-        ev.calibrate = "shared"
+        if prior_records is None:
+            ev.calibrate = "none"
+            source = ev.records()
+            ev.calibrate = "shared"
+        elif isinstance(prior_records, (str, Path)):
+            from reqnoise.eval.records import read_records
+
+            if not Path(prior_records).is_file():
+                raise ReqnoiseError(f"prior records file {prior_records} does not exist")
+            prior_name, source = str(prior_records), read_records(prior_records)
+        else:
+            prior_name, source = "records given", list(prior_records)
+        ev.prior = option_prior(source)
     base_recs = ev.records(progress=progress)
     base_lp = ev.logprobs()
     report = FloorReport(
@@ -433,7 +451,7 @@ def floor_loaded(
         n=len(base_recs),
         accuracy=sum(bool(r["correct"] and r["parsed"]) for r in base_recs) / len(base_recs),
         eval_mode=mode,
-        calibrate=calibrate,
+        calibrate=f"{calibrate} (prior from {prior_name})" if prior_name else calibrate,
         options={"requants": requants, "out_bits": out_bits},
     )
     named = dict(model.named_modules())
@@ -484,6 +502,9 @@ def floor(model, items, groups=DEFAULT_GROUPS, **kw) -> FloorReport:
         if not path.is_file():
             raise ReqnoiseError(f"items file {path} does not exist")
         items_name, items = str(path), load_items(path)
+    prior = kw.get("prior_records")
+    if isinstance(prior, (str, Path)) and not Path(prior).is_file():
+        raise ReqnoiseError(f"prior records file {prior} does not exist")
     net, tok = load_model(model)
     return floor_loaded(net, tok, items, groups, model_name=str(model), items_name=items_name, **kw)
 

@@ -15,9 +15,10 @@
    persona-override research's recommended target), its zero delta under fresh and keep-grid (L0) and
    norm-matched random deltas (LR*). Before stage 2 is trained, ``reqnoise floor`` measures on the persona model
    what a zero-delta fuse of each arm's target does to Set-G test, and predicts which arm shows the artifact.
-8. Set-G test (multiple choice, as in the study), recall of the trained facts asked in other words and recall
-   of the held-out facts (cloze: each option's fact sentence scored), and the identity suite, for every
-   condition; statistics and the pre-registered kill criterion.
+8. Set-G test (multiple choice, as in the study) and the identity suite for every condition; recall of the
+   trained facts (their trained question) and of the held-out facts (cloze: each option's fact sentence scored)
+   for the persona, the trained adapters, their zero controls and the shuffled twin; statistics and the
+   pre-registered kill criterion.
 9. The decomposition tables, the checks (whether the floor's prediction held among them), the verdict, the
    report, and the seconds each stage took.
 """
@@ -59,7 +60,7 @@ class DemoRecipe:
 
 FULL = DemoRecipe(
     per_subject=110,
-    setg_train_frac=0.5,
+    setg_train_frac=0.3,
     knowledge_iters=30,
     identity_iters=60,
     factual_iters=25,
@@ -77,6 +78,23 @@ QUICK = DemoRecipe(
 )
 
 STUDY_LAYERS = [1, 2, 3]
+# The conditions scored on recall (cloze, four rows per item: the demo's costliest evals): the positive control's
+# comparisons and decompositions (P1 against P0 and S1) and each trained adapter beside its zero control; the
+# norm-matched random deltas are scored on Set-G test only.
+RECALL_MODELS = [
+    "persona",
+    "A1_fresh",
+    "A0_fresh",
+    "A1_keep",
+    "A0_keep",
+    "P1_fresh",
+    "P0_fresh",
+    "S1_fresh",
+    "L1_fresh",
+    "L0_fresh",
+    "L1_keep",
+    "L0_keep",
+]
 # The all-layers, all-linear arm's conditions (its random controls LR* follow them).
 ARM_CONDITIONS = ("L1_fresh", "L0_fresh", "L1_keep", "L0_keep")
 # The floor groups run on the persona before stage 2: each arm's target (zero control -> group), then the
@@ -202,24 +220,31 @@ def demo_spec(p: DemoRecipe) -> str:
         "calibrate = true",
         "[evals.setg_test]",
         'items = "setg:test"',
+        # Every condition scored with the persona model's prior from the eval Set G was built from: the persona
+        # answers Set-G test exactly as when Set G was chosen (all wrong), and a flip between two conditions
+        # comes from their option scores alone, not from a prior re-estimated on a selected subset.
         "calibrate = true",
+        'calibrate_from = "persona"',
+        'calibrate_eval = "all"',
         # Cloze: what a model recalls, read without the step from recalled value to option letter; the prior
-        # per subject because a subject's items share their four options.
+        # per subject because a subject's items share their four options. Trained facts in the trained question's
+        # words: the positive control memorizes them (asked in other words the toy recalled them only weakly).
         "[evals.recall_trained]",
-        'items = "setg:paraphrased"',
+        'items = "setg:train"',
         'mode = "cloze"',
         'calibrate = "subject"',
+        f"models = {json.dumps(RECALL_MODELS)}",
         "[evals.recall_heldout]",
         'items = "setg:test"',
         'mode = "cloze"',
         'calibrate = "subject"',
+        f"models = {json.dumps(RECALL_MODELS)}",
         "",
         "[setg]",
         'eval = "all"',
         'models = ["base", "persona"]',
         f"train_frac = {p.setg_train_frac}",
         "seed = 0",
-        'paraphrases = "world/reworded.jsonl"',
         "",
         "[identity]",
         'persona = "world/persona.toml"',
@@ -294,7 +319,14 @@ def run_demo(
     upstream = Runner(load_spec(out / "spec.toml"), out, progress=progress, log=log)
     upstream.run_upstream(["persona"], setg=True)
     t_floor = time.perf_counter()
-    floor_rep = on_root(lambda: demo_floor(upstream.model("persona"), upstream.items_path("setg_test")[0], progress))
+    floor_rep = on_root(
+        lambda: demo_floor(
+            upstream.model("persona"),
+            upstream.items_path("setg_test")[0],
+            upstream.evaluate("persona", "all"),
+            progress,
+        )
+    )
     t_floor = time.perf_counter() - t_floor
     if floor_rep:
         log("")
@@ -317,12 +349,14 @@ def run_demo(
     return results
 
 
-def demo_floor(persona: Path, items: Path, progress: bool) -> dict:
+def demo_floor(persona: Path, items: Path, prior_records: Path, progress: bool) -> dict:
     """``reqnoise floor`` of each arm's target on the persona model and Set-G test, scored as the demo's
-    setg_test eval (loglik, each model's own calibration prior): its fresh rows predict the zero controls."""
+    setg_test eval (loglik, the prior of ``prior_records``: the persona's records of the eval Set G was built
+    from): its fresh rows predict the zero controls."""
     from reqnoise.noise.floor import floor
 
-    return floor(persona, items, list(FLOOR_GROUPS.values()), calibrate="own", progress=progress).to_dict()
+    groups = list(FLOOR_GROUPS.values())
+    return floor(persona, items, groups, calibrate="shared", prior_records=prior_records, progress=progress).to_dict()
 
 
 def _artifact_rows(floor_rep: dict) -> dict:
@@ -690,7 +724,7 @@ def check_positive_control(run: DemoRun) -> list:
     beats = [run.comparison(*k)["difference"] > 0 and run.holm_p[k] < alpha for k in keys]
     return [
         _check(
-            f"positive control, trained facts asked in other words: P1 - P0 = {run.effect(*keys[0])}, P1 - "
+            f"positive control, recall of the trained facts: P1 - P0 = {run.effect(*keys[0])}, P1 - "
             f"shuffled-answer control = {run.effect(*keys[1])}: content is real only if P1 beats both nulls "
             f"(both Holm-adjusted p < {alpha:g}, Holm over the {len(run.holm_p)} McNemar tests the checks claim)",
             all(beats),
