@@ -190,34 +190,38 @@ inline v8f fold8_min(const v8f* a) {
 }
 
 // Pass 3 for one group of G values at scale ``so`` and bias ``bo``: codes (from w, or from ``codes`` where
-// quantize_group made them) packed straight into dst. TAIL: the row's last group, whose last blocks write only
-// their own BITS bytes (pack_row's rule: a neighbouring row, another thread's, is never written).
-template <int BITS, int G, bool TAIL>
-inline void quantize_group_bf16(const float* __restrict w, int64_t gi, int64_t direct, float so, float bo, bool exact,
-                                const uint32_t* __restrict codes, uint8_t* __restrict dst) {
+// quantize_group made them) packed straight into dst (a row of ``row_bytes``), four blocks at a time. Their
+// 16-byte stores spill into bytes that the next blocks overwrite, except near the row's end, where only the
+// blocks' own bytes are written (a neighbouring row, another thread's, is never written).
+template <int BITS, int G>
+inline void quantize_group_bf16(const float* __restrict w, int64_t gi, float so, float bo, bool exact,
+                                const uint32_t* __restrict codes, uint8_t* __restrict dst, int64_t row_bytes) {
   constexpr float n_bins = float((1 << BITS) - 1);
   const v8f vs = v8f{} + so, vb = v8f{} + bo;
 #pragma GCC unroll 4
-  for (int k = 0; k < G / 8; ++k) {
-    const int64_t blk = gi * (G / 8) + k;
-    v8u c;
-    if (exact) {
-      std::memcpy(&c, codes + blk * 8, sizeof(c));
-    } else {
-      v8f v;
-      std::memcpy(&v, w + blk * 8, sizeof(v));
-      v = (v - vb) / vs;
-      v = v < 0.0f ? v8f{} : v;
-      v = n_bins < v ? v8f{} + n_bins : v;
-      const v8f t = v + 12582912.0f;  // code_of on eight lanes
-      std::memcpy(&c, &t, sizeof(c));
-      c -= 0x4B400000u;
+  for (int k4 = 0; k4 < G / 32; ++k4) {
+    v8u c[4];
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) {
+      const int64_t blk = gi * (G / 8) + 4 * k4 + k;
+      if (exact) {
+        std::memcpy(&c[k], codes + blk * 8, sizeof(v8u));
+      } else {
+        v8f v;
+        std::memcpy(&v, w + blk * 8, sizeof(v));
+        v = (v - vb) / vs;
+        v = v < 0.0f ? v8f{} : v;
+        v = n_bins < v ? v8f{} + n_bins : v;
+        const v8f t = v + 12582912.0f;  // code_of on eight lanes
+        std::memcpy(&c[k], &t, sizeof(v8u));
+        c[k] -= 0x4B400000u;
+      }
     }
-    const uint64_t word = pack_block<BITS>(c);
-    if (!TAIL || blk < direct) {
-      std::memcpy(dst + blk * BITS, &word, 8);
+    const int64_t at = (gi * (G / 32) + k4) * 4 * BITS;
+    if (at + 2 * BITS + 16 <= row_bytes) {
+      pack_4_blocks<BITS, true>(c, dst + at);
     } else {
-      std::memcpy(dst + blk * BITS, &word, BITS);
+      pack_4_blocks<BITS, false>(c, dst + at);
     }
   }
 }
@@ -232,8 +236,6 @@ void quantize_row_bf16(const float* __restrict w, const v8f* __restrict bmax, co
   constexpr int kBlocks = G / kSub;  // extremes blocks per group
   constexpr float n_bins = float((1 << BITS) - 1);
   const int64_t n_groups = n / G;
-  const int64_t n_bytes = n / 8 * BITS;
-  const int64_t direct = n_bytes >= 8 ? (n_bytes - 8) / BITS + 1 : 0;
   for (int64_t g0 = 0; g0 < n_groups; g0 += 8) {
     const int m = int(n_groups - g0 < 8 ? n_groups - g0 : 8);
     v8f gmax[8], gmin[8];
@@ -282,11 +284,7 @@ void quantize_row_bf16(const float* __restrict w, const v8f* __restrict bmax, co
       if (ex) quantize_group(w + gi * G, G, BITS, codes + gi * G, so, bo);
       store_value(scales_out + gi, so);
       store_value(biases_out + gi, bo);
-      if (gi + 1 < n_groups) {
-        quantize_group_bf16<BITS, G, false>(w, gi, direct, so, bo, ex, codes, dst);
-      } else {
-        quantize_group_bf16<BITS, G, true>(w, gi, direct, so, bo, ex, codes, dst);
-      }
+      quantize_group_bf16<BITS, G>(w, gi, so, bo, ex, codes, dst, n / 8 * BITS);
     }
   }
 }
