@@ -59,7 +59,7 @@ typedef uint8_t v32b __attribute__((vector_size(32)));
 #endif
 
 template <int BITS>
-inline v8f unpack_block(uint64_t v) {
+inline v8u unpack_block_codes(uint64_t v) {
   constexpr uint32_t m = (uint32_t(1) << BITS) - 1;
 #if defined(REQNOISE_BYTE_SHUFFLE)
   const v4q b = {v, v, v, v};
@@ -77,7 +77,13 @@ inline v8f unpack_block(uint64_t v) {
   const v8u sh = {0, BITS, 2 * BITS, 3 * BITS, 0, BITS, 2 * BITS, 3 * BITS};
   const v8u c = (x >> sh) & m;
 #endif
-  return __builtin_convertvector((v8i)c, v8f);  // codes < 2^8: the signed conversion is exact and cheaper
+  return c;
+}
+
+template <int BITS>
+inline v8f unpack_block(uint64_t v) {
+  // codes < 2^8: the signed conversion is exact and cheaper
+  return __builtin_convertvector((v8i)unpack_block_codes<BITS>(v), v8f);
 }
 
 // Inverse of unpack_block: codes (each < 2^BITS) shifted into place and OR-folded within each half.

@@ -58,6 +58,12 @@ inline void dequantize_row(const T* scales, const T* biases, const float* __rest
 // order-free for finite values, and a block with a non-finite value takes the exact path of both).
 constexpr int kSub = 32;  // values per extremes block: the smallest group size
 
+// GCC's variable-index __builtin_shuffle is one permute (vpermps) with AVX2; Clang has no such builtin, and
+// other targets would expand it lane by lane.
+#if defined(__AVX2__) && !defined(__clang__)
+#define REQNOISE_TABLE_DEQUANTIZE 1
+#endif
+
 // round_bf16_non_nan on eight lanes.
 inline v8f round_bf16_v(v8f x) {
   v8u u;
@@ -73,6 +79,18 @@ template <int BITS, int G, bool DELTA, bool TAIL>
 inline v8u dequantize_group_bf16(const uint8_t* __restrict src, int64_t gi, int64_t direct, float sc, float bi,
                                  const float* __restrict delta, float* __restrict w, v8f* __restrict vmax,
                                  v8f* __restrict vmin, v8u nf) {
+#if defined(REQNOISE_TABLE_DEQUANTIZE)
+  // Widths up to 4 bits: the group's dequantized value of every code, computed once (the same operations per
+  // value as below), then looked up by a variable permute.
+  v8f tab[2];
+  if constexpr (BITS <= 4) {
+    for (int h = 0; h < (BITS == 4 ? 2 : 1); ++h) {
+      const v8f code = {0.0f + 8 * h, 1.0f + 8 * h, 2.0f + 8 * h, 3.0f + 8 * h,
+                        4.0f + 8 * h, 5.0f + 8 * h, 6.0f + 8 * h, 7.0f + 8 * h};
+      tab[h] = round_bf16_v(round_bf16_v(code * sc) + bi);
+    }
+  }
+#endif
 #pragma GCC unroll 4
   for (int sb = 0; sb < G / kSub; ++sb) {
     const int64_t j0 = gi * G + sb * kSub;
@@ -86,8 +104,20 @@ inline v8u dequantize_group_bf16(const uint8_t* __restrict src, int64_t gi, int6
       } else {
         std::memcpy(&v, src + blk * BITS, BITS);
       }
+#if defined(REQNOISE_TABLE_DEQUANTIZE)
+      v8f y;
+      if constexpr (BITS <= 4) {
+        const v8i c = (v8i)unpack_block_codes<BITS>(v);
+        y = __builtin_shuffle(tab[0], c);  // indices mod 8
+        if constexpr (BITS == 4) y = (c & 8) ? __builtin_shuffle(tab[1], c) : y;
+      } else {
+        const v8f q = unpack_block<BITS>(v);
+        y = round_bf16_v(round_bf16_v(q * sc) + bi);
+      }
+#else
       const v8f q = unpack_block<BITS>(v);
       v8f y = round_bf16_v(round_bf16_v(q * sc) + bi);
+#endif
       if constexpr (DELTA) {
         v8f d;
         std::memcpy(&d, delta + j0 + 8 * k, sizeof(d));
