@@ -4,7 +4,9 @@
 // Includes the kernels' translation units so that their internal helpers can be timed one phase at a time
 // over the same rows; each phase runs over every row before the next starts, so the timings are of each phase
 // in isolation (their sum is an upper bound on the fused row loop, which keeps a row in L1 between phases).
-// Also times the whole row loop at 1 and 2 threads. Prints one JSON object.
+// Also times the whole row loop at 1 and 2 threads. Prints one JSON object. The affine phases unpack ... pack
+// are the general row form's (float16/float32 scales, keep-grid, DoRA); bfloat16 fresh rows take the three-pass
+// form, timed as pass1_* and pass23_*.
 //
 //   g++ -std=c++20 -O3 -ffp-contract=off -fno-math-errno -fno-trapping-math [-march=x86-64-v3] \
 //       -DREQNOISE_ISA=v3 -I csrc -I $(python -m mlx --cmake-dir)/include bench/kernel_phases.cpp -o /tmp/kp
@@ -195,6 +197,26 @@ int main(int argc, char** argv) {
   const double pack = mode == reqnoise::kMxfp8 ? -1.0 : ns_per_weight([&] {
     for (int64_t r = 0; r < rows; ++r) k::pack_codes(bits, s.codes, in_dim, wq_out.data() + r * words);
   });
+  // The bfloat16 fresh rows' three-pass form (fuse_kernel.cpp), each pass alone over every row: pass 1
+  // (unpack, dequantize, delta, block extremes) and passes 2+3 (scales, codes, pack).
+  double pass1_t = -1.0, pass23_t = -1.0;
+  if (!fp) {
+    const int64_t n_sub = in_dim / k::kSub;
+    std::vector<k::v8f> ext(2 * n_sub);
+    std::vector<uint8_t> special(n_sub);
+    const auto p1 = k::pass1_for(bits, int(g), rank > 0);
+    const auto p23 = k::pass23_for(bits, int(g));
+    pass1_t = ns_per_weight([&] {
+      for (int64_t r = 0; r < rows; ++r)
+        p1(reinterpret_cast<const uint8_t*>(wq.data() + r * words), &sc[r * groups], &bi[r * groups], dd, in_dim, s.w,
+           ext.data(), ext.data() + n_sub, special.data());
+    });
+    pass23_t = ns_per_weight([&] {
+      for (int64_t r = 0; r < rows; ++r)
+        p23(s.w, ext.data(), ext.data() + n_sub, false, special.data(), in_dim, s.codes,
+            reinterpret_cast<uint8_t*>(wq_out.data() + r * words), &sc_out[r * groups], &bi_out[r * groups]);
+    });
+  }
   const double copy = ns_per_weight([&] { std::memcpy(wq_out.data(), wq.data(), wq.size() * 4); });
   auto num = [](double x) {
     char b[32];
@@ -204,8 +226,10 @@ int main(int argc, char** argv) {
   std::printf(
       "{\"isa\": \"%s\", \"mode\": \"%s\", \"experts\": %ld, \"bits\": %d, \"rank\": %d, \"cpu_ns_per_weight\": "
       "{\"row_loop\": %.3f, \"unpack\": %s, \"delta\": %.3f, \"dequant_bf16\": %.3f, \"scale_quantize\": %.3f, "
-      "\"pack\": %s, \"memcpy_codes\": %.3f}, \"wall_ns_per_weight\": {\"row_loop_1t\": %.3f, \"row_loop_2t\": "
+      "\"pack\": %s, \"pass1_unpack_dequant_delta_extremes\": %s, \"pass23_scales_quantize_pack\": %s, "
+      "\"memcpy_codes\": %.3f}, \"wall_ns_per_weight\": {\"row_loop_1t\": %.3f, \"row_loop_2t\": "
       "%.3f}, \"thread_scaling_1_to_2\": %.2f}\n",
       REQNOISE_STR(REQNOISE_ISA), mode_name.c_str(), long(E), bits, rank, whole1, num(unpack).c_str(), delta, dequant,
-      quant, num(pack).c_str(), copy, whole1_wall, whole2, whole1_wall / whole2);
+      quant, num(pack).c_str(), num(pass1_t).c_str(), num(pass23_t).c_str(), copy, whole1_wall, whole2,
+      whole1_wall / whole2);
 }

@@ -47,14 +47,43 @@ typedef float v8f __attribute__((vector_size(32)));
 // Codes 0-3 of a block lie in its low 4*BITS bits and codes 4-7 in the next 4*BITS (at most 24 bits each
 // for BITS <= 6, 32 for 8), so each half fits a 32-bit lane: one broadcast, one per-lane shift and one mask
 // unpack the whole block, also for the widths whose codes straddle bytes (3, 5, 6).
+typedef uint64_t v4q __attribute__((vector_size(32)));
+typedef uint8_t v32b __attribute__((vector_size(32)));
+
+// Where a byte shuffle is one instruction (SSSE3's pshufb within each 128-bit half, NEON's tbl), lane j takes
+// the two bytes that hold code j (bit j*BITS of the block; a code never spans more than two bytes) from a
+// broadcast of the block, then one per-lane shift and mask. Elsewhere (the SSE2 baseline) the halves of the
+// block are broadcast to four lanes each.
+#if defined(__SSSE3__) || defined(__aarch64__)
+#define REQNOISE_BYTE_SHUFFLE 1
+#endif
+
 template <int BITS>
-inline v8f unpack_block(uint64_t v) {
+inline v8u unpack_block_codes(uint64_t v) {
   constexpr uint32_t m = (uint32_t(1) << BITS) - 1;
+#if defined(REQNOISE_BYTE_SHUFFLE)
+  const v4q b = {v, v, v, v};
+#define REQNOISE_LANE(j) 16 * (j / 4) + (j * BITS) / 8, 16 * (j / 4) + (j * BITS) / 8 + 1, 0, 0
+  const v32b x =
+      __builtin_shufflevector((v32b)b, (v32b)b, REQNOISE_LANE(0), REQNOISE_LANE(1), REQNOISE_LANE(2), REQNOISE_LANE(3),
+                              REQNOISE_LANE(4), REQNOISE_LANE(5), REQNOISE_LANE(6), REQNOISE_LANE(7));
+#undef REQNOISE_LANE
+  const v8u sh = {
+      0, BITS % 8, (2 * BITS) % 8, (3 * BITS) % 8, (4 * BITS) % 8, (5 * BITS) % 8, (6 * BITS) % 8, (7 * BITS) % 8};
+  const v8u c = ((v8u)x >> sh) & m;
+#else
   const uint32_t lo = uint32_t(v), hi = uint32_t(v >> (4 * BITS));
   const v8u x = {lo, lo, lo, lo, hi, hi, hi, hi};
   const v8u sh = {0, BITS, 2 * BITS, 3 * BITS, 0, BITS, 2 * BITS, 3 * BITS};
   const v8u c = (x >> sh) & m;
-  return __builtin_convertvector((v8i)c, v8f);  // codes < 2^8: the signed conversion is exact and cheaper
+#endif
+  return c;
+}
+
+template <int BITS>
+inline v8f unpack_block(uint64_t v) {
+  // codes < 2^8: the signed conversion is exact and cheaper
+  return __builtin_convertvector((v8i)unpack_block_codes<BITS>(v), v8f);
 }
 
 // Inverse of unpack_block: codes (each < 2^BITS) shifted into place and OR-folded within each half.
@@ -66,6 +95,50 @@ inline uint64_t pack_block(v8u c) {
   x |= __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6);
   x |= __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5);
   return uint64_t(x[0]) | (uint64_t(x[4]) << (4 * BITS));
+}
+
+// Four blocks (32 codes, each < 2^BITS) packed at once into 4*BITS bytes: the per-block OR-folds of pack_block
+// done for the four together by pairing lanes across blocks, each block's halves joined in a 64-bit lane, the
+// four blocks' bytes made contiguous by a byte shuffle per 128-bit half. WHOLE: the 16-byte stores of the two
+// halves may write past the 4*BITS bytes (the caller's next blocks overwrite that); otherwise only those bytes
+// are written.
+template <int BITS, bool WHOLE>
+inline void pack_4_blocks(const v8u* c, uint8_t* dst) {
+  constexpr uint32_t m = (uint32_t(1) << BITS) - 1;
+  const v8u sh = {0, BITS, 2 * BITS, 3 * BITS, 0, BITS, 2 * BITS, 3 * BITS};
+  const v8u x0 = (c[0] & m) << sh, x1 = (c[1] & m) << sh, x2 = (c[2] & m) << sh, x3 = (c[3] & m) << sh;
+  // p01 lanes: block 0's code pairs (0|1, 2|3, 4|5, 6|7) interleaved with block 1's.
+  const v8u p01 = __builtin_shufflevector(x0, x1, 0, 8, 2, 10, 4, 12, 6, 14) |
+                  __builtin_shufflevector(x0, x1, 1, 9, 3, 11, 5, 13, 7, 15);
+  const v8u p23 = __builtin_shufflevector(x2, x3, 0, 8, 2, 10, 4, 12, 6, 14) |
+                  __builtin_shufflevector(x2, x3, 1, 9, 3, 11, 5, 13, 7, 15);
+  // r lanes: low half (codes 0-3), high half (codes 4-7) of blocks 0, 1, 2, 3.
+  const v8u r = __builtin_shufflevector(p01, p23, 0, 4, 1, 5, 8, 12, 9, 13) |
+                __builtin_shufflevector(p01, p23, 2, 6, 3, 7, 10, 14, 11, 15);
+  v4q q = (v4q)r;
+  if constexpr (BITS != 8) q = (q & 0xFFFFFFFFu) | ((q >> 32) << (4 * BITS));
+  // Block i's BITS bytes are bytes 8i.. of q; bytes past them are don't-care (0).
+#define REQNOISE_B(o) ((o) < 2 * BITS ? 8 * ((o) / BITS) + (o) % BITS : 0)
+  typedef uint8_t v16b __attribute__((vector_size(16)));
+  const v32b qb = (v32b)q;
+  const v16b lo =
+      __builtin_shufflevector(qb, qb, REQNOISE_B(0), REQNOISE_B(1), REQNOISE_B(2), REQNOISE_B(3), REQNOISE_B(4),
+                              REQNOISE_B(5), REQNOISE_B(6), REQNOISE_B(7), REQNOISE_B(8), REQNOISE_B(9), REQNOISE_B(10),
+                              REQNOISE_B(11), REQNOISE_B(12), REQNOISE_B(13), REQNOISE_B(14), REQNOISE_B(15));
+#undef REQNOISE_B
+#define REQNOISE_B(o) ((o) < 2 * BITS ? 16 + 8 * ((o) / BITS) + (o) % BITS : 16)
+  const v16b hi =
+      __builtin_shufflevector(qb, qb, REQNOISE_B(0), REQNOISE_B(1), REQNOISE_B(2), REQNOISE_B(3), REQNOISE_B(4),
+                              REQNOISE_B(5), REQNOISE_B(6), REQNOISE_B(7), REQNOISE_B(8), REQNOISE_B(9), REQNOISE_B(10),
+                              REQNOISE_B(11), REQNOISE_B(12), REQNOISE_B(13), REQNOISE_B(14), REQNOISE_B(15));
+#undef REQNOISE_B
+  if constexpr (WHOLE) {
+    std::memcpy(dst, &lo, 16);
+    std::memcpy(dst + 2 * BITS, &hi, 16);
+  } else {
+    std::memcpy(dst, &lo, 2 * BITS);
+    std::memcpy(dst + 2 * BITS, &hi, 2 * BITS);
+  }
 }
 
 // One row of n codes (n a multiple of 8) straight from the packed source: whole-word reads while 8 bytes

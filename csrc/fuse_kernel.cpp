@@ -50,6 +50,275 @@ inline void dequantize_row(const T* scales, const T* biases, const float* __rest
   }
 }
 
+// The fresh requantization of a bfloat16 row in three passes over L1-resident scratch, each value's path held
+// in registers within a pass: (1) unpack, dequantize, add the delta, with each 32-value block's extremes
+// (vectors of eight partial maxima and minima); (2) the scales and biases of eight output groups at a time,
+// their extremes folded by a transposition; (3) the codes of each group straight into the packed output row.
+// The bytes are those of dequantize_row and quantize_group: the same per-value operations (max and min are
+// order-free for finite values, and a block with a non-finite value takes the exact path of both).
+constexpr int kSub = 32;  // values per extremes block: the smallest group size
+
+// GCC's variable-index __builtin_shuffle is one permute (vpermps) with AVX2; Clang has no such builtin, and
+// other targets would expand it lane by lane.
+#if defined(__AVX2__) && !defined(__clang__)
+#define REQNOISE_TABLE_DEQUANTIZE 1
+#endif
+
+// round_bf16_non_nan on eight lanes.
+inline v8f round_bf16_v(v8f x) {
+  v8u u;
+  std::memcpy(&u, &x, sizeof(u));
+  u = (u + ((u >> 16) & 1u) + 0x7FFFu) & 0xFFFF0000u;
+  std::memcpy(&x, &u, sizeof(u));
+  return x;
+}
+
+// One input group of pass 1 (TAIL: the row's last group, whose last blocks are read through a zero-padded
+// word so that nothing past the row is touched). Returns the lanes' largest |value| bits (max with nf).
+template <int BITS, int G, bool DELTA, bool TAIL>
+inline v8u dequantize_group_bf16(const uint8_t* __restrict src, int64_t gi, int64_t direct, float sc, float bi,
+                                 const float* __restrict delta, float* __restrict w, v8f* __restrict vmax,
+                                 v8f* __restrict vmin, v8u nf) {
+#if defined(REQNOISE_TABLE_DEQUANTIZE)
+  // Widths up to 4 bits: the group's dequantized value of every code, computed once (the same operations per
+  // value as below), then looked up by a variable permute.
+  v8f tab[2];
+  if constexpr (BITS <= 4) {
+    for (int h = 0; h < (BITS == 4 ? 2 : 1); ++h) {
+      const v8f code = {0.0f + 8 * h, 1.0f + 8 * h, 2.0f + 8 * h, 3.0f + 8 * h,
+                        4.0f + 8 * h, 5.0f + 8 * h, 6.0f + 8 * h, 7.0f + 8 * h};
+      tab[h] = round_bf16_v(round_bf16_v(code * sc) + bi);
+    }
+  }
+#endif
+#pragma GCC unroll 4
+  for (int sb = 0; sb < G / kSub; ++sb) {
+    const int64_t j0 = gi * G + sb * kSub;
+    v8f mx, mn;
+#pragma GCC unroll 4
+    for (int k = 0; k < kSub / 8; ++k) {
+      const int64_t blk = j0 / 8 + k;
+      uint64_t v = 0;
+      if (!TAIL || blk < direct) {
+        std::memcpy(&v, src + blk * BITS, 8);
+      } else {
+        std::memcpy(&v, src + blk * BITS, BITS);
+      }
+#if defined(REQNOISE_TABLE_DEQUANTIZE)
+      v8f y;
+      if constexpr (BITS <= 4) {
+        const v8i c = (v8i)unpack_block_codes<BITS>(v);
+        y = __builtin_shuffle(tab[0], c);  // indices mod 8
+        if constexpr (BITS == 4) y = (c & 8) ? __builtin_shuffle(tab[1], c) : y;
+      } else {
+        const v8f q = unpack_block<BITS>(v);
+        y = round_bf16_v(round_bf16_v(q * sc) + bi);
+      }
+#else
+      const v8f q = unpack_block<BITS>(v);
+      v8f y = round_bf16_v(round_bf16_v(q * sc) + bi);
+#endif
+      if constexpr (DELTA) {
+        v8f d;
+        std::memcpy(&d, delta + j0 + 8 * k, sizeof(d));
+        y = round_bf16_v(y + round_bf16_v(d));
+      }
+      v8u u;
+      std::memcpy(&u, &y, sizeof(u));
+      u &= 0x7FFFFFFFu;
+      nf = nf < u ? u : nf;  // the largest magnitude's bits: non-finite values have the largest
+      std::memcpy(w + j0 + 8 * k, &y, sizeof(y));
+      if (k == 0) {
+        mx = y, mn = y;
+      } else {
+        mx = mx < y ? y : mx;
+        mn = y < mn ? y : mn;
+      }
+    }
+    vmax[j0 / kSub] = mx;
+    vmin[j0 / kSub] = mn;
+  }
+  return nf;
+}
+
+// Pass 1 for input groups of G values: w and the extremes of each 32-value block. Returns whether a value came
+// out non-finite; then the blocks that hold one are recomputed the exact way and flagged in ``special`` (pass
+// 2 quantizes their groups with quantize_group); otherwise ``special`` is left as it is.
+template <int BITS, int G, bool DELTA>
+bool dequantize_row_bf16(const uint8_t* __restrict src, const mlx::core::bfloat16_t* scales,
+                         const mlx::core::bfloat16_t* biases, const float* __restrict delta, int64_t n,
+                         float* __restrict w, v8f* __restrict vmax, v8f* __restrict vmin, uint8_t* __restrict special) {
+  using bf16 = mlx::core::bfloat16_t;
+  const int64_t n_bytes = n / 8 * BITS;
+  const int64_t direct = n_bytes >= 8 ? (n_bytes - 8) / BITS + 1 : 0;  // blocks readable as a whole word
+  const int64_t n_groups = n / G;
+  v8u nf = {};
+  for (int64_t gi = 0; gi + 1 < n_groups; ++gi) {
+    nf = dequantize_group_bf16<BITS, G, DELTA, false>(src, gi, direct, load_value(scales + gi), load_value(biases + gi),
+                                                      delta, w, vmax, vmin, nf);
+  }
+  const int64_t gl = n_groups - 1;
+  nf = dequantize_group_bf16<BITS, G, DELTA, true>(src, gl, direct, load_value(scales + gl), load_value(biases + gl),
+                                                   delta, w, vmax, vmin, nf);
+  const v8u hit = (v8u)(nf >= 0x7F800000u);  // some |value| is inf or NaN
+  uint64_t h[4];
+  std::memcpy(h, &hit, sizeof(h));
+  if (!(h[0] | h[1] | h[2] | h[3])) return false;
+  for (int64_t b = 0; b < n / kSub; ++b) {
+    uint32_t any = 0;
+    for (int j = 0; j < kSub; ++j) any |= is_non_finite(w[b * kSub + j]);
+    special[b] = uint8_t(any);
+    if (!any) continue;
+    const int64_t gi = b * kSub / G;
+    float q[kSub];
+    for (int k = 0; k < kSub / 8; ++k) {
+      const int64_t blk = b * kSub / 8 + k;
+      uint64_t v = 0;
+      std::memcpy(&v, src + blk * BITS, blk < direct ? 8 : BITS);
+      const v8f f = unpack_block<BITS>(v);
+      std::memcpy(q + 8 * k, &f, sizeof(f));
+    }
+    dequantize_group<bf16, kSub, DELTA>(q, DELTA ? delta + b * kSub : nullptr, load_value(scales + gi),
+                                        load_value(biases + gi), w + b * kSub);
+  }
+  return true;
+}
+
+// Max and min of each of eight vectors, as one vector (lane i: vector i's): three rounds of pairing lanes.
+inline v8f fold8_max(const v8f* a) {
+  v8f p[4], q[2];
+  for (int i = 0; i < 4; ++i) {
+    const v8f x = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 8, 2, 10, 4, 12, 6, 14);
+    const v8f y = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+    p[i] = x < y ? y : x;
+  }
+  for (int i = 0; i < 2; ++i) {
+    const v8f x = __builtin_shufflevector(p[2 * i], p[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13);
+    const v8f y = __builtin_shufflevector(p[2 * i], p[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+    q[i] = x < y ? y : x;
+  }
+  const v8f x = __builtin_shufflevector(q[0], q[1], 0, 1, 2, 3, 8, 9, 10, 11);
+  const v8f y = __builtin_shufflevector(q[0], q[1], 4, 5, 6, 7, 12, 13, 14, 15);
+  return x < y ? y : x;
+}
+
+inline v8f fold8_min(const v8f* a) {
+  v8f p[4], q[2];
+  for (int i = 0; i < 4; ++i) {
+    const v8f x = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 8, 2, 10, 4, 12, 6, 14);
+    const v8f y = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+    p[i] = y < x ? y : x;
+  }
+  for (int i = 0; i < 2; ++i) {
+    const v8f x = __builtin_shufflevector(p[2 * i], p[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13);
+    const v8f y = __builtin_shufflevector(p[2 * i], p[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+    q[i] = y < x ? y : x;
+  }
+  const v8f x = __builtin_shufflevector(q[0], q[1], 0, 1, 2, 3, 8, 9, 10, 11);
+  const v8f y = __builtin_shufflevector(q[0], q[1], 4, 5, 6, 7, 12, 13, 14, 15);
+  return y < x ? y : x;
+}
+
+// Pass 3 for one group of G values at scale ``so`` and bias ``bo``: codes (from w, or from ``codes`` where
+// quantize_group made them) packed straight into dst (a row of ``row_bytes``), four blocks at a time. Their
+// 16-byte stores spill into bytes that the next blocks overwrite, except near the row's end, where only the
+// blocks' own bytes are written (a neighbouring row, another thread's, is never written).
+template <int BITS, int G>
+inline void quantize_group_bf16(const float* __restrict w, int64_t gi, float so, float bo, bool exact,
+                                const uint32_t* __restrict codes, uint8_t* __restrict dst, int64_t row_bytes) {
+  constexpr float n_bins = float((1 << BITS) - 1);
+  const v8f vs = v8f{} + so, vb = v8f{} + bo;
+#pragma GCC unroll 4
+  for (int k4 = 0; k4 < G / 32; ++k4) {
+    v8u c[4];
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) {
+      const int64_t blk = gi * (G / 8) + 4 * k4 + k;
+      if (exact) {
+        std::memcpy(&c[k], codes + blk * 8, sizeof(v8u));
+      } else {
+        v8f v;
+        std::memcpy(&v, w + blk * 8, sizeof(v));
+        v = (v - vb) / vs;
+        v = v < 0.0f ? v8f{} : v;
+        v = n_bins < v ? v8f{} + n_bins : v;
+        const v8f t = v + 12582912.0f;  // code_of on eight lanes
+        std::memcpy(&c[k], &t, sizeof(v8u));
+        c[k] -= 0x4B400000u;
+      }
+    }
+    const int64_t at = (gi * (G / 32) + k4) * 4 * BITS;
+    if (at + 2 * BITS + 16 <= row_bytes) {
+      pack_4_blocks<BITS, true>(c, dst + at);
+    } else {
+      pack_4_blocks<BITS, false>(c, dst + at);
+    }
+  }
+}
+
+// Passes 2 and 3 for output groups of G values (BITS wide) from pass 1's w and block extremes: quantize_group's
+// scale and bias for eight groups at a time, then each group's codes packed straight into dst. ``special``
+// (pass 1's block flags) is read only when ``any_special``.
+template <int BITS, int G>
+void quantize_row_bf16(const float* __restrict w, const v8f* __restrict bmax, const v8f* __restrict bmin,
+                       bool any_special, const uint8_t* __restrict special, int64_t n, uint32_t* __restrict codes,
+                       uint8_t* dst, mlx::core::bfloat16_t* scales_out, mlx::core::bfloat16_t* biases_out) {
+  constexpr int kBlocks = G / kSub;  // extremes blocks per group
+  constexpr float n_bins = float((1 << BITS) - 1);
+  const int64_t n_groups = n / G;
+  for (int64_t g0 = 0; g0 < n_groups; g0 += 8) {
+    const int m = int(n_groups - g0 < 8 ? n_groups - g0 : 8);
+    v8f gmax[8], gmin[8];
+    uint32_t exact = 0;  // groups that quantize_group handles (a non-finite value)
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
+      const int64_t b0 = (g0 + (i < m ? i : 0)) * kBlocks;
+      v8f mx = bmax[b0], mn = bmin[b0];
+      for (int k = 1; k < kBlocks; ++k) {
+        mx = mx < bmax[b0 + k] ? bmax[b0 + k] : mx;
+        mn = bmin[b0 + k] < mn ? bmin[b0 + k] : mn;
+      }
+      gmax[i] = mx;
+      gmin[i] = mn;
+    }
+    if (any_special) {
+      for (int i = 0; i < m; ++i) {
+        for (int k = 0; k < kBlocks; ++k) exact |= uint32_t(special[(g0 + i) * kBlocks + k] != 0) << i;
+      }
+    }
+    const v8f w_max = fold8_max(gmax), w_min = fold8_min(gmin);
+    // quantize_group's scale and bias, lane by lane.
+    const v8u abs_mask = v8u{} + 0x7FFFFFFFu;
+    v8u umax, umin;
+    std::memcpy(&umax, &w_max, sizeof(umax));
+    std::memcpy(&umin, &w_min, sizeof(umin));
+    const v8i mask = (v8i)(umin & abs_mask) > (v8i)(umax & abs_mask);  // |w_min| > |w_max| (both finite)
+    v8f scale = (w_max - w_min) / n_bins;
+    scale = scale < 1e-7f ? v8f{} + 1e-7f : scale;
+    scale = mask ? scale : -scale;
+    const v8f edge = mask ? w_min : w_max;
+    const v8f t = edge / scale;
+    // rint(t): the sign of a zero result does not matter (only q0 != 0 and edge / q0 are used).
+    v8u ut;
+    std::memcpy(&ut, &t, sizeof(ut));
+    const v8f big = (v8f)((ut & 0x80000000u) | 0x4B000000u);  // +-2^23
+    const v8i small = (v8i)(ut & abs_mask) < 0x4B000000;
+    const v8f q0 = small ? (t + big) - big : t;
+    const v8i nz = q0 != 0.0f;
+    scale = nz ? edge / q0 : scale;
+    const v8f bias = nz ? edge : v8f{};
+    for (int i = 0; i < m; ++i) {
+      const int64_t gi = g0 + i;
+      float so = scale[i], bo = bias[i];
+      const bool ex = exact >> i & 1u;
+      if (ex) quantize_group(w + gi * G, G, BITS, codes + gi * G, so, bo);
+      store_value(scales_out + gi, so);
+      store_value(biases_out + gi, bo);
+      quantize_group_bf16<BITS, G>(w, gi, so, bo, ex, codes, dst, n / 8 * BITS);
+    }
+  }
+}
+
 // ``row``: this row's pointers (A: its expert's [rank, in] matrix; B: its [rank] row; mag: its magnitude).
 // ``delta``: this row's scale * B @ A (unused when rank == 0).
 template <typename T>
@@ -118,6 +387,59 @@ void fuse_one_row(const FuseSpec& spec, int64_t in_dim, const FuseBuffers<T>& ro
   pack_codes(spec.out_bits, codes, in_dim, row.wq_out);
 }
 
+using Pass1 = bool (*)(const uint8_t*, const mlx::core::bfloat16_t*, const mlx::core::bfloat16_t*, const float*,
+                       int64_t, float*, v8f*, v8f*, uint8_t*);
+using Pass23 = void (*)(const float*, const v8f*, const v8f*, bool, const uint8_t*, int64_t, uint32_t*, uint8_t*,
+                        mlx::core::bfloat16_t*, mlx::core::bfloat16_t*);
+
+template <int BITS>
+Pass1 pass1_for(int g, bool delta) {
+  if (g == 32) return delta ? dequantize_row_bf16<BITS, 32, true> : dequantize_row_bf16<BITS, 32, false>;
+  if (g == 64) return delta ? dequantize_row_bf16<BITS, 64, true> : dequantize_row_bf16<BITS, 64, false>;
+  return delta ? dequantize_row_bf16<BITS, 128, true> : dequantize_row_bf16<BITS, 128, false>;
+}
+
+template <int BITS>
+Pass23 pass23_for(int g) {
+  if (g == 32) return quantize_row_bf16<BITS, 32>;
+  if (g == 64) return quantize_row_bf16<BITS, 64>;
+  return quantize_row_bf16<BITS, 128>;
+}
+
+inline Pass1 pass1_for(int bits, int g, bool delta) {
+  switch (bits) {
+    case 2:
+      return pass1_for<2>(g, delta);
+    case 3:
+      return pass1_for<3>(g, delta);
+    case 4:
+      return pass1_for<4>(g, delta);
+    case 5:
+      return pass1_for<5>(g, delta);
+    case 6:
+      return pass1_for<6>(g, delta);
+    default:
+      return pass1_for<8>(g, delta);
+  }
+}
+
+inline Pass23 pass23_for(int bits, int g) {
+  switch (bits) {
+    case 2:
+      return pass23_for<2>(g);
+    case 3:
+      return pass23_for<3>(g);
+    case 4:
+      return pass23_for<4>(g);
+    case 5:
+      return pass23_for<5>(g);
+    case 6:
+      return pass23_for<6>(g);
+    default:
+      return pass23_for<8>(g);
+  }
+}
+
 }  // namespace
 
 template <typename T>
@@ -134,6 +456,23 @@ void fuse_row_range(const FuseSpec& spec, int64_t out_dim, int64_t in_dim, int64
   if (r) {
     tile_delta = static_cast<float*>(std::malloc(sizeof(float) * kTile * in_dim));
     if (!tile_delta) throw std::bad_alloc();
+  }
+  // bfloat16 fresh requantization (the common case) takes the three-pass form; the rest the general one.
+  const bool three_pass = std::is_same_v<T, mlx::core::bfloat16_t> && !spec.keep_grid && !spec.dora;
+  Pass1 pass1 = nullptr;
+  Pass23 pass23 = nullptr;
+  v8f* extremes = nullptr;  // per 32-value block: partial maxima, then partial minima
+  uint8_t* special = nullptr;
+  if (three_pass) {
+    pass1 = pass1_for(spec.bits, spec.group_size, r > 0);
+    pass23 = pass23_for(spec.out_bits, spec.out_group_size);
+    const int64_t n_sub = in_dim / kSub;
+    extremes = static_cast<v8f*>(std::aligned_alloc(sizeof(v8f), sizeof(v8f) * (3 * n_sub + 1)));
+    if (!extremes) {
+      std::free(tile_delta);
+      throw std::bad_alloc();
+    }
+    special = reinterpret_cast<uint8_t*>(extremes + 2 * n_sub);
   }
   for (int64_t row0 = row_begin; row0 < row_end;) {
     const int64_t e = row0 / out_dim;
@@ -162,11 +501,23 @@ void fuse_row_range(const FuseSpec& spec, int64_t out_dim, int64_t in_dim, int64
                                buf.wq_out + row * words_out,
                                spec.keep_grid ? nullptr : buf.scales_out + row * groups_out,
                                spec.keep_grid ? nullptr : buf.biases_out + row * groups_out};
-      fuse_one_row<T>(spec, in_dim, one, s, r ? tile_delta + (row - row0) * in_dim : nullptr);
+      const float* delta = r ? tile_delta + (row - row0) * in_dim : nullptr;
+      if constexpr (std::is_same_v<T, mlx::core::bfloat16_t>) {
+        if (three_pass) {
+          const int64_t n_sub = in_dim / kSub;
+          const bool any_special = pass1(reinterpret_cast<const uint8_t*>(one.wq), one.scales, one.biases, delta,
+                                         in_dim, s.w, extremes, extremes + n_sub, special);
+          pass23(s.w, extremes, extremes + n_sub, any_special, special, in_dim, s.codes,
+                 reinterpret_cast<uint8_t*>(one.wq_out), one.scales_out, one.biases_out);
+          continue;
+        }
+      }
+      fuse_one_row<T>(spec, in_dim, one, s, delta);
     }
     row0 = tile_end;
   }
   std::free(tile_delta);
+  std::free(extremes);
 }
 
 #define REQNOISE_INSTANTIATE(T)                                                                               \
