@@ -11,6 +11,7 @@
 //   g++ -std=c++20 -O3 -ffp-contract=off -fno-math-errno -fno-trapping-math [-march=x86-64-v3] \
 //       -DREQNOISE_ISA=v3 -I csrc -I $(python -m mlx --cmake-dir)/include bench/kernel_phases.cpp -o /tmp/kp
 //   /tmp/kp [mode=affine|mxfp4|nvfp4|mxfp8] [experts=16] [bits=3] [rank=16] [reps=5]
+//   /tmp/kp affine 2 3 2 1 hash    # the row loop once; prints a hash of the output bytes (compare ISA builds)
 //   /tmp/kp mxfp8 2 8 16 1 loop   # the one-thread row loop once, nothing else (for callgrind:
 //   valgrind --tool=callgrind --toggle-collect='*fp_row_range*' /tmp/kp mxfp8 2 8 16 1 loop)
 // (-fno-trapping-math is fp_kernel.cpp's flag in CMakeLists.txt; the affine kernel is built without it.)
@@ -112,6 +113,25 @@ int main(int argc, char** argv) {
   };
   if (loop_only) {
     row_loop(0, rows, s);
+    return 0;
+  }
+  if (argc > 6 && std::string(argv[6]) == "hash") {
+    // The output bytes' FNV-1a hash: equal across ISA builds (x86-64 copies, AArch64 under qemu) means the
+    // paths MLX's op chain is not run against here compute the same bytes as the tested one.
+    row_loop(0, rows, s);
+    uint64_t h = 1469598103934665603ull;
+    auto mix = [&](const void* p, size_t n) {
+      for (size_t i = 0; i < n; ++i) h = (h ^ static_cast<const uint8_t*>(p)[i]) * 1099511628211ull;
+    };
+    mix(wq_out.data(), wq_out.size() * 4);
+    if (fp) {
+      mix(sc8_out.data(), sc8_out.size());
+    } else {
+      mix(sc_out.data(), sc_out.size() * sizeof(bf16));
+      mix(bi_out.data(), bi_out.size() * sizeof(bf16));
+    }
+    std::printf("{\"mode\": \"%s\", \"bits\": %d, \"rank\": %d, \"hash\": \"%016llx\"}\n", mode_name.c_str(), bits,
+                rank, static_cast<unsigned long long>(h));
     return 0;
   }
 

@@ -135,3 +135,47 @@ def test_timing_counts_core_seconds_over_ranks():
     assert sum(got.values()) == 2 * 50.0
     text = render_timing(t)
     assert "core-seconds over 2 ranks" in text and " 60%" in text.splitlines()[1]
+
+
+def _answers(out, ev, cond, preds):
+    path = out / "results" / ev / f"{cond}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [
+        {"id": f"q{i}", "subject": None, "correct": p == "A", "parsed": True, "prediction": p, "answer": "A"}
+        for i, p in enumerate(preds)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_artifact_needs_the_paired_gain_its_decomposition_and_keep_grid_unchanged_where_scored(tmp_path):
+    """L0 gains 12 of 211 wrong->right against none right->wrong (exact McNemar p = 0.00049): shown while
+    keep-grid L0 answers as the persona in every eval it was scored on (it need not be scored on all); not
+    shown when keep-grid changes one answer, when it has no Set-G test answers, or when p >= 0.05."""
+    gain = table(0, 12, 0, 199)
+    dec = {
+        "components": [
+            {"contribution": 12 / 211, "mcnemar_p": gain["mcnemar_p"]},
+            {"contribution": 0.0, "mcnemar_p": 1},
+        ]
+    }
+
+    def run(comparison):
+        res = results({("setg_test", "L0_fresh", "vs_baseline"): comparison})
+        res["decomposition"] = {"setg_test (L1_fresh vs L0_fresh)": dec}
+        return demo.DemoRun.of(tmp_path, res)
+
+    persona = ["A", "B", "C"]
+    for ev in ("setg_test", "recall_trained"):
+        _answers(tmp_path, ev, "persona", persona)
+        _answers(tmp_path, ev, "L0_keep", persona)
+    clause, shown = demo._artifact_shown(run(gain), "L0_fresh", "L0_keep", "setg_test (L1_fresh vs L0_fresh)")
+    assert shown and "12 wrong->right, 0 right->wrong of 211" in clause and "keep-grid L0 changes no answer" in clause
+    _answers(tmp_path, "recall_trained", "L0_keep", ["A", "B", "D"])
+    clause, shown = demo._artifact_shown(run(gain), "L0_fresh", "L0_keep", "setg_test (L1_fresh vs L0_fresh)")
+    assert not shown and "identical in 1 of 2 evals" in clause
+    _answers(tmp_path, "recall_trained", "L0_keep", persona)
+    (tmp_path / "results" / "setg_test" / "L0_keep.jsonl").unlink()
+    assert not demo._artifact_shown(run(gain), "L0_fresh", "L0_keep", "setg_test (L1_fresh vs L0_fresh)")[1]
+    _answers(tmp_path, "setg_test", "L0_keep", persona)
+    weak = table(0, 5, 0, 206)  # exact McNemar p = 0.0625
+    assert not demo._artifact_shown(run(weak), "L0_fresh", "L0_keep", "setg_test (L1_fresh vs L0_fresh)")[1]

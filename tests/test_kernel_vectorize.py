@@ -106,3 +106,40 @@ def test_non_finite_groups_match_mlx_chain(bits, group):
                 np.array(want[2].astype(mx.float32))
             )
             np.testing.assert_array_equal(g[finite], w[finite])
+
+
+# (mode, experts, bits, rank) of bench/kernel_phases.cpp's "hash" run: every affine width (fresh with and
+# without a delta, the rank-16 tile) and every fp mode.
+HASH_CASES = [("affine", 2, b, 2) for b in (2, 3, 4, 5, 6, 8)] + [
+    ("affine", 2, 3, 0),
+    ("affine", 2, 3, 16),
+    ("mxfp4", 2, 4, 16),
+    ("nvfp4", 2, 4, 16),
+    ("mxfp8", 2, 8, 16),
+]
+
+
+def test_the_aarch64_copy_computes_the_bytes_of_the_x86_copy(tmp_path):
+    """The AArch64 build (NEON byte shuffles, its own vector paths) runs under qemu-user and must write the
+    bytes the x86-64-v3 copy writes, which tests/test_kernel.py holds to MLX's op chain: the row loop over a
+    bfloat16 [2, 2048, 768] stack, hashed by bench/kernel_phases.cpp."""
+    tools = {"aarch64-linux-gnu-g++": "g++-aarch64-linux-gnu", "qemu-aarch64-static": "qemu-user-static"}
+    for tool, package in tools.items():
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} not installed (apt-get install {package})")
+    src = ROOT / "bench" / "kernel_phases.cpp"
+    flags = [*FLAGS, "-fno-trapping-math", f"-I{CSRC}", f"-I{MLX_INCLUDE}", str(src), "-lpthread"]
+    builds = {
+        "x86": ["g++", "-DREQNOISE_ISA=v3", "-march=x86-64-v3", *flags, "-o", str(tmp_path / "x86")],
+        "a64": ["aarch64-linux-gnu-g++", "-DREQNOISE_ISA=baseline", "-static", *flags, "-o", str(tmp_path / "a64")],
+    }
+    for cmd in builds.values():
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-2000:]
+    run = {"x86": [str(tmp_path / "x86")], "a64": ["qemu-aarch64-static", str(tmp_path / "a64")]}
+    for case in HASH_CASES:
+        args = [str(x) for x in case] + ["1", "hash"]
+        out = {
+            k: subprocess.run([*v, *args], capture_output=True, text=True, check=True).stdout for k, v in run.items()
+        }
+        assert '"hash"' in out["x86"] and out["a64"] == out["x86"], case

@@ -66,6 +66,7 @@ def demo_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_reduced_demo_structure(demo_run):
+    from reqnoise.toy.demo import HELDOUT_MODELS as HELDOUT
     from reqnoise.toy.demo import RECALL_MODELS
 
     out, results, logs = demo_run
@@ -96,7 +97,7 @@ def test_reduced_demo_structure(demo_run):
         "L0_keep",
         "LR1_fresh",
     ):
-        evals = ("setg_test", "recall_trained", "recall_heldout") if cond in RECALL_MODELS else ("setg_test",)
+        evals = ("setg_test",) + ("recall_trained",) * (cond in RECALL_MODELS) + ("recall_heldout",) * (cond in HELDOUT)
         assert set(saved["conditions"][cond]) == set(evals)
         for ev in evals:
             row = saved["conditions"][cond][ev]

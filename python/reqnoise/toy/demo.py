@@ -15,10 +15,10 @@
    persona-override research's recommended target), its zero delta under fresh and keep-grid (L0) and
    norm-matched random deltas (LR*). Before stage 2 is trained, ``reqnoise floor`` measures on the persona model
    what a zero-delta fuse of each arm's target does to Set-G test, and predicts which arm shows the artifact.
-8. Set-G test (multiple choice, as in the study) and the identity suite for every condition; recall of the
-   trained facts (their trained question) and of the held-out facts (cloze: each option's fact sentence scored)
-   for the persona, the trained adapters, their zero controls and the shuffled twin; statistics and the
-   pre-registered kill criterion.
+8. Set-G test (multiple choice, as in the study) and the identity suite for every condition; recall (cloze:
+   each option's fact sentence scored) of the trained facts (their trained question) for the persona, the
+   trained adapters and their zero controls, and of the held-out facts for the persona, P1, P0 and S1;
+   statistics and the pre-registered kill criterion.
 9. The decomposition tables, the checks (whether the floor's prediction held among them), the verdict, the
    report, and the seconds each stage took.
 """
@@ -78,9 +78,10 @@ QUICK = DemoRecipe(
 )
 
 STUDY_LAYERS = [1, 2, 3]
-# The conditions scored on recall (cloze, four rows per item: the demo's costliest evals): the positive control's
-# comparisons and decompositions (P1 against P0 and S1) and each trained adapter beside its zero control; the
-# norm-matched random deltas are scored on Set-G test only.
+# The conditions scored on recall (cloze, four rows per item: the demo's costliest evals): of the trained facts,
+# each trained adapter beside its zero control (the positive control's comparisons: P1 against P0 and S1); of
+# the held-out facts, the positive control and its nulls (the held-out check). The norm-matched random deltas
+# are scored on Set-G test only.
 RECALL_MODELS = [
     "persona",
     "A1_fresh",
@@ -95,6 +96,7 @@ RECALL_MODELS = [
     "L1_keep",
     "L0_keep",
 ]
+HELDOUT_MODELS = ["persona", "P1_fresh", "P0_fresh", "S1_fresh"]
 # The all-layers, all-linear arm's conditions (its random controls LR* follow them).
 ARM_CONDITIONS = ("L1_fresh", "L0_fresh", "L1_keep", "L0_keep")
 # The floor groups run on the persona before stage 2: each arm's target (zero control -> group), then the
@@ -238,7 +240,7 @@ def demo_spec(p: DemoRecipe) -> str:
         'items = "setg:test"',
         'mode = "cloze"',
         'calibrate = "subject"',
-        f"models = {json.dumps(RECALL_MODELS)}",
+        f"models = {json.dumps(HELDOUT_MODELS)}",
         "",
         "[setg]",
         'eval = "all"',
@@ -610,8 +612,9 @@ def _artifact_shown(run: DemoRun, zero: str, keep: str, dec_key: str):
     if c is None or dec is None:
         return None, False
     art, content = dec["components"][0], dec["components"][1]
-    kept = [ev for ev, _ in EVALS if run.has_answers(ev, keep) and run.answers(ev, keep) == run.answers(ev, "persona")]
-    keep_ok = len(kept) == len(EVALS)
+    scored = [ev for ev, _ in EVALS if run.has_answers(ev, keep)]
+    kept = [ev for ev in scored if run.answers(ev, keep) == run.answers(ev, "persona")]
+    keep_ok = "setg_test" in scored and len(kept) == len(scored)
     shown = (
         c["difference"] > 0
         and c["mcnemar_p"] < ARTIFACT_ALPHA
@@ -624,7 +627,7 @@ def _artifact_shown(run: DemoRun, zero: str, keep: str, dec_key: str):
         f"right->wrong of {c['n']}, McNemar p = {c['mcnemar_p']:.2g}); decomposition: requantization "
         f"{100 * art['contribution']:+.1f} pp (p = {art['mcnemar_p']:.2g}), content "
         f"{100 * content['contribution']:+.1f} pp (p = {content['mcnemar_p']:.2g}); keep-grid {zero[:2]} "
-        + ("changes no answer" if keep_ok else f"changes answers (identical in {len(kept)} of {len(EVALS)} evals)")
+        + ("changes no answer" if keep_ok else f"changes answers (identical in {len(kept)} of {len(scored)} evals)")
     )
     return clause, shown
 
