@@ -184,39 +184,24 @@ bool dequantize_row_bf16(const uint8_t* __restrict src, const mlx::core::bfloat1
   return true;
 }
 
-// Max and min of each of eight vectors, as one vector (lane i: vector i's): three rounds of pairing lanes.
-inline v8f fold8_max(const v8f* a) {
+// Max (MAX) or min of each of eight vectors, as one vector (lane i: vector i's): three rounds of pairing lanes.
+template <bool MAX>
+inline v8f fold8(const v8f* a) {
+  auto pick = [](v8f x, v8f y) -> v8f {
+    if constexpr (MAX) return x < y ? y : x;
+    return y < x ? y : x;
+  };
   v8f p[4], q[2];
   for (int i = 0; i < 4; ++i) {
-    const v8f x = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 8, 2, 10, 4, 12, 6, 14);
-    const v8f y = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 1, 9, 3, 11, 5, 13, 7, 15);
-    p[i] = x < y ? y : x;
+    p[i] = pick(__builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 8, 2, 10, 4, 12, 6, 14),
+                __builtin_shufflevector(a[2 * i], a[2 * i + 1], 1, 9, 3, 11, 5, 13, 7, 15));
   }
   for (int i = 0; i < 2; ++i) {
-    const v8f x = __builtin_shufflevector(p[2 * i], p[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13);
-    const v8f y = __builtin_shufflevector(p[2 * i], p[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
-    q[i] = x < y ? y : x;
+    q[i] = pick(__builtin_shufflevector(p[2 * i], p[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13),
+                __builtin_shufflevector(p[2 * i], p[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15));
   }
-  const v8f x = __builtin_shufflevector(q[0], q[1], 0, 1, 2, 3, 8, 9, 10, 11);
-  const v8f y = __builtin_shufflevector(q[0], q[1], 4, 5, 6, 7, 12, 13, 14, 15);
-  return x < y ? y : x;
-}
-
-inline v8f fold8_min(const v8f* a) {
-  v8f p[4], q[2];
-  for (int i = 0; i < 4; ++i) {
-    const v8f x = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 8, 2, 10, 4, 12, 6, 14);
-    const v8f y = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 1, 9, 3, 11, 5, 13, 7, 15);
-    p[i] = y < x ? y : x;
-  }
-  for (int i = 0; i < 2; ++i) {
-    const v8f x = __builtin_shufflevector(p[2 * i], p[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13);
-    const v8f y = __builtin_shufflevector(p[2 * i], p[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
-    q[i] = y < x ? y : x;
-  }
-  const v8f x = __builtin_shufflevector(q[0], q[1], 0, 1, 2, 3, 8, 9, 10, 11);
-  const v8f y = __builtin_shufflevector(q[0], q[1], 4, 5, 6, 7, 12, 13, 14, 15);
-  return y < x ? y : x;
+  return pick(__builtin_shufflevector(q[0], q[1], 0, 1, 2, 3, 8, 9, 10, 11),
+              __builtin_shufflevector(q[0], q[1], 4, 5, 6, 7, 12, 13, 14, 15));
 }
 
 // Pass 3 for one group of G values at scale ``so`` and bias ``bo``: codes (from w, or from ``codes`` where
@@ -286,7 +271,7 @@ void quantize_row_bf16(const float* __restrict w, const v8f* __restrict bmax, co
         for (int k = 0; k < kBlocks; ++k) exact |= uint32_t(special[(g0 + i) * kBlocks + k] != 0) << i;
       }
     }
-    const v8f w_max = fold8_max(gmax), w_min = fold8_min(gmin);
+    const v8f w_max = fold8<true>(gmax), w_min = fold8<false>(gmin);
     // quantize_group's scale and bias, lane by lane.
     const v8u abs_mask = v8u{} + 0x7FFFFFFFu;
     v8u umax, umin;

@@ -78,27 +78,17 @@ QUICK = DemoRecipe(
 )
 
 STUDY_LAYERS = [1, 2, 3]
+# The study's arm and the positive control with its nulls (their random controls R* follow them).
+STUDY_CONDITIONS = ("A1_fresh", "A0_fresh", "A1_keep", "A0_keep")
+POSITIVE_CONDITIONS = ("P1_fresh", "P0_fresh", "S1_fresh")
+# The all-layers, all-linear arm's conditions (its random controls LR* follow them).
+ARM_CONDITIONS = ("L1_fresh", "L0_fresh", "L1_keep", "L0_keep")
 # The conditions scored on recall (cloze, four rows per item: the demo's costliest evals): of the trained facts,
 # each trained adapter beside its zero control (the positive control's comparisons: P1 against P0 and S1); of
 # the held-out facts, the positive control and its nulls (the held-out check). The norm-matched random deltas
 # are scored on Set-G test only.
-RECALL_MODELS = [
-    "persona",
-    "A1_fresh",
-    "A0_fresh",
-    "A1_keep",
-    "A0_keep",
-    "P1_fresh",
-    "P0_fresh",
-    "S1_fresh",
-    "L1_fresh",
-    "L0_fresh",
-    "L1_keep",
-    "L0_keep",
-]
-HELDOUT_MODELS = ["persona", "P1_fresh", "P0_fresh", "S1_fresh"]
-# The all-layers, all-linear arm's conditions (its random controls LR* follow them).
-ARM_CONDITIONS = ("L1_fresh", "L0_fresh", "L1_keep", "L0_keep")
+RECALL_MODELS = ["persona", *STUDY_CONDITIONS, *POSITIVE_CONDITIONS, *ARM_CONDITIONS]
+HELDOUT_MODELS = ["persona", *POSITIVE_CONDITIONS]
 # The floor groups run on the persona before stage 2: each arm's target (zero control -> group), then the
 # attention projections alone for reference (the table: the artifact's home in this toy).
 FLOOR_GROUPS = {"A0_fresh": "experts.down_proj@1-3", "L0_fresh": "all-linear", None: "attention"}
@@ -121,19 +111,7 @@ def demo_spec(p: DemoRecipe) -> str:
         rank=4, scale=20.0, lr=p.recall_lr, iters=p.recall_iters, modules=["gate_proj", "up_proj", "down_proj"]
     )
     lrand = [f"LR{i}_fresh" for i in range(1, p.random_controls + 1)]
-    conditions = [
-        "persona",
-        "A1_fresh",
-        "A0_fresh",
-        "A1_keep",
-        "A0_keep",
-        "P1_fresh",
-        "P0_fresh",
-        "S1_fresh",
-        *rand,
-        *ARM_CONDITIONS,
-        *lrand,
-    ]
+    conditions = ["persona", *STUDY_CONDITIONS, *POSITIVE_CONDITIONS, *rand, *ARM_CONDITIONS, *lrand]
     lines = [
         'name = "reqnoise demo: the stacking confound in miniature"',
         "",
