@@ -261,3 +261,25 @@ def test_letter_prior_warnings_name_models_dominated_by_one_letter(tmp_path):
         paths.append(tmp_path / name / "records.jsonl")
     warnings = letter_prior_warnings(paths)
     assert len(warnings) == 1 and warnings[0].startswith("skewed: 70% of predictions are 'A'")
+
+
+def test_the_runner_step_writes_the_reworded_items_of_the_train_split(inputs, tmp_path):
+    """build_setg_step(paraphrases=...): paraphrased.jsonl holds exactly the "<id>-r" items whose <id> is in the
+    train split (the reworded twins of test items and of items outside Set G stay out)."""
+    from dataclasses import replace
+
+    from reqnoise.eval.setg import build_setg_step
+
+    d, items, expected = inputs
+    reworded = [replace(it, id=it.id + "-r", question="In other words: " + it.question) for it in items]
+    (d / "reworded.jsonl").write_text("".join(json.dumps(it.to_dict()) + "\n" for it in reworded))
+    out = tmp_path / "step"
+    out.mkdir()
+    summary = build_setg_step(
+        [d / "a.jsonl", d / "b.jsonl"], d / "items.jsonl", out, train_frac=0.5, seed=1, paraphrases=d / "reworded.jsonl"
+    )
+    train = [it.id for it in load_items(out / "train.jsonl")]
+    para = load_items(out / "paraphrased.jsonl")
+    assert [it.id for it in para] == [i + "-r" for i in train] and summary["paraphrased"] == len(train) > 0
+    assert all(it.question.startswith("In other words: ") for it in para)
+    assert set(train) < set(expected)
