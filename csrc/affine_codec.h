@@ -112,16 +112,15 @@ inline uint64_t pack_block(v8u c) {
   return uint64_t(x[0]) | (uint64_t(x[4]) << (4 * BITS));
 }
 
-// Four blocks (32 codes, each < 2^BITS) packed at once into 4*BITS bytes: the per-block OR-folds of pack_block
-// done for the four together by pairing lanes across blocks, each block's halves joined in a 64-bit lane, the
-// four blocks' bytes made contiguous by a byte shuffle per 128-bit half. WHOLE: the 16-byte stores of the two
+// Four blocks (32 codes, each < 2^BITS: not masked here) packed at once into 4*BITS bytes: the per-block OR-folds of
+// pack_block done for the four together by pairing lanes across blocks, each block's halves joined in a 64-bit lane,
+// the four blocks' bytes made contiguous by a byte shuffle per 128-bit half. WHOLE: the 16-byte stores of the two
 // halves may write past the 4*BITS bytes (the caller's next blocks overwrite that); otherwise only those bytes
 // are written.
 template <int BITS, bool WHOLE>
 inline void pack_4_blocks(const v8u* c, uint8_t* dst) {
-  constexpr uint32_t m = (uint32_t(1) << BITS) - 1;
   const v8u sh = {0, BITS, 2 * BITS, 3 * BITS, 0, BITS, 2 * BITS, 3 * BITS};
-  const v8u x0 = (c[0] & m) << sh, x1 = (c[1] & m) << sh, x2 = (c[2] & m) << sh, x3 = (c[3] & m) << sh;
+  const v8u x0 = c[0] << sh, x1 = c[1] << sh, x2 = c[2] << sh, x3 = c[3] << sh;
   // p01 lanes: block 0's code pairs (0|1, 2|3, 4|5, 6|7) interleaved with block 1's.
   const v8u p01 = __builtin_shufflevector(x0, x1, 0, 8, 2, 10, 4, 12, 6, 14) |
                   __builtin_shufflevector(x0, x1, 1, 9, 3, 11, 5, 13, 7, 15);

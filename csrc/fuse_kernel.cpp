@@ -234,7 +234,9 @@ inline void quantize_group_bf16(const float* __restrict w, int64_t gi, float so,
     for (int k = 0; k < 4; ++k) {
       const int64_t blk = gi * (G / 8) + 4 * k4 + k;
       if (exact) {
+        // quantize_group's code of a NaN quotient is out of range; pack_codes keeps its low BITS bits.
         std::memcpy(&c[k], codes + blk * 8, sizeof(v8u));
+        c[k] &= (1u << BITS) - 1;
       } else {
         v8f v;
         std::memcpy(&v, w + blk * 8, sizeof(v));
