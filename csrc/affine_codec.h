@@ -58,9 +58,24 @@ typedef uint8_t v32b __attribute__((vector_size(32)));
 #define REQNOISE_BYTE_SHUFFLE 1
 #endif
 
-template <int BITS>
+// MASKED = false leaves the bits above each code (its neighbours') in the lane, for callers that read only
+// the code's low bits.
+template <int BITS, bool MASKED = true>
 inline v8u unpack_block_codes(uint64_t v) {
   constexpr uint32_t m = (uint32_t(1) << BITS) - 1;
+#if defined(REQNOISE_BYTE_SHUFFLE)
+  if constexpr (BITS == 8) {
+    // One code per byte: its lane's other bytes taken from a zero vector, so no mask follows (one in-lane
+    // vpshufb; with don't-care bytes GCC lowers this width to a cross-lane permute).
+    const v4q b = {v, v, v, v};
+    const v32b z = {};
+#define REQNOISE_LANE(j) 16 * (j / 4) + j, 32, 32, 32
+    return (v8u)__builtin_shufflevector((v32b)b, z, REQNOISE_LANE(0), REQNOISE_LANE(1), REQNOISE_LANE(2),
+                                        REQNOISE_LANE(3), REQNOISE_LANE(4), REQNOISE_LANE(5), REQNOISE_LANE(6),
+                                        REQNOISE_LANE(7));
+#undef REQNOISE_LANE
+  }
+#endif
 #if defined(REQNOISE_BYTE_SHUFFLE)
   const v4q b = {v, v, v, v};
 #define REQNOISE_LANE(j) 16 * (j / 4) + (j * BITS) / 8, 16 * (j / 4) + (j * BITS) / 8 + 1, 0, 0
@@ -70,12 +85,12 @@ inline v8u unpack_block_codes(uint64_t v) {
 #undef REQNOISE_LANE
   const v8u sh = {
       0, BITS % 8, (2 * BITS) % 8, (3 * BITS) % 8, (4 * BITS) % 8, (5 * BITS) % 8, (6 * BITS) % 8, (7 * BITS) % 8};
-  const v8u c = ((v8u)x >> sh) & m;
+  const v8u c = MASKED ? ((v8u)x >> sh) & m : (v8u)x >> sh;
 #else
   const uint32_t lo = uint32_t(v), hi = uint32_t(v >> (4 * BITS));
   const v8u x = {lo, lo, lo, lo, hi, hi, hi, hi};
   const v8u sh = {0, BITS, 2 * BITS, 3 * BITS, 0, BITS, 2 * BITS, 3 * BITS};
-  const v8u c = (x >> sh) & m;
+  const v8u c = MASKED ? (x >> sh) & m : x >> sh;
 #endif
   return c;
 }
@@ -97,16 +112,15 @@ inline uint64_t pack_block(v8u c) {
   return uint64_t(x[0]) | (uint64_t(x[4]) << (4 * BITS));
 }
 
-// Four blocks (32 codes, each < 2^BITS) packed at once into 4*BITS bytes: the per-block OR-folds of pack_block
-// done for the four together by pairing lanes across blocks, each block's halves joined in a 64-bit lane, the
-// four blocks' bytes made contiguous by a byte shuffle per 128-bit half. WHOLE: the 16-byte stores of the two
+// Four blocks (32 codes, each < 2^BITS: not masked here) packed at once into 4*BITS bytes: the per-block OR-folds of
+// pack_block done for the four together by pairing lanes across blocks, each block's halves joined in a 64-bit lane,
+// the four blocks' bytes made contiguous by a byte shuffle per 128-bit half. WHOLE: the 16-byte stores of the two
 // halves may write past the 4*BITS bytes (the caller's next blocks overwrite that); otherwise only those bytes
 // are written.
 template <int BITS, bool WHOLE>
 inline void pack_4_blocks(const v8u* c, uint8_t* dst) {
-  constexpr uint32_t m = (uint32_t(1) << BITS) - 1;
   const v8u sh = {0, BITS, 2 * BITS, 3 * BITS, 0, BITS, 2 * BITS, 3 * BITS};
-  const v8u x0 = (c[0] & m) << sh, x1 = (c[1] & m) << sh, x2 = (c[2] & m) << sh, x3 = (c[3] & m) << sh;
+  const v8u x0 = c[0] << sh, x1 = c[1] << sh, x2 = c[2] << sh, x3 = c[3] << sh;
   // p01 lanes: block 0's code pairs (0|1, 2|3, 4|5, 6|7) interleaved with block 1's.
   const v8u p01 = __builtin_shufflevector(x0, x1, 0, 8, 2, 10, 4, 12, 6, 14) |
                   __builtin_shufflevector(x0, x1, 1, 9, 3, 11, 5, 13, 7, 15);

@@ -85,8 +85,11 @@ inline v8u dequantize_group_bf16(const uint8_t* __restrict src, int64_t gi, int6
   v8f tab[2];
   if constexpr (BITS <= 4) {
     for (int h = 0; h < (BITS == 4 ? 2 : 1); ++h) {
-      const v8f code = {0.0f + 8 * h, 1.0f + 8 * h, 2.0f + 8 * h, 3.0f + 8 * h,
-                        4.0f + 8 * h, 5.0f + 8 * h, 6.0f + 8 * h, 7.0f + 8 * h};
+      // Entry i holds code i mod 2^BITS: the lookups below index by a lane's low three bits unmasked, which
+      // for 2-bit codes include a neighbouring code's bit.
+      constexpr int m = (1 << BITS) - 1;
+      const v8f code = {float((0 + 8 * h) & m), float((1 + 8 * h) & m), float((2 + 8 * h) & m), float((3 + 8 * h) & m),
+                        float((4 + 8 * h) & m), float((5 + 8 * h) & m), float((6 + 8 * h) & m), float((7 + 8 * h) & m)};
       tab[h] = round_bf16_v(round_bf16_v(code * sc) + bi);
     }
   }
@@ -107,9 +110,11 @@ inline v8u dequantize_group_bf16(const uint8_t* __restrict src, int64_t gi, int6
 #if defined(REQNOISE_TABLE_DEQUANTIZE)
       v8f y;
       if constexpr (BITS <= 4) {
-        const v8i c = (v8i)unpack_block_codes<BITS>(v);
+        // Unmasked: the permutes read bits 0-2 of each lane, and the shift below drops the bits above 3.
+        const v8i c = (v8i)unpack_block_codes<BITS, false>(v);
         y = __builtin_shuffle(tab[0], c);  // indices mod 8
-        if constexpr (BITS == 4) y = (c & 8) ? __builtin_shuffle(tab[1], c) : y;
+        // Code bit 3 moved to the sign bit: the select is then one vblendvps (no compare, no zero register).
+        if constexpr (BITS == 4) y = (c << 28) < 0 ? __builtin_shuffle(tab[1], c) : y;
       } else {
         const v8f q = unpack_block<BITS>(v);
         y = round_bf16_v(round_bf16_v(q * sc) + bi);
@@ -208,10 +213,19 @@ inline v8f fold8(const v8f* a) {
 // quantize_group made them) packed straight into dst (a row of ``row_bytes``), four blocks at a time. Their
 // 16-byte stores spill into bytes that the next blocks overwrite, except near the row's end, where only the
 // blocks' own bytes are written (a neighbouring row, another thread's, is never written).
+//
+// The clamp of (w - bias) / scale to [0, n_bins] is done on the quotient's bits as signed integers: for
+// non-negative floats (+inf included) their order is the values' order, and every negative float (-0.0
+// included) clamps to +0.0, whose code is -0.0's. So the codes are quantize_group's for every quotient but a
+// NaN, which cannot occur here: w and bias are finite and scale is finite and nonzero, or +-inf with a zero
+// bias. Two integer max/min, against a compare and select per bound in float, which GCC does not vectorize for
+// AArch64 without -fno-trapping-math (the compares may trap), and on x86 it turns the clamp to zero into a
+// compare and a mask rather than one max.
 template <int BITS, int G>
 inline void quantize_group_bf16(const float* __restrict w, int64_t gi, float so, float bo, bool exact,
                                 const uint32_t* __restrict codes, uint8_t* __restrict dst, int64_t row_bytes) {
   constexpr float n_bins = float((1 << BITS) - 1);
+  constexpr int32_t n_bins_bits = __builtin_bit_cast(int32_t, n_bins);
   const v8f vs = v8f{} + so, vb = v8f{} + bo;
 #pragma GCC unroll 4
   for (int k4 = 0; k4 < G / 32; ++k4) {
@@ -220,13 +234,18 @@ inline void quantize_group_bf16(const float* __restrict w, int64_t gi, float so,
     for (int k = 0; k < 4; ++k) {
       const int64_t blk = gi * (G / 8) + 4 * k4 + k;
       if (exact) {
+        // quantize_group's code of a NaN quotient is out of range; pack_codes keeps its low BITS bits.
         std::memcpy(&c[k], codes + blk * 8, sizeof(v8u));
+        c[k] &= (1u << BITS) - 1;
       } else {
         v8f v;
         std::memcpy(&v, w + blk * 8, sizeof(v));
         v = (v - vb) / vs;
-        v = v < 0.0f ? v8f{} : v;
-        v = n_bins < v ? v8f{} + n_bins : v;
+        v8i b;
+        std::memcpy(&b, &v, sizeof(b));
+        b = b < 0 ? v8i{} : b;
+        b = n_bins_bits < b ? v8i{} + n_bins_bits : b;
+        std::memcpy(&v, &b, sizeof(v));
         const v8f t = v + 12582912.0f;  // code_of on eight lanes
         std::memcpy(&c[k], &t, sizeof(v8u));
         c[k] -= 0x4B400000u;
