@@ -14,7 +14,7 @@
 //   /tmp/kp affine 2 3 2 1 hash    # the row loop once; prints a hash of the output bytes (compare ISA builds)
 //   /tmp/kp mxfp8 2 8 16 1 loop   # the one-thread row loop once, nothing else (for callgrind:
 //   valgrind --tool=callgrind --toggle-collect='*fp_row_range*' /tmp/kp mxfp8 2 8 16 1 loop)
-// (-fno-trapping-math is fp_kernel.cpp's flag in CMakeLists.txt; the affine kernel is built without it.)
+// (-fno-trapping-math is the kernel copies' flag in CMakeLists.txt.)
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
