@@ -75,8 +75,6 @@ inline v8u unpack_block_codes(uint64_t v) {
                                         REQNOISE_LANE(7));
 #undef REQNOISE_LANE
   }
-#endif
-#if defined(REQNOISE_BYTE_SHUFFLE)
   const v4q b = {v, v, v, v};
 #define REQNOISE_LANE(j) 16 * (j / 4) + (j * BITS) / 8, 16 * (j / 4) + (j * BITS) / 8 + 1, 0, 0
   const v32b x =
@@ -368,42 +366,36 @@ inline void encode_group(const float* __restrict x, int g, int bits, float scale
   }
 }
 
+// Calls f(std::integral_constant<int, BITS>{}) for a run-time width (validated before dispatch: 8 is the
+// default), so that each width's code is compiled once per caller and chosen by one switch.
+template <typename F>
+inline decltype(auto) with_bits(int bits, F&& f) {
+  switch (bits) {
+    case 2:
+      return f(std::integral_constant<int, 2>{});
+    case 3:
+      return f(std::integral_constant<int, 3>{});
+    case 4:
+      return f(std::integral_constant<int, 4>{});
+    case 5:
+      return f(std::integral_constant<int, 5>{});
+    case 6:
+      return f(std::integral_constant<int, 6>{});
+    default:
+      return f(std::integral_constant<int, 8>{});
+  }
+}
+
 // A row of codes of a run-time width, straight between the packed row and float/uint32 codes (no padded copy:
 // unpack_row and pack_row stay inside the row). Every kernel dispatches through these two.
 inline void unpack_codes(int bits, const uint32_t* row, int64_t n, float* q) {
   const auto* src = reinterpret_cast<const uint8_t*>(row);
-  switch (bits) {
-    case 2:
-      return unpack_row<2>(src, n, q);
-    case 3:
-      return unpack_row<3>(src, n, q);
-    case 4:
-      return unpack_row<4>(src, n, q);
-    case 5:
-      return unpack_row<5>(src, n, q);
-    case 6:
-      return unpack_row<6>(src, n, q);
-    default:
-      return unpack_row<8>(src, n, q);  // widths are validated before dispatch
-  }
+  with_bits(bits, [&](auto b) { unpack_row<b()>(src, n, q); });
 }
 
 inline void pack_codes(int bits, const uint32_t* codes, int64_t n, uint32_t* row) {
   auto* dst = reinterpret_cast<uint8_t*>(row);
-  switch (bits) {
-    case 2:
-      return pack_row<2>(codes, n, dst);
-    case 3:
-      return pack_row<3>(codes, n, dst);
-    case 4:
-      return pack_row<4>(codes, n, dst);
-    case 5:
-      return pack_row<5>(codes, n, dst);
-    case 6:
-      return pack_row<6>(codes, n, dst);
-    default:
-      return pack_row<8>(codes, n, dst);
-  }
+  with_bits(bits, [&](auto b) { pack_row<b()>(codes, n, dst); });
 }
 
 }  // namespace reqnoise::REQNOISE_ISA

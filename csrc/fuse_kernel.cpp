@@ -411,37 +411,11 @@ Pass23 pass23_for(int g) {
 }
 
 inline Pass1 pass1_for(int bits, int g, bool delta) {
-  switch (bits) {
-    case 2:
-      return pass1_for<2>(g, delta);
-    case 3:
-      return pass1_for<3>(g, delta);
-    case 4:
-      return pass1_for<4>(g, delta);
-    case 5:
-      return pass1_for<5>(g, delta);
-    case 6:
-      return pass1_for<6>(g, delta);
-    default:
-      return pass1_for<8>(g, delta);
-  }
+  return with_bits(bits, [&](auto b) { return pass1_for<b()>(g, delta); });
 }
 
 inline Pass23 pass23_for(int bits, int g) {
-  switch (bits) {
-    case 2:
-      return pass23_for<2>(g);
-    case 3:
-      return pass23_for<3>(g);
-    case 4:
-      return pass23_for<4>(g);
-    case 5:
-      return pass23_for<5>(g);
-    case 6:
-      return pass23_for<6>(g);
-    default:
-      return pass23_for<8>(g);
-  }
+  return with_bits(bits, [&](auto b) { return pass23_for<b()>(g); });
 }
 
 }  // namespace

@@ -388,6 +388,7 @@ def floor_loaded(
     progress: bool = True,
     model_name: str = "",
     items_name: str = "",
+    prior_name: str = "",
 ) -> FloorReport:
     """The floor of each group on an already loaded mlx-lm model (left as it was on return, also on error).
 
@@ -399,10 +400,10 @@ def floor_loaded(
         calibrate: ``none``; ``own`` (each copy's records with their own mean option prior, as a spec's
             ``calibrate = true``); ``shared`` (every copy with the unfused model's prior).
         kl_items: the output KL is read on the first this many items.
-        prior_records: with ``shared``, the prior comes from these records (a JSONL path or record dicts with
-            ``option_logprobs``, e.g. the unfused model's records of the eval a Set G was built from, so that
-            the unfused model answers the items as it did there) instead of from the unfused model's records
-            of ``items``.
+        prior_records: with ``shared``, the prior comes from these records (dicts with ``option_logprobs``,
+            e.g. the unfused model's records of the eval a Set G was built from, so that the unfused model
+            answers the items as it did there; ``floor`` reads them from a JSONL path) instead of from the
+            unfused model's records of ``items``; ``prior_name`` says where they came from in the report.
     """
     from tqdm import tqdm
 
@@ -426,23 +427,16 @@ def floor_loaded(
     ev = _Evaluator(model, tokenizer, items, mode=mode, batch_size=batch_size, calibrate=calibrate, kl_items=kl_items)
     if prior_records is not None and calibrate != "shared":
         raise ReqnoiseError(f"a prior from other records needs calibrate = 'shared', got {calibrate!r}")
-    prior_name = ""
     if calibrate == "shared":
         from reqnoise.eval.calibration import option_prior
 
         if prior_records is None:
             ev.calibrate = "none"
-            source = ev.records()
+            prior_records = ev.records()
             ev.calibrate = "shared"
-        elif isinstance(prior_records, (str, Path)):
-            from reqnoise.eval.records import read_records
-
-            if not Path(prior_records).is_file():
-                raise ReqnoiseError(f"prior records file {prior_records} does not exist")
-            prior_name, source = str(prior_records), read_records(prior_records)
         else:
-            prior_name, source = "records given", list(prior_records)
-        ev.prior = option_prior(source)
+            prior_name = prior_name or "records given"
+        ev.prior = option_prior(prior_records)
     base_recs = ev.records(progress=progress)
     base_lp = ev.logprobs()
     report = FloorReport(
@@ -503,8 +497,12 @@ def floor(model, items, groups=DEFAULT_GROUPS, **kw) -> FloorReport:
             raise ReqnoiseError(f"items file {path} does not exist")
         items_name, items = str(path), load_items(path)
     prior = kw.get("prior_records")
-    if isinstance(prior, (str, Path)) and not Path(prior).is_file():
-        raise ReqnoiseError(f"prior records file {prior} does not exist")
+    if isinstance(prior, (str, Path)):  # read before the model loads, so a bad file costs no load
+        from reqnoise.eval.records import read_records
+
+        if not Path(prior).is_file():
+            raise ReqnoiseError(f"prior records file {prior} does not exist")
+        kw.update(prior_records=read_records(prior), prior_name=str(prior))
     net, tok = load_model(model)
     return floor_loaded(net, tok, items, groups, model_name=str(model), items_name=items_name, **kw)
 
