@@ -14,10 +14,25 @@ import numpy as np
 import pytest
 
 from launch_helpers import launch, needs_launcher
-from reqnoise.distributed import balanced_shards
+from reqnoise.distributed import balanced_shards, launched, without_launcher
 from reqnoise.eval.items import load_items
 from reqnoise.eval.multiple_choice import evaluate_loaded, load_model, loglik_option_scores, plan_eval, run_plan
 from reqnoise.eval.sharded import shard_batches
+
+
+def test_a_launched_rank_is_recognised_and_its_launcher_variables_stripped_for_a_child(monkeypatch):
+    # What mlx.launch sets per backend (ring, jaccl, MPI), beside variables a child must keep.
+    ring = {"MLX_RANK": "1", "MLX_HOSTFILE": "/tmp/h.json", "MLX_WORLD_SIZE": "2", "MLX_RING_VERBOSE": "1"}
+    jaccl = {"MLX_JACCL_COORDINATOR": "10.0.0.1:5000", "MLX_JACCL_RING": "1", "MLX_IBV_DEVICES": "/tmp/d.json"}
+    mpi = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "PMI_RANK": "1", "PMIX_RANK": "1"}
+    keep = {"PATH": "/usr/bin", "MLX_METAL_DEBUG": "0", "HOME": "/root"}
+    assert without_launcher({**ring, **jaccl, **mpi, **keep}) == keep
+    for name in ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        for other in ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+            monkeypatch.delenv(other, raising=False)
+        assert not launched()
+        monkeypatch.setenv(name, "0")
+        assert launched(), name
 
 
 def test_balanced_shards_cover_every_index_once_and_are_near_optimal():

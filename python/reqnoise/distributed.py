@@ -8,10 +8,26 @@ Sharded evaluation is ``reqnoise.eval.sharded``.
 """
 
 import json
+import os
 
 from reqnoise.errors import ReqnoiseError
 
 _GROUP = None
+
+# What mlx.launch (ring, jaccl, MPI) sets so that mx.distributed.init() joins its group: the variables, the
+# prefixes of MPI's, and among them the ones that give a process its rank.
+LAUNCHER_ENV = (
+    "MLX_RANK",
+    "MLX_HOSTFILE",
+    "MLX_WORLD_SIZE",
+    "MLX_RING_VERBOSE",
+    "MLX_JACCL_COORDINATOR",
+    "MLX_JACCL_RING",
+    "MLX_IBV_DEVICES",
+    "MLX_MPI_LIBNAME",
+)
+LAUNCHER_PREFIXES = ("OMPI_", "PMI_", "PMIX_")
+RANK_ENV = ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
 
 
 def group():
@@ -97,9 +113,12 @@ def on_root(fn):
 
 def launched() -> bool:
     """Whether this process is a rank started by ``mlx.launch`` (its ring or MPI environment is set)."""
-    import os
+    return any(k in os.environ for k in RANK_ENV)
 
-    return any(k in os.environ for k in ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"))
+
+def without_launcher(env) -> dict:
+    """``env`` without what mlx.launch set: a child started with it runs as a group of one."""
+    return {k: v for k, v in env.items() if k not in LAUNCHER_ENV and not k.startswith(LAUNCHER_PREFIXES)}
 
 
 def _free_ports(n: int, tries: int = 50) -> int:

@@ -13,27 +13,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+from reqnoise.distributed import without_launcher
 from reqnoise.errors import ReqnoiseError
-
-# What mlx.launch (ring, jaccl, MPI) sets so that mx.distributed.init() joins its group.
-LAUNCHER_ENV = (
-    "MLX_RANK",
-    "MLX_HOSTFILE",
-    "MLX_WORLD_SIZE",
-    "MLX_RING_VERBOSE",
-    "MLX_JACCL_COORDINATOR",
-    "MLX_JACCL_RING",
-    "MLX_IBV_DEVICES",
-    "MLX_MPI_LIBNAME",
-)
-LAUNCHER_PREFIXES = ("OMPI_", "PMI_", "PMIX_")
 
 
 def train_alone(model, data, adapter_path, *, progress: bool = False, **options) -> dict:
     """``train_adapter(model, data, adapter_path, progress=progress, **options)`` in a child process of one
     rank; ``data`` a path and ``options`` JSON values (TrainConfig fields). Returns its summary dict; a
     failure is a ReqnoiseError with the child's one-line reason."""
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV and not k.startswith(LAUNCHER_PREFIXES)}
+    env = without_launcher(os.environ)
     with tempfile.TemporaryDirectory(prefix="reqnoise-train-") as tmp:
         result = Path(tmp) / "result.json"
         job = dict(
