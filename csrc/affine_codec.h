@@ -14,6 +14,10 @@
 
 #include "mlx/types/half_types.h"
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #ifndef REQNOISE_ISA
 #error "affine_codec.h is compiled once per instruction-set level: define REQNOISE_ISA"
 #endif
@@ -63,6 +67,14 @@ typedef uint8_t v32b __attribute__((vector_size(32)));
 template <int BITS, bool MASKED = true>
 inline v8u unpack_block_codes(uint64_t v) {
   constexpr uint32_t m = (uint32_t(1) << BITS) - 1;
+#if defined(__AVX2__)
+  if constexpr (BITS == 8) {
+    // One code per byte: one vpmovzxbd, folded into the load of the word. GCC 12 lowers neither the byte
+    // shuffle below (a broadcast, a vpshufb and a vpor) nor __builtin_convertvector from 8 bytes (scalar
+    // extracts) to it.
+    return (v8u)_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(v)));
+  }
+#endif
 #if defined(REQNOISE_BYTE_SHUFFLE)
   if constexpr (BITS == 8) {
     // One code per byte: its lane's other bytes taken from a zero vector, so no mask follows (one in-lane

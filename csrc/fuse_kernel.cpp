@@ -74,11 +74,14 @@ inline v8f round_bf16_v(v8f x) {
 }
 
 // One input group of pass 1 (TAIL: the row's last group, whose last blocks are read through a zero-padded
-// word so that nothing past the row is touched). Returns the lanes' largest |value| bits (max with nf).
+// word so that nothing past the row is touched). Returns nf plus the sum of the group's values, lane by lane:
+// a sum is non-finite if any term is (an infinity stays one or meets its opposite in a NaN, and a NaN stays),
+// and a finite one only overflows for values near the float32 limit, which then take the exact path for
+// nothing. One add per eight values, against a mask and a max for the largest magnitude.
 template <int BITS, int G, bool DELTA, bool TAIL>
-inline v8u dequantize_group_bf16(const uint8_t* __restrict src, int64_t gi, int64_t direct, float sc, float bi,
+inline v8f dequantize_group_bf16(const uint8_t* __restrict src, int64_t gi, int64_t direct, float sc, float bi,
                                  const float* __restrict delta, float* __restrict w, v8f* __restrict vmax,
-                                 v8f* __restrict vmin, v8u nf) {
+                                 v8f* __restrict vmin, v8f nf) {
 #if defined(REQNOISE_TABLE_DEQUANTIZE)
   // Widths up to 4 bits: the group's dequantized value of every code, computed once (the same operations per
   // value as below), then looked up by a variable permute.
@@ -97,7 +100,7 @@ inline v8u dequantize_group_bf16(const uint8_t* __restrict src, int64_t gi, int6
 #pragma GCC unroll 4
   for (int sb = 0; sb < G / kSub; ++sb) {
     const int64_t j0 = gi * G + sb * kSub;
-    v8f mx, mn;
+    v8f mx, mn, sum;
 #pragma GCC unroll 4
     for (int k = 0; k < kSub / 8; ++k) {
       const int64_t blk = j0 / 8 + k;
@@ -128,20 +131,18 @@ inline v8u dequantize_group_bf16(const uint8_t* __restrict src, int64_t gi, int6
         std::memcpy(&d, delta + j0 + 8 * k, sizeof(d));
         y = round_bf16_v(y + round_bf16_v(d));
       }
-      v8u u;
-      std::memcpy(&u, &y, sizeof(u));
-      u &= 0x7FFFFFFFu;
-      nf = nf < u ? u : nf;  // the largest magnitude's bits: non-finite values have the largest
       std::memcpy(w + j0 + 8 * k, &y, sizeof(y));
       if (k == 0) {
-        mx = y, mn = y;
+        mx = y, mn = y, sum = y;
       } else {
         mx = mx < y ? y : mx;
         mn = y < mn ? y : mn;
+        sum += y;
       }
     }
     vmax[j0 / kSub] = mx;
     vmin[j0 / kSub] = mn;
+    nf += sum;
   }
   return nf;
 }
@@ -157,7 +158,7 @@ bool dequantize_row_bf16(const uint8_t* __restrict src, const mlx::core::bfloat1
   const int64_t n_bytes = n / 8 * BITS;
   const int64_t direct = n_bytes >= 8 ? (n_bytes - 8) / BITS + 1 : 0;  // blocks readable as a whole word
   const int64_t n_groups = n / G;
-  v8u nf = {};
+  v8f nf = {};
   for (int64_t gi = 0; gi + 1 < n_groups; ++gi) {
     nf = dequantize_group_bf16<BITS, G, DELTA, false>(src, gi, direct, load_value(scales + gi), load_value(biases + gi),
                                                       delta, w, vmax, vmin, nf);
@@ -165,7 +166,9 @@ bool dequantize_row_bf16(const uint8_t* __restrict src, const mlx::core::bfloat1
   const int64_t gl = n_groups - 1;
   nf = dequantize_group_bf16<BITS, G, DELTA, true>(src, gl, direct, load_value(scales + gl), load_value(biases + gl),
                                                    delta, w, vmax, vmin, nf);
-  const v8u hit = (v8u)(nf >= 0x7F800000u);  // some |value| is inf or NaN
+  v8u nfu;
+  std::memcpy(&nfu, &nf, sizeof(nfu));
+  const v8u hit = (v8u)((nfu & 0x7FFFFFFFu) >= 0x7F800000u);  // some value is inf or NaN (or the sum overflowed)
   uint64_t h[4];
   std::memcpy(h, &hit, sizeof(h));
   if (!(h[0] | h[1] | h[2] | h[3])) return false;
