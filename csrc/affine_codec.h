@@ -129,6 +129,20 @@ inline uint64_t pack_block(v8u c) {
 // are written.
 template <int BITS, bool WHOLE>
 inline void pack_4_blocks(const v8u* c, uint8_t* dst) {
+#if defined(__AVX2__)
+  if constexpr (BITS == 8) {
+    // One code per byte: two saturating narrowings (the codes are below 256, so they change nothing) and one
+    // permute to undo their per-128-bit-lane order. The 32 bytes are the blocks' own: WHOLE or not, nothing
+    // else is written.
+    const __m256i w01 = _mm256_packus_epi32((__m256i)c[0], (__m256i)c[1]);
+    const __m256i w23 = _mm256_packus_epi32((__m256i)c[2], (__m256i)c[3]);
+    // Bytes, 128-bit lane 0: codes 0-3 of blocks 0, 1, 2, 3; lane 1: codes 4-7 of each.
+    const __m256i b = _mm256_packus_epi16(w01, w23);
+    const __m256i r = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    std::memcpy(dst, &r, 32);
+    return;
+  }
+#endif
   const v8u sh = {0, BITS, 2 * BITS, 3 * BITS, 0, BITS, 2 * BITS, 3 * BITS};
   const v8u x0 = c[0] << sh, x1 = c[1] << sh, x2 = c[2] << sh, x3 = c[3] << sh;
   // p01 lanes: block 0's code pairs (0|1, 2|3, 4|5, 6|7) interleaved with block 1's.
