@@ -64,6 +64,54 @@ constexpr int kSub = 32;  // values per extremes block: the smallest group size
 #define REQNOISE_TABLE_DEQUANTIZE 1
 #endif
 
+#if defined(__AVX2__)
+// 4-bit codes under AVX2: the group's 16 dequantized values are bfloat16 numbers (float32 bits whose low half is
+// zero), so their upper halves fit two 16-byte tables (low and high byte of each), and 32 codes, one per byte,
+// look up 32 values in two vpshufb, against two vpermps and a blend per eight. Lane 0 of the byte vector holds
+// codes 0-3, 8-11, 16-19, 24-27 and lane 1 the rest, so that the in-lane interleaves that widen the looked-up
+// bytes to 32-bit lanes (byte pairs to words, words to the upper halves of dwords) leave four vectors of
+// eight values in code order.
+struct NibbleTables {
+  __m256i lo, hi;  // bytes 2 and 3 of value c at byte c of each 128-bit lane
+};
+
+// t0, t1: the values of codes 0-7 and 8-15.
+inline NibbleTables nibble_tables(v8f t0, v8f t1) {
+  // Upper halves as words, in code order after the pack's lane interleave is undone.
+  __m256i w = _mm256_packus_epi32(_mm256_srli_epi32((__m256i)t0, 16), _mm256_srli_epi32((__m256i)t1, 16));
+  w = _mm256_permute4x64_epi64(w, 0xD8);
+  const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4, 6, 8, 10, 12,
+                                         14, 1, 3, 5, 7, 9, 11, 13, 15);
+  // Quadwords: low bytes of values 0-7, 8-15, high bytes of 0-7, 8-15.
+  const __m256i b = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(w, split), 0xD8);
+  return {_mm256_permute4x64_epi64(b, 0x44), _mm256_permute4x64_epi64(b, 0xEE)};
+}
+
+// The values of the 32 codes in the 16 bytes at p, as four vectors of eight in code order.
+inline void nibble_lookup(const NibbleTables& t, const uint8_t* p, v8f* y) {
+  __m128i x;
+  std::memcpy(&x, p, sizeof(x));
+  // Each byte twice: the first copy's low nibble, the second's high nibble is a code.
+  const __m256i dup = _mm256_setr_epi8(0, 0, 1, 1, 4, 4, 5, 5, 8, 8, 9, 9, 12, 12, 13, 13, 2, 2, 3, 3, 6, 6, 7, 7, 10,
+                                       10, 11, 11, 14, 14, 15, 15);
+  const __m256i b = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(x), dup);
+  const __m256i odd = _mm256_set1_epi16(int16_t(0xFF00));
+  // vpshufb reads an index's low four bits and zeroes on bit 7, so the codes are masked.
+  const __m256i c = _mm256_and_si256(_mm256_blendv_epi8(b, _mm256_srli_epi16(b, 4), odd), _mm256_set1_epi8(0x0F));
+  const __m256i lo = _mm256_shuffle_epi8(t.lo, c), hi = _mm256_shuffle_epi8(t.hi, c);
+  const __m256i w0 = _mm256_unpacklo_epi8(lo, hi), w1 = _mm256_unpackhi_epi8(lo, hi);
+  const __m256i z = _mm256_setzero_si256();
+  y[0] = (v8f)_mm256_unpacklo_epi16(z, w0);
+  y[1] = (v8f)_mm256_unpackhi_epi16(z, w0);
+  y[2] = (v8f)_mm256_unpacklo_epi16(z, w1);
+  y[3] = (v8f)_mm256_unpackhi_epi16(z, w1);
+}
+#define REQNOISE_NIBBLE_TABLE 1
+constexpr bool kNibbleTable = true;
+#else
+constexpr bool kNibbleTable = false;
+#endif
+
 // round_bf16_non_nan on eight lanes.
 inline v8f round_bf16_v(v8f x) {
   v8u u;
@@ -86,7 +134,7 @@ inline v8f dequantize_group_bf16(const uint8_t* __restrict src, int64_t gi, int6
   // Widths up to 4 bits: the group's dequantized value of every code, computed once (the same operations per
   // value as below), then looked up by a variable permute.
   v8f tab[2];
-  if constexpr (BITS <= 4) {
+  if constexpr (BITS < 4 || (BITS == 4 && !kNibbleTable)) {
     for (int h = 0; h < (BITS == 4 ? 2 : 1); ++h) {
       // Entry i holds code i mod 2^BITS: the lookups below index by a lane's low three bits unmasked, which
       // for 2-bit codes include a neighbouring code's bit.
@@ -97,10 +145,22 @@ inline v8f dequantize_group_bf16(const uint8_t* __restrict src, int64_t gi, int6
     }
   }
 #endif
+#if defined(REQNOISE_NIBBLE_TABLE)
+  NibbleTables nt;
+  if constexpr (BITS == 4) {
+    const v8f code = {0.0f, 1.0f, 2.0f, 3.0f, 4.0f, 5.0f, 6.0f, 7.0f};
+    nt = nibble_tables(round_bf16_v(round_bf16_v(code * sc) + bi), round_bf16_v(round_bf16_v((code + 8.0f) * sc) + bi));
+  }
+#endif
 #pragma GCC unroll 4
   for (int sb = 0; sb < G / kSub; ++sb) {
     const int64_t j0 = gi * G + sb * kSub;
     v8f mx, mn, sum;
+#if defined(REQNOISE_NIBBLE_TABLE)
+    v8f y4[4];
+    // A block's 16 bytes lie inside the row: no tail case.
+    if constexpr (BITS == 4) nibble_lookup(nt, src + j0 / 2, y4);
+#endif
 #pragma GCC unroll 4
     for (int k = 0; k < kSub / 8; ++k) {
       const int64_t blk = j0 / 8 + k;
@@ -110,22 +170,27 @@ inline v8f dequantize_group_bf16(const uint8_t* __restrict src, int64_t gi, int6
       } else {
         std::memcpy(&v, src + blk * BITS, BITS);
       }
-#if defined(REQNOISE_TABLE_DEQUANTIZE)
       v8f y;
-      if constexpr (BITS <= 4) {
-        // Unmasked: the permutes read bits 0-2 of each lane, and the shift below drops the bits above 3.
-        const v8i c = (v8i)unpack_block_codes<BITS, false>(v);
-        y = __builtin_shuffle(tab[0], c);  // indices mod 8
-        // Code bit 3 moved to the sign bit: the select is then one vblendvps (no compare, no zero register).
-        if constexpr (BITS == 4) y = (c << 28) < 0 ? __builtin_shuffle(tab[1], c) : y;
-      } else {
-        const v8f q = unpack_block<BITS>(v);
-        y = round_bf16_v(round_bf16_v(q * sc) + bi);
-      }
-#else
-      const v8f q = unpack_block<BITS>(v);
-      v8f y = round_bf16_v(round_bf16_v(q * sc) + bi);
+#if defined(REQNOISE_NIBBLE_TABLE)
+      if constexpr (BITS == 4) {
+        y = y4[k];
+      } else
 #endif
+      {
+#if defined(REQNOISE_TABLE_DEQUANTIZE)
+        if constexpr (BITS <= 4) {
+          // Unmasked: the permutes read bits 0-2 of each lane, and the shift below drops the bits above 3.
+          const v8i c = (v8i)unpack_block_codes<BITS, false>(v);
+          y = __builtin_shuffle(tab[0], c);  // indices mod 8
+          // Code bit 3 moved to the sign bit: the select is then one vblendvps (no compare, no zero register).
+          if constexpr (BITS == 4) y = (c << 28) < 0 ? __builtin_shuffle(tab[1], c) : y;
+        } else {
+          y = round_bf16_v(round_bf16_v(unpack_block<BITS>(v) * sc) + bi);
+        }
+#else
+        y = round_bf16_v(round_bf16_v(unpack_block<BITS>(v) * sc) + bi);
+#endif
+      }
       if constexpr (DELTA) {
         v8f d;
         std::memcpy(&d, delta + j0 + 8 * k, sizeof(d));
