@@ -95,9 +95,9 @@ inline void nibble_lookup(const NibbleTables& t, const uint8_t* p, v8f* y) {
   const __m256i dup = _mm256_setr_epi8(0, 0, 1, 1, 4, 4, 5, 5, 8, 8, 9, 9, 12, 12, 13, 13, 2, 2, 3, 3, 6, 6, 7, 7, 10,
                                        10, 11, 11, 14, 14, 15, 15);
   const __m256i b = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(x), dup);
-  const __m256i odd = _mm256_set1_epi16(int16_t(0xFF00));
   // vpshufb reads an index's low four bits and zeroes on bit 7, so the codes are masked.
-  const __m256i c = _mm256_and_si256(_mm256_blendv_epi8(b, _mm256_srli_epi16(b, 4), odd), _mm256_set1_epi8(0x0F));
+  const __m256i c = _mm256_or_si256(_mm256_and_si256(b, _mm256_set1_epi16(0x000F)),
+                                    _mm256_and_si256(_mm256_srli_epi16(b, 4), _mm256_set1_epi16(0x0F00)));
   const __m256i lo = _mm256_shuffle_epi8(t.lo, c), hi = _mm256_shuffle_epi8(t.hi, c);
   const __m256i w0 = _mm256_unpacklo_epi8(lo, hi), w1 = _mm256_unpackhi_epi8(lo, hi);
   const __m256i z = _mm256_setzero_si256();
@@ -126,15 +126,32 @@ inline v8f round_bf16_v(v8f x) {
 // a sum is non-finite if any term is (an infinity stays one or meets its opposite in a NaN, and a NaN stays),
 // and a finite one only overflows for values near the float32 limit, which then take the exact path for
 // nothing. One add per eight values, against a mask and a max for the largest magnitude.
-template <int BITS, int G, bool DELTA, bool TAIL>
-inline v8f dequantize_group_bf16(const uint8_t* __restrict src, int64_t gi, int64_t direct, float sc, float bi,
-                                 const float* __restrict delta, float* __restrict w, v8f* __restrict vmax,
-                                 v8f* __restrict vmin, v8f nf) {
+// What pass 1 needs of one input group: for the table widths the group's dequantized value of every code,
+// computed once with the same operations per value as the arithmetic path (t0, t1: codes 0-7 and 8-15, or
+// the two byte tables of NibbleTables), otherwise the scale and bias. Built for several groups ahead of their
+// lookups (see dequantize_row_bf16), the tables' chain of dependent operations (scale load, two roundings,
+// the byte table's shuffles) stays off each group's critical path.
+struct GroupLookup {
+  v8f t0, t1;
+  float sc, bi;
+};
+
+template <int BITS>
+inline GroupLookup group_lookup(float sc, float bi) {
+  GroupLookup g;
+  g.sc = sc, g.bi = bi;
+#if defined(REQNOISE_NIBBLE_TABLE)
+  if constexpr (BITS == 4) {
+    const v8f code = {0.0f, 1.0f, 2.0f, 3.0f, 4.0f, 5.0f, 6.0f, 7.0f};
+    const NibbleTables nt =
+        nibble_tables(round_bf16_v(round_bf16_v(code * sc) + bi), round_bf16_v(round_bf16_v((code + 8.0f) * sc) + bi));
+    g.t0 = (v8f)nt.lo, g.t1 = (v8f)nt.hi;
+    return g;
+  }
+#endif
 #if defined(REQNOISE_TABLE_DEQUANTIZE)
-  // Widths up to 4 bits: the group's dequantized value of every code, computed once (the same operations per
-  // value as below), then looked up by a variable permute.
-  v8f tab[2];
-  if constexpr (BITS < 4 || (BITS == 4 && !kNibbleTable)) {
+  if constexpr (BITS <= 4) {
+    v8f tab[2] = {};
     for (int h = 0; h < (BITS == 4 ? 2 : 1); ++h) {
       // Entry i holds code i mod 2^BITS: the lookups below index by a lane's low three bits unmasked, which
       // for 2-bit codes include a neighbouring code's bit.
@@ -143,14 +160,27 @@ inline v8f dequantize_group_bf16(const uint8_t* __restrict src, int64_t gi, int6
                         float((4 + 8 * h) & m), float((5 + 8 * h) & m), float((6 + 8 * h) & m), float((7 + 8 * h) & m)};
       tab[h] = round_bf16_v(round_bf16_v(code * sc) + bi);
     }
+    g.t0 = tab[0], g.t1 = tab[1];
   }
 #endif
+  return g;
+}
+
+// One input group of pass 1 (TAIL: the row's last group, whose last blocks are read through a zero-padded
+// word so that nothing past the row is touched). Returns nf plus the sum of the group's values, lane by lane:
+// a sum is non-finite if any term is (an infinity stays one or meets its opposite in a NaN, and a NaN stays),
+// and a finite one only overflows for values near the float32 limit, which then take the exact path for
+// nothing. One add per eight values, against a mask and a max for the largest magnitude.
+template <int BITS, int G, bool DELTA, bool TAIL>
+inline v8f dequantize_group_bf16(const uint8_t* __restrict src, int64_t gi, int64_t direct, const GroupLookup& gl,
+                                 const float* __restrict delta, float* __restrict w, v8f* __restrict vmax,
+                                 v8f* __restrict vmin, v8f nf) {
+  const float sc = gl.sc, bi = gl.bi;
 #if defined(REQNOISE_NIBBLE_TABLE)
-  NibbleTables nt;
-  if constexpr (BITS == 4) {
-    const v8f code = {0.0f, 1.0f, 2.0f, 3.0f, 4.0f, 5.0f, 6.0f, 7.0f};
-    nt = nibble_tables(round_bf16_v(round_bf16_v(code * sc) + bi), round_bf16_v(round_bf16_v((code + 8.0f) * sc) + bi));
-  }
+  const NibbleTables nt = {(__m256i)gl.t0, (__m256i)gl.t1};
+#endif
+#if defined(REQNOISE_TABLE_DEQUANTIZE)
+  const v8f tab[2] = {gl.t0, gl.t1};
 #endif
 #pragma GCC unroll 4
   for (int sb = 0; sb < G / kSub; ++sb) {
@@ -224,13 +254,33 @@ bool dequantize_row_bf16(const uint8_t* __restrict src, const mlx::core::bfloat1
   const int64_t direct = n_bytes >= 8 ? (n_bytes - 8) / BITS + 1 : 0;  // blocks readable as a whole word
   const int64_t n_groups = n / G;
   v8f nf = {};
-  for (int64_t gi = 0; gi + 1 < n_groups; ++gi) {
-    nf = dequantize_group_bf16<BITS, G, DELTA, false>(src, gi, direct, load_value(scales + gi), load_value(biases + gi),
-                                                      delta, w, vmax, vmin, nf);
+#if defined(REQNOISE_TABLE_DEQUANTIZE)
+  constexpr bool kTables = BITS <= 4;
+#else
+  constexpr bool kTables = BITS == 4 && kNibbleTable;
+#endif
+  if constexpr (!kTables) {
+    for (int64_t gi = 0; gi + 1 < n_groups; ++gi) {
+      const GroupLookup look = group_lookup<BITS>(load_value(scales + gi), load_value(biases + gi));
+      nf = dequantize_group_bf16<BITS, G, DELTA, false>(src, gi, direct, look, delta, w, vmax, vmin, nf);
+    }
+    const int64_t gl = n_groups - 1;
+    const GroupLookup look = group_lookup<BITS>(load_value(scales + gl), load_value(biases + gl));
+    nf = dequantize_group_bf16<BITS, G, DELTA, true>(src, gl, direct, look, delta, w, vmax, vmin, nf);
   }
-  const int64_t gl = n_groups - 1;
-  nf = dequantize_group_bf16<BITS, G, DELTA, true>(src, gl, direct, load_value(scales + gl), load_value(biases + gl),
-                                                   delta, w, vmax, vmin, nf);
+  constexpr int kAhead = 8;  // groups whose tables are built before any of them is dequantized
+  GroupLookup look[kAhead];
+  for (int64_t g0 = 0; kTables && g0 < n_groups; g0 += kAhead) {
+    const int m = int(n_groups - g0 < kAhead ? n_groups - g0 : kAhead);
+    for (int i = 0; i < m; ++i) look[i] = group_lookup<BITS>(load_value(scales + g0 + i), load_value(biases + g0 + i));
+    const int last = g0 + m == n_groups ? m - 1 : m;  // the row's last group reads its tail separately
+    for (int i = 0; i < last; ++i) {
+      nf = dequantize_group_bf16<BITS, G, DELTA, false>(src, g0 + i, direct, look[i], delta, w, vmax, vmin, nf);
+    }
+    if (last < m) {
+      nf = dequantize_group_bf16<BITS, G, DELTA, true>(src, g0 + last, direct, look[last], delta, w, vmax, vmin, nf);
+    }
+  }
   v8u nfu;
   std::memcpy(&nfu, &nf, sizeof(nfu));
   const v8u hit = (v8u)((nfu & 0x7FFFFFFFu) >= 0x7F800000u);  // some value is inf or NaN (or the sum overflowed)
