@@ -122,18 +122,18 @@ inline uint64_t pack_block(v8u c) {
   return uint64_t(x[0]) | (uint64_t(x[4]) << (4 * BITS));
 }
 
-// Four blocks (32 codes, each < 2^BITS: not masked here) packed at once into 4*BITS bytes: the per-block OR-folds of
-// pack_block done for the four together by pairing lanes across blocks, each block's halves joined in a 64-bit lane,
-// the four blocks' bytes made contiguous by a byte shuffle per 128-bit half. WHOLE: the 16-byte stores of the two
-// halves may write past the 4*BITS bytes (the caller's next blocks overwrite that); otherwise only those bytes
-// are written.
+// Four blocks (32 codes, each < 2^BITS: not masked here; for 8 bits under AVX2 a negative one packs as 0) packed at
+// once into 4*BITS bytes: the per-block OR-folds of pack_block done for the four together by pairing lanes across
+// blocks, each block's halves joined in a 64-bit lane, the four blocks' bytes made contiguous by a byte shuffle per
+// 128-bit half. WHOLE: the 16-byte stores of the two halves may write past the 4*BITS bytes (the caller's next blocks
+// overwrite that); otherwise only those bytes are written.
 template <int BITS, bool WHOLE>
 inline void pack_4_blocks(const v8u* c, uint8_t* dst) {
 #if defined(__AVX2__)
   if constexpr (BITS == 8) {
-    // One code per byte: two saturating narrowings (the codes are below 256, so they change nothing) and one
-    // permute to undo their per-128-bit-lane order. The 32 bytes are the blocks' own: WHOLE or not, nothing
-    // else is written.
+    // One code per byte: two saturating narrowings and one permute to undo their per-128-bit-lane order. Codes
+    // below 256 pass unchanged, and negative lanes (as signed) become 0, which the fuse kernel's pass 3 uses as
+    // its clamp at zero. The 32 bytes are the blocks' own: WHOLE or not, nothing else is written.
     const __m256i w01 = _mm256_packus_epi32((__m256i)c[0], (__m256i)c[1]);
     const __m256i w23 = _mm256_packus_epi32((__m256i)c[2], (__m256i)c[3]);
     // Bytes, 128-bit lane 0: codes 0-3 of blocks 0, 1, 2, 3; lane 1: codes 4-7 of each.

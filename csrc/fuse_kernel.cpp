@@ -361,12 +361,22 @@ inline void quantize_group_bf16(const float* __restrict w, int64_t gi, float so,
         v = (v - vb) / vs;
         v8i b;
         std::memcpy(&b, &v, sizeof(b));
+#if defined(__AVX2__)
+        // 8 bits: no clamp at zero, the pack's unsigned saturation clamps every negative code (a negative
+        // quotient rounds to a negative integer, or to INT_MIN below -2^31) to quantize_group's code 0.
+        if constexpr (BITS != 8) b = b < 0 ? v8i{} : b;
+        b = n_bins_bits < b ? v8i{} + n_bins_bits : b;
+        std::memcpy(&v, &b, sizeof(v));
+        // code_of on eight lanes in one vcvtps2dq: the default rounding mode (to nearest even), as its add.
+        c[k] = (v8u)_mm256_cvtps_epi32((__m256)v);
+#else
         b = b < 0 ? v8i{} : b;
         b = n_bins_bits < b ? v8i{} + n_bins_bits : b;
         std::memcpy(&v, &b, sizeof(v));
         const v8f t = v + 12582912.0f;  // code_of on eight lanes
         std::memcpy(&c[k], &t, sizeof(v8u));
         c[k] -= 0x4B400000u;
+#endif
       }
     }
     const int64_t at = (gi * (G / 32) + k4) * 4 * BITS;
