@@ -121,6 +121,19 @@ inline v8f round_bf16_v(v8f x) {
   return x;
 }
 
+// The same rounding in three float operations instead of five integer ones, by Veltkamp's split: with
+// g = x * (2^16 + 1), g - (g - x) is x rounded to 24 - 16 = 8 significant bits. Checked against round_bf16_v on
+// every float32 (ties included): equal for every normal x below 2^111 (exponent field 1-237); a NaN from
+// 2^111 up (x * 65537 overflows), which the non-finite check sends down the exact path; wrong only for
+// subnormal x off the bfloat16 grid. So it is used only on a product q * s or on a sum of two bfloat16 values:
+// such a sum or product, if subnormal, is exact and a multiple of 2^-133, so already a bfloat16 number, which
+// the split leaves unchanged. A delta from the float32 matmul can be any float and takes round_bf16_v.
+// (Needs -ffp-contract=off, like everything here: a fused x * 65537 - x would change g - x.)
+inline v8f round_bf16_sum_v(v8f x) {
+  const v8f g = x * 65537.0f;
+  return g - (g - x);
+}
+
 // One input group of pass 1 (TAIL: the row's last group, whose last blocks are read through a zero-padded
 // word so that nothing past the row is touched). Returns nf plus the sum of the group's values, lane by lane:
 // a sum is non-finite if any term is (an infinity stays one or meets its opposite in a NaN, and a NaN stays),
@@ -143,8 +156,8 @@ inline GroupLookup group_lookup(float sc, float bi) {
 #if defined(REQNOISE_NIBBLE_TABLE)
   if constexpr (BITS == 4) {
     const v8f code = {0.0f, 1.0f, 2.0f, 3.0f, 4.0f, 5.0f, 6.0f, 7.0f};
-    const NibbleTables nt =
-        nibble_tables(round_bf16_v(round_bf16_v(code * sc) + bi), round_bf16_v(round_bf16_v((code + 8.0f) * sc) + bi));
+    const NibbleTables nt = nibble_tables(round_bf16_sum_v(round_bf16_sum_v(code * sc) + bi),
+                                          round_bf16_sum_v(round_bf16_sum_v((code + 8.0f) * sc) + bi));
     g.t0 = (v8f)nt.lo, g.t1 = (v8f)nt.hi;
     return g;
   }
@@ -158,7 +171,7 @@ inline GroupLookup group_lookup(float sc, float bi) {
       constexpr int m = (1 << BITS) - 1;
       const v8f code = {float((0 + 8 * h) & m), float((1 + 8 * h) & m), float((2 + 8 * h) & m), float((3 + 8 * h) & m),
                         float((4 + 8 * h) & m), float((5 + 8 * h) & m), float((6 + 8 * h) & m), float((7 + 8 * h) & m)};
-      tab[h] = round_bf16_v(round_bf16_v(code * sc) + bi);
+      tab[h] = round_bf16_sum_v(round_bf16_sum_v(code * sc) + bi);
     }
     g.t0 = tab[0], g.t1 = tab[1];
   }
@@ -215,16 +228,16 @@ inline v8f dequantize_group_bf16(const uint8_t* __restrict src, int64_t gi, int6
           // Code bit 3 moved to the sign bit: the select is then one vblendvps (no compare, no zero register).
           if constexpr (BITS == 4) y = (c << 28) < 0 ? __builtin_shuffle(tab[1], c) : y;
         } else {
-          y = round_bf16_v(round_bf16_v(unpack_block<BITS>(v) * sc) + bi);
+          y = round_bf16_sum_v(round_bf16_sum_v(unpack_block<BITS>(v) * sc) + bi);
         }
 #else
-        y = round_bf16_v(round_bf16_v(unpack_block<BITS>(v) * sc) + bi);
+        y = round_bf16_sum_v(round_bf16_sum_v(unpack_block<BITS>(v) * sc) + bi);
 #endif
       }
       if constexpr (DELTA) {
         v8f d;
         std::memcpy(&d, delta + j0 + 8 * k, sizeof(d));
-        y = round_bf16_v(y + round_bf16_v(d));
+        y = round_bf16_sum_v(y + round_bf16_v(d));
       }
       std::memcpy(w + j0 + 8 * k, &y, sizeof(y));
       if (k == 0) {
