@@ -122,11 +122,11 @@ inline uint64_t pack_block(v8u c) {
   return uint64_t(x[0]) | (uint64_t(x[4]) << (4 * BITS));
 }
 
-// Four blocks (32 codes, each < 2^BITS: not masked here; for 8 bits under AVX2 a negative one packs as 0) packed at
-// once into 4*BITS bytes: the per-block OR-folds of pack_block done for the four together by pairing lanes across
-// blocks, each block's halves joined in a 64-bit lane, the four blocks' bytes made contiguous by a byte shuffle per
-// 128-bit half. WHOLE: the 16-byte stores of the two halves may write past the 4*BITS bytes (the caller's next blocks
-// overwrite that); otherwise only those bytes are written.
+// Four blocks (32 codes, each < 2^BITS: not masked here) packed at once into 4*BITS bytes: the per-block OR-folds
+// of pack_block done for the four together by pairing lanes across blocks, each block's halves joined in a 64-bit
+// lane, the four blocks' bytes made contiguous by a byte shuffle per 128-bit half. WHOLE: the 16-byte stores of the
+// two halves may write past the 4*BITS bytes (the caller's next blocks overwrite that); otherwise only those bytes
+// are written. Under AVX2, 4 and 8 bits take saturating narrowings instead (for 8 bits a negative code packs as 0).
 template <int BITS, bool WHOLE>
 inline void pack_4_blocks(const v8u* c, uint8_t* dst) {
 #if defined(__AVX2__)
@@ -140,6 +140,18 @@ inline void pack_4_blocks(const v8u* c, uint8_t* dst) {
     const __m256i b = _mm256_packus_epi16(w01, w23);
     const __m256i r = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
     std::memcpy(dst, &r, 32);
+    return;
+  }
+  if constexpr (BITS == 4) {
+    // Codes to bytes as for 8 bits (lane 0: codes 0-3 of each block, lane 1: codes 4-7), then each pair of
+    // neighbouring codes into one byte by vpmaddubsw (even + 16 * odd), and the blocks' halves interleaved:
+    // 16 bytes, the blocks' own.
+    const __m256i b = _mm256_packus_epi16(_mm256_packus_epi32((__m256i)c[0], (__m256i)c[1]),
+                                          _mm256_packus_epi32((__m256i)c[2], (__m256i)c[3]));
+    const __m256i p = _mm256_maddubs_epi16(b, _mm256_set1_epi16(0x1001));
+    const __m256i q = _mm256_packus_epi16(p, p);  // 16-bit unit i of lane 0 (1): block i's codes 0-3 (4-7)
+    const __m128i r = _mm_unpacklo_epi16(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+    std::memcpy(dst, &r, 16);
     return;
   }
 #endif
