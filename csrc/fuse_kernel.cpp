@@ -134,11 +134,6 @@ inline v8f round_bf16_sum_v(v8f x) {
   return g - (g - x);
 }
 
-// One input group of pass 1 (TAIL: the row's last group, whose last blocks are read through a zero-padded
-// word so that nothing past the row is touched). Returns nf plus the sum of the group's values, lane by lane:
-// a sum is non-finite if any term is (an infinity stays one or meets its opposite in a NaN, and a NaN stays),
-// and a finite one only overflows for values near the float32 limit, which then take the exact path for
-// nothing. One add per eight values, against a mask and a max for the largest magnitude.
 // What pass 1 needs of one input group: for the table widths the group's dequantized value of every code,
 // computed once with the same operations per value as the arithmetic path (t0, t1: codes 0-7 and 8-15, or
 // the two byte tables of NibbleTables), otherwise the scale and bias. Built for several groups ahead of their
@@ -183,7 +178,7 @@ inline GroupLookup group_lookup(float sc, float bi) {
 // word so that nothing past the row is touched). Returns nf plus the sum of the group's values, lane by lane:
 // a sum is non-finite if any term is (an infinity stays one or meets its opposite in a NaN, and a NaN stays),
 // and a finite one only overflows for values near the float32 limit, which then take the exact path for
-// nothing. One add per eight values, against a mask and a max for the largest magnitude.
+// nothing. One add per eight values instead of a mask and a max (the largest magnitude's bits).
 template <int BITS, int G, bool DELTA, bool TAIL>
 inline v8f dequantize_group_bf16(const uint8_t* __restrict src, int64_t gi, int64_t direct, const GroupLookup& gl,
                                  const float* __restrict delta, float* __restrict w, v8f* __restrict vmax,
@@ -272,7 +267,24 @@ bool dequantize_row_bf16(const uint8_t* __restrict src, const mlx::core::bfloat1
 #else
   constexpr bool kTables = BITS == 4 && kNibbleTable;
 #endif
-  if constexpr (!kTables) {
+  if constexpr (kTables) {
+    constexpr int kAhead = 8;  // groups whose tables are built before any of them is dequantized
+    GroupLookup look[kAhead];
+    for (int64_t g0 = 0; g0 < n_groups; g0 += kAhead) {
+      const int m = int(n_groups - g0 < kAhead ? n_groups - g0 : kAhead);
+      for (int i = 0; i < m; ++i) {
+        look[i] = group_lookup<BITS>(load_value(scales + g0 + i), load_value(biases + g0 + i));
+      }
+      const int last = g0 + m == n_groups ? m - 1 : m;  // the row's last group reads its tail separately
+      for (int i = 0; i < last; ++i) {
+        nf = dequantize_group_bf16<BITS, G, DELTA, false>(src, g0 + i, direct, look[i], delta, w, vmax, vmin, nf);
+      }
+      if (last < m) {
+        nf = dequantize_group_bf16<BITS, G, DELTA, true>(src, g0 + last, direct, look[last], delta, w, vmax, vmin, nf);
+      }
+    }
+  } else {
+    // The arithmetic widths: nothing to build ahead (building the scale and bias ahead costs more than it saves).
     for (int64_t gi = 0; gi + 1 < n_groups; ++gi) {
       const GroupLookup look = group_lookup<BITS>(load_value(scales + gi), load_value(biases + gi));
       nf = dequantize_group_bf16<BITS, G, DELTA, false>(src, gi, direct, look, delta, w, vmax, vmin, nf);
@@ -280,19 +292,6 @@ bool dequantize_row_bf16(const uint8_t* __restrict src, const mlx::core::bfloat1
     const int64_t gl = n_groups - 1;
     const GroupLookup look = group_lookup<BITS>(load_value(scales + gl), load_value(biases + gl));
     nf = dequantize_group_bf16<BITS, G, DELTA, true>(src, gl, direct, look, delta, w, vmax, vmin, nf);
-  }
-  constexpr int kAhead = 8;  // groups whose tables are built before any of them is dequantized
-  GroupLookup look[kAhead];
-  for (int64_t g0 = 0; kTables && g0 < n_groups; g0 += kAhead) {
-    const int m = int(n_groups - g0 < kAhead ? n_groups - g0 : kAhead);
-    for (int i = 0; i < m; ++i) look[i] = group_lookup<BITS>(load_value(scales + g0 + i), load_value(biases + g0 + i));
-    const int last = g0 + m == n_groups ? m - 1 : m;  // the row's last group reads its tail separately
-    for (int i = 0; i < last; ++i) {
-      nf = dequantize_group_bf16<BITS, G, DELTA, false>(src, g0 + i, direct, look[i], delta, w, vmax, vmin, nf);
-    }
-    if (last < m) {
-      nf = dequantize_group_bf16<BITS, G, DELTA, true>(src, g0 + last, direct, look[last], delta, w, vmax, vmin, nf);
-    }
   }
   v8u nfu;
   std::memcpy(&nfu, &nf, sizeof(nfu));
