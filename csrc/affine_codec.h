@@ -14,6 +14,10 @@
 
 #include "mlx/types/half_types.h"
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #ifndef REQNOISE_ISA
 #error "affine_codec.h is compiled once per instruction-set level: define REQNOISE_ISA"
 #endif
@@ -63,6 +67,14 @@ typedef uint8_t v32b __attribute__((vector_size(32)));
 template <int BITS, bool MASKED = true>
 inline v8u unpack_block_codes(uint64_t v) {
   constexpr uint32_t m = (uint32_t(1) << BITS) - 1;
+#if defined(__AVX2__)
+  if constexpr (BITS == 8) {
+    // One code per byte: one vpmovzxbd, folded into the load of the word. GCC 12 lowers neither the byte
+    // shuffle below (a broadcast, a vpshufb and a vpor) nor __builtin_convertvector from 8 bytes (scalar
+    // extracts) to it.
+    return (v8u)_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(v)));
+  }
+#endif
 #if defined(REQNOISE_BYTE_SHUFFLE)
   if constexpr (BITS == 8) {
     // One code per byte: its lane's other bytes taken from a zero vector, so no mask follows (one in-lane
@@ -110,13 +122,39 @@ inline uint64_t pack_block(v8u c) {
   return uint64_t(x[0]) | (uint64_t(x[4]) << (4 * BITS));
 }
 
-// Four blocks (32 codes, each < 2^BITS: not masked here) packed at once into 4*BITS bytes: the per-block OR-folds of
-// pack_block done for the four together by pairing lanes across blocks, each block's halves joined in a 64-bit lane,
-// the four blocks' bytes made contiguous by a byte shuffle per 128-bit half. WHOLE: the 16-byte stores of the two
-// halves may write past the 4*BITS bytes (the caller's next blocks overwrite that); otherwise only those bytes
-// are written.
+// Four blocks (32 codes, each < 2^BITS: not masked here) packed at once into 4*BITS bytes: the per-block OR-folds
+// of pack_block done for the four together by pairing lanes across blocks, each block's halves joined in a 64-bit
+// lane, the four blocks' bytes made contiguous by a byte shuffle per 128-bit half. WHOLE: the 16-byte stores of the
+// two halves may write past the 4*BITS bytes (the caller's next blocks overwrite that); otherwise only those bytes
+// are written. Under AVX2, 4 and 8 bits take saturating narrowings instead (for 8 bits a negative code packs as 0).
 template <int BITS, bool WHOLE>
 inline void pack_4_blocks(const v8u* c, uint8_t* dst) {
+#if defined(__AVX2__)
+  if constexpr (BITS == 8) {
+    // One code per byte: two saturating narrowings and one permute to undo their per-128-bit-lane order. Codes
+    // below 256 pass unchanged, and negative lanes (as signed) become 0, which the fuse kernel's pass 3 uses as
+    // its clamp at zero. The 32 bytes are the blocks' own: WHOLE or not, nothing else is written.
+    const __m256i w01 = _mm256_packus_epi32((__m256i)c[0], (__m256i)c[1]);
+    const __m256i w23 = _mm256_packus_epi32((__m256i)c[2], (__m256i)c[3]);
+    // Bytes, 128-bit lane 0: codes 0-3 of blocks 0, 1, 2, 3; lane 1: codes 4-7 of each.
+    const __m256i b = _mm256_packus_epi16(w01, w23);
+    const __m256i r = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    std::memcpy(dst, &r, 32);
+    return;
+  }
+  if constexpr (BITS == 4) {
+    // Codes to bytes as for 8 bits (lane 0: codes 0-3 of each block, lane 1: codes 4-7), then each pair of
+    // neighbouring codes into one byte by vpmaddubsw (even + 16 * odd), and the blocks' halves interleaved:
+    // 16 bytes, the blocks' own.
+    const __m256i b = _mm256_packus_epi16(_mm256_packus_epi32((__m256i)c[0], (__m256i)c[1]),
+                                          _mm256_packus_epi32((__m256i)c[2], (__m256i)c[3]));
+    const __m256i p = _mm256_maddubs_epi16(b, _mm256_set1_epi16(0x1001));
+    const __m256i q = _mm256_packus_epi16(p, p);  // 16-bit unit i of lane 0 (1): block i's codes 0-3 (4-7)
+    const __m128i r = _mm_unpacklo_epi16(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+    std::memcpy(dst, &r, 16);
+    return;
+  }
+#endif
   const v8u sh = {0, BITS, 2 * BITS, 3 * BITS, 0, BITS, 2 * BITS, 3 * BITS};
   const v8u x0 = c[0] << sh, x1 = c[1] << sh, x2 = c[2] << sh, x3 = c[3] << sh;
   // p01 lanes: block 0's code pairs (0|1, 2|3, 4|5, 6|7) interleaved with block 1's.

@@ -64,6 +64,54 @@ constexpr int kSub = 32;  // values per extremes block: the smallest group size
 #define REQNOISE_TABLE_DEQUANTIZE 1
 #endif
 
+#if defined(__AVX2__)
+// 4-bit codes under AVX2: the group's 16 dequantized values are bfloat16 numbers (float32 bits whose low half is
+// zero), so their upper halves fit two 16-byte tables (low and high byte of each), and 32 codes, one per byte,
+// look up 32 values in two vpshufb, against two vpermps and a blend per eight. Lane 0 of the byte vector holds
+// codes 0-3, 8-11, 16-19, 24-27 and lane 1 the rest, so that the in-lane interleaves that widen the looked-up
+// bytes to 32-bit lanes (byte pairs to words, words to the upper halves of dwords) leave four vectors of
+// eight values in code order.
+struct NibbleTables {
+  __m256i lo, hi;  // bytes 2 and 3 of value c at byte c of each 128-bit lane
+};
+
+// t0, t1: the values of codes 0-7 and 8-15.
+inline NibbleTables nibble_tables(v8f t0, v8f t1) {
+  // Upper halves as words, in code order after the pack's lane interleave is undone.
+  __m256i w = _mm256_packus_epi32(_mm256_srli_epi32((__m256i)t0, 16), _mm256_srli_epi32((__m256i)t1, 16));
+  w = _mm256_permute4x64_epi64(w, 0xD8);
+  const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4, 6, 8, 10, 12,
+                                         14, 1, 3, 5, 7, 9, 11, 13, 15);
+  // Quadwords: low bytes of values 0-7, 8-15, high bytes of 0-7, 8-15.
+  const __m256i b = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(w, split), 0xD8);
+  return {_mm256_permute4x64_epi64(b, 0x44), _mm256_permute4x64_epi64(b, 0xEE)};
+}
+
+// The values of the 32 codes in the 16 bytes at p, as four vectors of eight in code order.
+inline void nibble_lookup(const NibbleTables& t, const uint8_t* p, v8f* y) {
+  __m128i x;
+  std::memcpy(&x, p, sizeof(x));
+  // Each byte twice: the first copy's low nibble, the second's high nibble is a code.
+  const __m256i dup = _mm256_setr_epi8(0, 0, 1, 1, 4, 4, 5, 5, 8, 8, 9, 9, 12, 12, 13, 13, 2, 2, 3, 3, 6, 6, 7, 7, 10,
+                                       10, 11, 11, 14, 14, 15, 15);
+  const __m256i b = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(x), dup);
+  // vpshufb reads an index's low four bits and zeroes on bit 7, so the codes are masked.
+  const __m256i c = _mm256_or_si256(_mm256_and_si256(b, _mm256_set1_epi16(0x000F)),
+                                    _mm256_and_si256(_mm256_srli_epi16(b, 4), _mm256_set1_epi16(0x0F00)));
+  const __m256i lo = _mm256_shuffle_epi8(t.lo, c), hi = _mm256_shuffle_epi8(t.hi, c);
+  const __m256i w0 = _mm256_unpacklo_epi8(lo, hi), w1 = _mm256_unpackhi_epi8(lo, hi);
+  const __m256i z = _mm256_setzero_si256();
+  y[0] = (v8f)_mm256_unpacklo_epi16(z, w0);
+  y[1] = (v8f)_mm256_unpackhi_epi16(z, w0);
+  y[2] = (v8f)_mm256_unpacklo_epi16(z, w1);
+  y[3] = (v8f)_mm256_unpackhi_epi16(z, w1);
+}
+#define REQNOISE_NIBBLE_TABLE 1
+constexpr bool kNibbleTable = true;
+#else
+constexpr bool kNibbleTable = false;
+#endif
+
 // round_bf16_non_nan on eight lanes.
 inline v8f round_bf16_v(v8f x) {
   v8u u;
@@ -73,31 +121,84 @@ inline v8f round_bf16_v(v8f x) {
   return x;
 }
 
-// One input group of pass 1 (TAIL: the row's last group, whose last blocks are read through a zero-padded
-// word so that nothing past the row is touched). Returns the lanes' largest |value| bits (max with nf).
-template <int BITS, int G, bool DELTA, bool TAIL>
-inline v8u dequantize_group_bf16(const uint8_t* __restrict src, int64_t gi, int64_t direct, float sc, float bi,
-                                 const float* __restrict delta, float* __restrict w, v8f* __restrict vmax,
-                                 v8f* __restrict vmin, v8u nf) {
+// The same rounding in three float operations instead of five integer ones, by Veltkamp's split: with
+// g = x * (2^16 + 1), g - (g - x) is x rounded to 24 - 16 = 8 significant bits. Checked against round_bf16_v on
+// every float32 (ties included): equal for every normal x below 2^111 (exponent field 1-237); a NaN from
+// 2^111 up (x * 65537 overflows), which the non-finite check sends down the exact path; wrong only for
+// subnormal x off the bfloat16 grid. So it is used only on a product q * s or on a sum of two bfloat16 values:
+// such a sum or product, if subnormal, is exact and a multiple of 2^-133, so already a bfloat16 number, which
+// the split leaves unchanged. A delta from the float32 matmul can be any float and takes round_bf16_v.
+// (Needs -ffp-contract=off, like everything here: a fused x * 65537 - x would change g - x.)
+inline v8f round_bf16_sum_v(v8f x) {
+  const v8f g = x * 65537.0f;
+  return g - (g - x);
+}
+
+// What pass 1 needs of one input group: for the table widths the group's dequantized value of every code,
+// computed once with the same operations per value as the arithmetic path (t0, t1: codes 0-7 and 8-15, or
+// the two byte tables of NibbleTables), otherwise the scale and bias. Built for several groups ahead of their
+// lookups (see dequantize_row_bf16), the tables' chain of dependent operations (scale load, two roundings,
+// the byte table's shuffles) stays off each group's critical path.
+struct GroupLookup {
+  v8f t0, t1;
+  float sc, bi;
+};
+
+template <int BITS>
+inline GroupLookup group_lookup(float sc, float bi) {
+  GroupLookup g;
+  g.sc = sc, g.bi = bi;
+#if defined(REQNOISE_NIBBLE_TABLE)
+  if constexpr (BITS == 4) {
+    const v8f code = {0.0f, 1.0f, 2.0f, 3.0f, 4.0f, 5.0f, 6.0f, 7.0f};
+    const NibbleTables nt = nibble_tables(round_bf16_sum_v(round_bf16_sum_v(code * sc) + bi),
+                                          round_bf16_sum_v(round_bf16_sum_v((code + 8.0f) * sc) + bi));
+    g.t0 = (v8f)nt.lo, g.t1 = (v8f)nt.hi;
+    return g;
+  }
+#endif
 #if defined(REQNOISE_TABLE_DEQUANTIZE)
-  // Widths up to 4 bits: the group's dequantized value of every code, computed once (the same operations per
-  // value as below), then looked up by a variable permute.
-  v8f tab[2];
   if constexpr (BITS <= 4) {
+    v8f tab[2] = {};
     for (int h = 0; h < (BITS == 4 ? 2 : 1); ++h) {
       // Entry i holds code i mod 2^BITS: the lookups below index by a lane's low three bits unmasked, which
       // for 2-bit codes include a neighbouring code's bit.
       constexpr int m = (1 << BITS) - 1;
       const v8f code = {float((0 + 8 * h) & m), float((1 + 8 * h) & m), float((2 + 8 * h) & m), float((3 + 8 * h) & m),
                         float((4 + 8 * h) & m), float((5 + 8 * h) & m), float((6 + 8 * h) & m), float((7 + 8 * h) & m)};
-      tab[h] = round_bf16_v(round_bf16_v(code * sc) + bi);
+      tab[h] = round_bf16_sum_v(round_bf16_sum_v(code * sc) + bi);
     }
+    g.t0 = tab[0], g.t1 = tab[1];
   }
+#endif
+  return g;
+}
+
+// One input group of pass 1 (TAIL: the row's last group, whose last blocks are read through a zero-padded
+// word so that nothing past the row is touched). Returns nf plus the sum of the group's values, lane by lane:
+// a sum is non-finite if any term is (an infinity stays one or meets its opposite in a NaN, and a NaN stays),
+// and a finite one only overflows for values near the float32 limit, which then take the exact path for
+// nothing. One add per eight values instead of a mask and a max (the largest magnitude's bits).
+template <int BITS, int G, bool DELTA, bool TAIL>
+inline v8f dequantize_group_bf16(const uint8_t* __restrict src, int64_t gi, int64_t direct, const GroupLookup& gl,
+                                 const float* __restrict delta, float* __restrict w, v8f* __restrict vmax,
+                                 v8f* __restrict vmin, v8f nf) {
+  const float sc = gl.sc, bi = gl.bi;
+#if defined(REQNOISE_NIBBLE_TABLE)
+  const NibbleTables nt = {(__m256i)gl.t0, (__m256i)gl.t1};
+#endif
+#if defined(REQNOISE_TABLE_DEQUANTIZE)
+  const v8f tab[2] = {gl.t0, gl.t1};
 #endif
 #pragma GCC unroll 4
   for (int sb = 0; sb < G / kSub; ++sb) {
     const int64_t j0 = gi * G + sb * kSub;
-    v8f mx, mn;
+    v8f mx, mn, sum;
+#if defined(REQNOISE_NIBBLE_TABLE)
+    v8f y4[4];
+    // A block's 16 bytes lie inside the row: no tail case.
+    if constexpr (BITS == 4) nibble_lookup(nt, src + j0 / 2, y4);
+#endif
 #pragma GCC unroll 4
     for (int k = 0; k < kSub / 8; ++k) {
       const int64_t blk = j0 / 8 + k;
@@ -107,41 +208,44 @@ inline v8u dequantize_group_bf16(const uint8_t* __restrict src, int64_t gi, int6
       } else {
         std::memcpy(&v, src + blk * BITS, BITS);
       }
-#if defined(REQNOISE_TABLE_DEQUANTIZE)
       v8f y;
-      if constexpr (BITS <= 4) {
-        // Unmasked: the permutes read bits 0-2 of each lane, and the shift below drops the bits above 3.
-        const v8i c = (v8i)unpack_block_codes<BITS, false>(v);
-        y = __builtin_shuffle(tab[0], c);  // indices mod 8
-        // Code bit 3 moved to the sign bit: the select is then one vblendvps (no compare, no zero register).
-        if constexpr (BITS == 4) y = (c << 28) < 0 ? __builtin_shuffle(tab[1], c) : y;
-      } else {
-        const v8f q = unpack_block<BITS>(v);
-        y = round_bf16_v(round_bf16_v(q * sc) + bi);
-      }
-#else
-      const v8f q = unpack_block<BITS>(v);
-      v8f y = round_bf16_v(round_bf16_v(q * sc) + bi);
+#if defined(REQNOISE_NIBBLE_TABLE)
+      if constexpr (BITS == 4) {
+        y = y4[k];
+      } else
 #endif
+      {
+#if defined(REQNOISE_TABLE_DEQUANTIZE)
+        if constexpr (BITS <= 4) {
+          // Unmasked: the permutes read bits 0-2 of each lane, and the shift below drops the bits above 3.
+          const v8i c = (v8i)unpack_block_codes<BITS, false>(v);
+          y = __builtin_shuffle(tab[0], c);  // indices mod 8
+          // Code bit 3 moved to the sign bit: the select is then one vblendvps (no compare, no zero register).
+          if constexpr (BITS == 4) y = (c << 28) < 0 ? __builtin_shuffle(tab[1], c) : y;
+        } else {
+          y = round_bf16_sum_v(round_bf16_sum_v(unpack_block<BITS>(v) * sc) + bi);
+        }
+#else
+        y = round_bf16_sum_v(round_bf16_sum_v(unpack_block<BITS>(v) * sc) + bi);
+#endif
+      }
       if constexpr (DELTA) {
         v8f d;
         std::memcpy(&d, delta + j0 + 8 * k, sizeof(d));
-        y = round_bf16_v(y + round_bf16_v(d));
+        y = round_bf16_sum_v(y + round_bf16_v(d));
       }
-      v8u u;
-      std::memcpy(&u, &y, sizeof(u));
-      u &= 0x7FFFFFFFu;
-      nf = nf < u ? u : nf;  // the largest magnitude's bits: non-finite values have the largest
       std::memcpy(w + j0 + 8 * k, &y, sizeof(y));
       if (k == 0) {
-        mx = y, mn = y;
+        mx = y, mn = y, sum = y;
       } else {
         mx = mx < y ? y : mx;
         mn = y < mn ? y : mn;
+        sum += y;
       }
     }
     vmax[j0 / kSub] = mx;
     vmin[j0 / kSub] = mn;
+    nf += sum;
   }
   return nf;
 }
@@ -157,15 +261,41 @@ bool dequantize_row_bf16(const uint8_t* __restrict src, const mlx::core::bfloat1
   const int64_t n_bytes = n / 8 * BITS;
   const int64_t direct = n_bytes >= 8 ? (n_bytes - 8) / BITS + 1 : 0;  // blocks readable as a whole word
   const int64_t n_groups = n / G;
-  v8u nf = {};
-  for (int64_t gi = 0; gi + 1 < n_groups; ++gi) {
-    nf = dequantize_group_bf16<BITS, G, DELTA, false>(src, gi, direct, load_value(scales + gi), load_value(biases + gi),
-                                                      delta, w, vmax, vmin, nf);
+  v8f nf = {};
+#if defined(REQNOISE_TABLE_DEQUANTIZE)
+  constexpr bool kTables = BITS <= 4;
+#else
+  constexpr bool kTables = BITS == 4 && kNibbleTable;
+#endif
+  if constexpr (kTables) {
+    constexpr int kAhead = 8;  // groups whose tables are built before any of them is dequantized
+    GroupLookup look[kAhead];
+    for (int64_t g0 = 0; g0 < n_groups; g0 += kAhead) {
+      const int m = int(n_groups - g0 < kAhead ? n_groups - g0 : kAhead);
+      for (int i = 0; i < m; ++i) {
+        look[i] = group_lookup<BITS>(load_value(scales + g0 + i), load_value(biases + g0 + i));
+      }
+      const int last = g0 + m == n_groups ? m - 1 : m;  // the row's last group reads its tail separately
+      for (int i = 0; i < last; ++i) {
+        nf = dequantize_group_bf16<BITS, G, DELTA, false>(src, g0 + i, direct, look[i], delta, w, vmax, vmin, nf);
+      }
+      if (last < m) {
+        nf = dequantize_group_bf16<BITS, G, DELTA, true>(src, g0 + last, direct, look[last], delta, w, vmax, vmin, nf);
+      }
+    }
+  } else {
+    // The arithmetic widths: nothing to build ahead (building the scale and bias ahead costs more than it saves).
+    for (int64_t gi = 0; gi + 1 < n_groups; ++gi) {
+      const GroupLookup look = group_lookup<BITS>(load_value(scales + gi), load_value(biases + gi));
+      nf = dequantize_group_bf16<BITS, G, DELTA, false>(src, gi, direct, look, delta, w, vmax, vmin, nf);
+    }
+    const int64_t gl = n_groups - 1;
+    const GroupLookup look = group_lookup<BITS>(load_value(scales + gl), load_value(biases + gl));
+    nf = dequantize_group_bf16<BITS, G, DELTA, true>(src, gl, direct, look, delta, w, vmax, vmin, nf);
   }
-  const int64_t gl = n_groups - 1;
-  nf = dequantize_group_bf16<BITS, G, DELTA, true>(src, gl, direct, load_value(scales + gl), load_value(biases + gl),
-                                                   delta, w, vmax, vmin, nf);
-  const v8u hit = (v8u)(nf >= 0x7F800000u);  // some |value| is inf or NaN
+  v8u nfu;
+  std::memcpy(&nfu, &nf, sizeof(nfu));
+  const v8u hit = (v8u)((nfu & 0x7FFFFFFFu) >= 0x7F800000u);  // some value is inf or NaN (or the sum overflowed)
   uint64_t h[4];
   std::memcpy(h, &hit, sizeof(h));
   if (!(h[0] | h[1] | h[2] | h[3])) return false;
@@ -243,12 +373,22 @@ inline void quantize_group_bf16(const float* __restrict w, int64_t gi, float so,
         v = (v - vb) / vs;
         v8i b;
         std::memcpy(&b, &v, sizeof(b));
+#if defined(__AVX2__)
+        // 8 bits: no clamp at zero, the pack's unsigned saturation clamps every negative code (a negative
+        // quotient rounds to a negative integer, or to INT_MIN below -2^31) to quantize_group's code 0.
+        if constexpr (BITS != 8) b = b < 0 ? v8i{} : b;
+        b = n_bins_bits < b ? v8i{} + n_bins_bits : b;
+        std::memcpy(&v, &b, sizeof(v));
+        // code_of on eight lanes in one vcvtps2dq: the default rounding mode (to nearest even), as its add.
+        c[k] = (v8u)_mm256_cvtps_epi32((__m256)v);
+#else
         b = b < 0 ? v8i{} : b;
         b = n_bins_bits < b ? v8i{} + n_bins_bits : b;
         std::memcpy(&v, &b, sizeof(v));
         const v8f t = v + 12582912.0f;  // code_of on eight lanes
         std::memcpy(&c[k], &t, sizeof(v8u));
         c[k] -= 0x4B400000u;
+#endif
       }
     }
     const int64_t at = (gi * (G / 32) + k4) * 4 * BITS;
