@@ -6,9 +6,11 @@ csrc/; each marked loop must get a vectorized-loop remark (GCC's -fopt-info-vec-
 compiled with the flags CMakeLists.txt uses. Bit (un)packing, the group min/max and the delta tiles are
 written with vector types and need no remark. AArch64 is checked by cross-compiling with Debian's
 g++-aarch64-linux-gnu and with clang --target=aarch64-linux-gnu; a target whose compiler is absent skips
-with the reason.
+with the reason. The AArch64 copy computes the x86-64 copy's bytes (qemu), and pass 1's float-only bfloat16
+rounding equals MLX's conversion wherever pass 1 uses it (all 2^32 float32 patterns).
 """
 
+import json
 import pathlib
 import re
 import shutil
@@ -144,3 +146,20 @@ def test_the_aarch64_copy_computes_the_bytes_of_the_x86_copy(tmp_path):
             k: subprocess.run([*v, *args], capture_output=True, text=True, check=True).stdout for k, v in run.items()
         }
         assert '"hash"' in out["x86"] and out["a64"] == out["x86"], case
+
+
+def test_the_split_rounding_of_pass_1_equals_mlx_bfloat16_on_every_float32(tmp_path):
+    # Pass 1 rounds products q * s and sums of two bfloat16 values by Veltkamp's split (three float operations);
+    # MLX's own float -> bfloat16 conversion is the oracle, over all 2^32 bit patterns (tests/native/).
+    if shutil.which("g++") is None:
+        pytest.skip("g++ not installed")
+    exe = tmp_path / "split"
+    cmd = ["g++", *FLAGS, "-DREQNOISE_ISA=baseline", f"-I{CSRC}", f"-I{MLX_INCLUDE}"]
+    cmd += [str(ROOT / "tests" / "native" / "bf16_split_check.cpp"), "-o", str(exe)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    counts = json.loads(subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout)
+    assert counts["checked"] == 2**32 - 2**24, counts  # every pattern but inf and NaN
+    assert counts["bad_normal"] == 0 and counts["bad_grid_subnormal"] == 0, counts
+    # From 2^111 up the split overflows to a non-finite value (the exact path's cue), never a wrong finite one.
+    assert counts["bad_large_finite"] == 0 and counts["large_non_finite"] > 0, counts
