@@ -335,35 +335,79 @@ uint8_t fp_exact_group(const uint32_t* wq, const uint8_t* scales8_in, const floa
   return s.byte;
 }
 
-// One group's codes in pass 3 (kBlocks blocks into c): from ``codes`` where the group is exact, else from w at
-// the group's multiplier (e8m0: 1/p; nvfp4: p, whose far groups are re-encoded exactly here).
+inline v8f fp_splat(float x) { return v8f{x, x, x, x, x, x, x, x}; }
+
+// One group's codes in pass 3 from w at the group's multiplier (e8m0: 1/p; nvfp4: p), into c[0, kBlocks);
+// quotients that e2m1_encode_near does not cover are flagged in ``far`` (nvfp4 only).
 template <int MODE>
-inline void fp_group_codes(const float* __restrict w, int64_t gi, float mult, bool exact, uint32_t* __restrict codes,
-                           v8u* c) {
-  constexpr int G = group_of(MODE), kBlocks = G / 8;
-  const float* wg = w + gi * G;
-  if (!exact) {
-    const v8f vm = v8f{} + mult;
-    v8u far = {};
+inline void fp_group_codes_fast(const float* __restrict wg, float mult, v8u* c, v8u& far) {
+  constexpr int kBlocks = group_of(MODE) / 8;
+  const v8f vm = fp_splat(mult);
 #pragma GCC unroll 4
-    for (int b = 0; b < kBlocks; ++b) {
-      v8f x;
-      std::memcpy(&x, wg + 8 * b, sizeof(x));
-      if constexpr (MODE == kMxfp8) {
-        c[b] = fp_e4m3_encode_v<false>(x * vm);
-      } else if constexpr (MODE == kMxfp4) {
-        c[b] = fp_e2m1_encode_v<false, false>(x * vm, far);
-      } else {
-        c[b] = fp_e2m1_encode_v<true, true>(x / vm, far);
-      }
+  for (int b = 0; b < kBlocks; ++b) {
+    v8f x;
+    std::memcpy(&x, wg + 8 * b, sizeof(x));
+    if constexpr (MODE == kMxfp8) {
+      c[b] = fp_e4m3_encode_v<false>(x * vm);
+    } else if constexpr (MODE == kMxfp4) {
+      c[b] = fp_e2m1_encode_v<false, false>(x * vm, far);
+    } else {
+      c[b] = fp_e2m1_encode_v<true, true>(x / vm, far);
     }
-    if constexpr (MODE != kNvfp4) return;
-    uint64_t h[4];
-    std::memcpy(h, &far, sizeof(h));
-    if (!(h[0] | h[1] | h[2] | h[3])) return;
-    fp_encode_fresh<mlx::core::bfloat16_t, MODE, uint32_t>(wg, mult, 0.0f, codes + gi * G);
   }
-  for (int b = 0; b < kBlocks; ++b) std::memcpy(&c[b], codes + gi * G + 8 * b, sizeof(v8u));
+}
+
+inline bool fp_any(v8u x) {
+  uint64_t h[4];
+  std::memcpy(h, &x, sizeof(h));
+  return h[0] | h[1] | h[2] | h[3];
+}
+
+// Pass 3 for groups [g0, g0 + m) (CHECKED: each group from ``codes`` where ``exact`` says so, or where its
+// nvfp4 quotients are far, re-encoded exactly by fp_encode_fresh first), 32 codes packed at a time; the
+// last 16 codes of an nvfp4 row alone. Returns the far flags of the unchecked form.
+template <int MODE, bool CHECKED>
+inline v8u fp_codes(const float* __restrict w, int64_t g0, int m, const float* mults, const int32_t* exact,
+                    uint32_t* __restrict codes, uint8_t* __restrict dst) {
+  constexpr int G = group_of(MODE), kBlocks = G / 8, BITS = MODE == kMxfp8 ? 8 : 4;
+  constexpr int kPerUnit = 32 / G;  // groups per 32 codes (one fp_pack_unit)
+  v8u far_all = {};
+  auto group = [&](int i, v8u* c) {
+    const int64_t gi = g0 + i;
+    if constexpr (CHECKED) {
+      if (!exact[i]) {
+        v8u far = {};
+        fp_group_codes_fast<MODE>(w + gi * G, mults[i], c, far);
+        if (!fp_any(far)) return;
+        fp_encode_fresh<mlx::core::bfloat16_t, MODE, uint32_t>(w + gi * G, mults[i], 0.0f, codes + gi * G);
+      }
+      for (int b = 0; b < kBlocks; ++b) std::memcpy(&c[b], codes + gi * G + 8 * b, sizeof(v8u));
+    } else {
+      fp_group_codes_fast<MODE>(w + gi * G, mults[i], c, far_all);
+    }
+  };
+  int i0 = 0;
+  for (; i0 + kPerUnit <= m; i0 += kPerUnit) {
+    v8u c[4];
+#pragma GCC unroll 2
+    for (int j = 0; j < kPerUnit; ++j) group(i0 + j, c + j * kBlocks);
+    fp_pack_unit<BITS>(c, dst + (g0 + i0) * G / 8 * BITS);
+  }
+  if (i0 < m) {  // the last 16 codes of an nvfp4 row
+    v8u c[4] = {};
+    group(i0, c);
+    uint8_t tmp[16];
+    fp_pack_unit<BITS>(c, tmp);
+    std::memcpy(dst + (g0 + i0) * G / 8 * BITS, tmp, 8);
+  }
+  return far_all;
+}
+
+// The checked form, out of line: the fast form's code stays one straight line.
+template <int MODE>
+__attribute__((noinline)) void fp_codes_checked(const float* w, int64_t g0, int m, const float* mults,
+                                                const int32_t* exact, uint32_t* codes, uint8_t* dst) {
+  fp_codes<MODE, true>(w, g0, m, mults, exact, codes, dst);
 }
 
 // Passes 2 and 3. Pass 2 is fp_scale_fast on eight groups' lanes; a lane is slow (fp_exact_group) for a
@@ -378,8 +422,7 @@ template <int MODE, bool DELTA>
 void fp_pass23_bf16(const uint32_t* wq, const uint8_t* scales8_in, const float* delta, float* __restrict w,
                     const v8u* __restrict gmax, int64_t n, uint32_t* __restrict codes, uint8_t* dst,
                     uint8_t* __restrict scales8_out) {
-  constexpr int G = group_of(MODE), kBlocks = G / 8, BITS = MODE == kMxfp8 ? 8 : 4;
-  constexpr int kPerUnit = 32 / G;  // groups per 32 codes (one fp_pack_unit)
+  constexpr int G = group_of(MODE);
   const int64_t n_groups = n / G;
   for (int64_t g0 = 0; g0 < n_groups; g0 += 8) {
     const int m = int(n_groups - g0 < 8 ? n_groups - g0 : 8);
@@ -404,12 +447,14 @@ void fp_pass23_bf16(const uint32_t* wq, const uint8_t* scales8_in, const float* 
     }
     typedef uint8_t v8b __attribute__((vector_size(8)));
     v8b bytes = __builtin_convertvector(byte, v8b);
-    uint64_t any[4];
-    std::memcpy(any, &slow, sizeof(any));
-    const bool any_slow = any[0] | any[1] | any[2] | any[3];
+    float mults[8];
+    int32_t exact[8];
+    std::memcpy(mults, &mult, sizeof(mults));
+    std::memcpy(exact, &slow, sizeof(exact));
+    const bool any_slow = fp_any((v8u)slow);
     if (any_slow) {
       for (int i = 0; i < m; ++i) {
-        if (slow[i]) bytes[i] = fp_exact_group<MODE, DELTA>(wq, scales8_in, delta, g0 + i, non_finite[i], w, codes);
+        if (exact[i]) bytes[i] = fp_exact_group<MODE, DELTA>(wq, scales8_in, delta, g0 + i, non_finite[i], w, codes);
       }
     }
     if (m == 8) {
@@ -417,26 +462,11 @@ void fp_pass23_bf16(const uint32_t* wq, const uint8_t* scales8_in, const float* 
     } else {
       for (int i = 0; i < m; ++i) scales8_out[g0 + i] = bytes[i];
     }
-    // Pass 3, 32 codes at a time.
-    float mults[8];
-    std::memcpy(mults, &mult, sizeof(mults));
-    int i0 = 0;
-    for (; i0 + kPerUnit <= m; i0 += kPerUnit) {
-      v8u c[4];
-#pragma GCC unroll 2
-      for (int j = 0; j < kPerUnit; ++j) {
-        const int i = i0 + j;
-        fp_group_codes<MODE>(w, g0 + i, mults[i], any_slow && slow[i], codes, c + j * kBlocks);
-      }
-      fp_pack_unit<BITS>(c, dst + (g0 + i0) * G / 8 * BITS);
+    if (!any_slow) {
+      const v8u far = fp_codes<MODE, false>(w, g0, m, mults, exact, codes, dst);
+      if (MODE != kNvfp4 || !fp_any(far)) continue;
     }
-    if (i0 < m) {  // the last 16 codes of an nvfp4 row
-      v8u c[4] = {};
-      fp_group_codes<MODE>(w, g0 + i0, mults[i0], any_slow && slow[i0], codes, c);
-      uint8_t tmp[16];
-      fp_pack_unit<BITS>(c, tmp);
-      std::memcpy(dst + (g0 + i0) * G / 8 * BITS, tmp, 8);
-    }
+    fp_codes_checked<MODE>(w, g0, m, mults, exact, codes, dst);
   }
 }
 
