@@ -129,6 +129,8 @@ inline v8f fp_float_v(v8u u) {
   return x;
 }
 
+inline v8f fp_splat(float x) { return v8f{x, x, x, x, x, x, x, x}; }
+
 // round_bf16_non_nan on eight lanes.
 inline v8f fp_round_bf16_v(v8f x) {
   v8u u = fp_bits_v(x);
@@ -172,7 +174,7 @@ inline v8u fp_e2m1_encode_v(v8f q, v8u& far) {
   const v8u uq = fp_bits_v(q);
   const v8i a = (v8i)(uq & 0x7FFFFFFFu);
   v8i hi = (a + (0x1FFFFF - h - 0x3F000000)) >> 22;  // code of 1.0 (bits 0x3F800000) is 2 = 254 - 252
-  hi = hi < 7 ? hi : v8i{} + 7;
+  hi = hi > 7 ? v8i{} + 7 : hi;  // this form (not hi < 7 ? ...) is one vpminsd for GCC
   const v8i m25 = a > 0x3E800000 + h, m75 = a > 0x3F400000 + h;  // -1 where true
   v8i c = -(m25 + m75);
   c = c < hi ? hi : c;
@@ -253,66 +255,91 @@ void fp_pass1_bf16(const uint8_t* __restrict src, const uint8_t* __restrict scal
                    int64_t n, float* __restrict w, v8u* __restrict gmax) {
   constexpr int G = group_of(MODE), kBlocks = G / 8;
   const v8u abs_mask = v8u{} + 0x7FFFFFFFu;
-  for (int64_t gi = 0; gi < n / G; ++gi) {
-    const uint32_t byte = scales8[gi];
-    v8u m = {};
-    auto finish = [&](v8f y, int64_t j) {
-      if constexpr (DELTA) {
-        v8f d;
-        std::memcpy(&d, delta + j, sizeof(d));
-        y = fp_round_bf16_v(y + fp_round_bf16_v(d + 0.0f));  // + 0: see fp_dequantize_group
-      }
-      std::memcpy(w + j, &y, sizeof(y));
-      const v8u u = fp_bits_v(y) & abs_mask;
-      m = m < u ? u : m;
-    };
+  const int64_t n_groups = n / G;
+  for (int64_t g0 = 0; g0 < n_groups; g0 += 8) {
+    // The scales of eight groups at once (a scalar decode per group would cost as much as a block).
+    const int m = int(n_groups - g0 < 8 ? n_groups - g0 : 8);
+    uint64_t raw = 0;
+    std::memcpy(&raw, scales8 + g0, m);
+    const v8u byte = unpack_block_codes<8>(raw);
+    float sc[8];
+    uint32_t bias[8];
+    int32_t fast[8];
     if constexpr (MODE == kMxfp8) {
-      if (byte - 30u <= 216u) {
-        // 2^k with k = byte - 127 in [-97, 119]: a normal code's value times 2^k by adding k to its exponent,
-        // a subnormal code's (m * 2^-9) as (m * 2^20) times 2^(k-29) (never a subnormal operand).
-        const uint32_t bias = (120u + byte - 127u) << 23;
-        const float sub = float_of((byte - 29u) << 23);
+      // 2^k with k = byte - 127 in [-97, 119]: a normal code's value times 2^k by adding k to its exponent,
+      // a subnormal code's (m * 2^-9) as (m * 2^20) times 2^(k-29) (never a subnormal operand).
+      const v8u b = byte;
+      const v8i f = (v8i)(b - 30u <= 216u);
+      const v8u bi = (b - 7u) << 23;
+      const v8u sb = (b - 29u) << 23;
+      std::memcpy(fast, &f, sizeof(fast));
+      std::memcpy(bias, &bi, sizeof(bias));
+      std::memcpy(sc, &sb, sizeof(sc));
+    } else {
+      // A bfloat16 value (the round of fp_dequantize_group changes nothing), or NaN: flagged below.
+      const v8f s = MODE == kNvfp4 ? fp_e4m3_value_v(byte) : fp_float_v(byte == 0u ? v8u{} + 0x00400000u : byte << 23);
+      std::memcpy(sc, &s, sizeof(sc));
+    }
+    for (int i = 0; i < m; ++i) {
+      const int64_t gi = g0 + i;
+      v8u mx = {};
+      auto finish = [&](v8f y, int64_t j) {
+        if constexpr (DELTA) {
+          v8f d;
+          std::memcpy(&d, delta + j, sizeof(d));
+          y = fp_round_bf16_v(y + fp_round_bf16_v(d + 0.0f));  // + 0: see fp_dequantize_group
+        }
+        std::memcpy(w + j, &y, sizeof(y));
+        const v8u u = fp_bits_v(y) & abs_mask;
+        mx = mx < u ? u : mx;
+      };
+      if constexpr (MODE == kMxfp8) {
+        if (fast[i]) {
+          const v8u vb = v8u{} + bias[i];
+          const v8f vs = fp_splat(sc[i]);
 #pragma GCC unroll 4
-        for (int b = 0; b < kBlocks; ++b) {
-          const v8u t = fp_e4m3_block_high(src, gi * kBlocks + b);
-          const v8u a20 = (t << 1) >> 5;  // the code's low 7 bits at bit 20
-          v8u u = a20 + bias;
-          u = (v8i)a20 < 0x00800000 ? fp_bits_v(__builtin_convertvector((v8i)a20, v8f) * sub) : u;
-          u = a20 == 0x07F00000u ? v8u{} + 0x7FC00000u : u;
-          finish(fp_float_v(u | (t & 0x80000000u)), (gi * kBlocks + b) * 8);
+          for (int b = 0; b < kBlocks; ++b) {
+            const v8u t = fp_e4m3_block_high(src, gi * kBlocks + b);
+            const v8u a20 = (t << 1) >> 5;  // the code's low 7 bits at bit 20
+            v8u u = a20 + vb;
+            u = (v8i)a20 < 0x00800000 ? fp_bits_v(__builtin_convertvector((v8i)a20, v8f) * vs) : u;
+            u = a20 == 0x07F00000u ? v8u{} + 0x7FC00000u : u;
+            finish(fp_float_v(u | (t & 0x80000000u)), (gi * kBlocks + b) * 8);
+          }
+        } else {
+          const v8f vs = fp_splat(round_bf16(e8m0_value(uint32_t(byte[i]))));
+          for (int b = 0; b < kBlocks; ++b) {
+            const v8u c = fp_e4m3_block_high(src, gi * kBlocks + b) >> 24;
+            finish(fp_round_bf16_v(fp_e4m3_value_v(c) * vs), (gi * kBlocks + b) * 8);
+          }
         }
       } else {
-        const float sc = round_bf16(e8m0_value(byte));
-        for (int b = 0; b < kBlocks; ++b) {
-          const v8u c = fp_e4m3_block_high(src, gi * kBlocks + b) >> 24;
-          finish(fp_round_bf16_v(fp_e4m3_value_v(c) * sc), (gi * kBlocks + b) * 8);
-        }
-      }
-    } else {
-      const float sc = scale_value(MODE, uint8_t(byte));  // a bfloat16 value (or NaN: flagged below)
-      const v8u sh = {0, 4, 8, 12, 16, 20, 24, 28};
-      const v8u sh_sign = {28, 24, 20, 16, 12, 8, 4, 0};  // each code's bit 3 to bit 31
+        const v8u sh = {0, 4, 8, 12, 16, 20, 24, 28};
+        const v8u sh_sign = {28, 24, 20, 16, 12, 8, 4, 0};  // each code's bit 3 to bit 31
 #if defined(REQNOISE_FP_TABLE)
-      const v8f tab = v8f{0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f} * sc;
+        const v8f tab = v8f{0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f} * fp_splat(sc[i]);
+#else
+        const v8f vs = fp_splat(sc[i]);
 #endif
 #pragma GCC unroll 4
-      for (int b = 0; b < kBlocks; ++b) {
-        uint32_t word;
-        std::memcpy(&word, src + (gi * kBlocks + b) * 4, 4);
-        const v8u x = v8u{} + word;  // each lane shifts its own code down
+        for (int b = 0; b < kBlocks; ++b) {
+          uint32_t word;
+          std::memcpy(&word, src + (gi * kBlocks + b) * 4, 4);
+          const v8u x = v8u{} + word;  // each lane shifts its own code down
 #if defined(REQNOISE_FP_TABLE)
-        const v8f y = __builtin_shuffle(tab, (v8i)(x >> sh));  // indices mod 8: the code's magnitude
+          const v8f y = __builtin_shuffle(tab, (v8i)(x >> sh));  // indices mod 8: the code's magnitude
 #else
-        const v8u i = (x >> sh) & 7u;
-        v8u u = 0x3F800000u + ((i - 2u) << 22);  // e2m1_value
-        u = i == 1u ? v8u{} + 0x3F000000u : u;
-        u = i == 0u ? v8u{} : u;
-        const v8f y = fp_float_v(u) * sc;
+          const v8u k = (x >> sh) & 7u;
+          v8u u = 0x3F800000u + ((k - 2u) << 22);  // e2m1_value
+          u = k == 1u ? v8u{} + 0x3F000000u : u;
+          u = k == 0u ? v8u{} : u;
+          const v8f y = fp_float_v(u) * vs;
 #endif
-        finish(fp_float_v(fp_bits_v(y) ^ ((x << sh_sign) & 0x80000000u)), (gi * kBlocks + b) * 8);
+          finish(fp_float_v(fp_bits_v(y) ^ ((x << sh_sign) & 0x80000000u)), (gi * kBlocks + b) * 8);
+        }
       }
+      gmax[gi] = mx;
     }
-    gmax[gi] = m;
   }
 }
 
@@ -334,8 +361,6 @@ uint8_t fp_exact_group(const uint32_t* wq, const uint8_t* scales8_in, const floa
   fp_encode_fresh<bf16, MODE, uint32_t>(w + gi * G, s.p, s.inv, codes + gi * G);
   return s.byte;
 }
-
-inline v8f fp_splat(float x) { return v8f{x, x, x, x, x, x, x, x}; }
 
 // One group's codes in pass 3 from w at the group's multiplier (e8m0: 1/p; nvfp4: p), into c[0, kBlocks);
 // quotients that e2m1_encode_near does not cover are flagged in ``far`` (nvfp4 only).
@@ -446,7 +471,7 @@ void fp_pass23_bf16(const uint32_t* wq, const uint8_t* scales8_in, const float* 
       slow |= (v8i)(u - 1u < 0x7FFFFFu) | (v8i)(n127 >= 254u);
     }
     typedef uint8_t v8b __attribute__((vector_size(8)));
-    v8b bytes = __builtin_convertvector(byte, v8b);
+    v8b bytes = __builtin_shufflevector((v32b)byte, (v32b)byte, 0, 4, 8, 12, 16, 20, 24, 28);
     float mults[8];
     int32_t exact[8];
     std::memcpy(mults, &mult, sizeof(mults));
