@@ -447,13 +447,18 @@ template <int MODE, bool DELTA>
 void fp_pass23_bf16(const uint32_t* wq, const uint8_t* scales8_in, const float* delta, float* __restrict w,
                     const v8u* __restrict gmax, int64_t n, uint32_t* __restrict codes, uint8_t* dst,
                     uint8_t* __restrict scales8_out) {
-  constexpr int G = group_of(MODE);
+  constexpr int G = group_of(MODE), BITS = MODE == kMxfp8 ? 8 : 4;
+  constexpr int kPerUnit = 32 / G;  // groups per 32 codes (one fp_pack_unit)
+  typedef uint8_t v8b __attribute__((vector_size(8)));
   const int64_t n_groups = n / G;
   for (int64_t g0 = 0; g0 < n_groups; g0 += 8) {
     const int m = int(n_groups - g0 < 8 ? n_groups - g0 : 8);
     v8u gm[8];
-#pragma GCC unroll 8
-    for (int i = 0; i < 8; ++i) gm[i] = gmax[g0 + (i < m ? i : 0)];
+    if (m == 8) {
+      std::memcpy(gm, gmax + g0, sizeof(gm));
+    } else {
+      for (int i = 0; i < 8; ++i) gm[i] = gmax[g0 + (i < m ? i : 0)];
+    }
     const v8u amax_bits = fp_fold8_max(gm);
     const v8i non_finite = (v8i)(amax_bits >= 0x7F800000u);
     const v8f s = fp_round_bf16_v(fp_float_v(amax_bits) / largest_code(MODE));
@@ -470,27 +475,36 @@ void fp_pass23_bf16(const uint32_t* wq, const uint8_t* scales8_in, const float* 
       mult = fp_float_v((254u - n127) << 23);
       slow |= (v8i)(u - 1u < 0x7FFFFFu) | (v8i)(n127 >= 254u);
     }
-    typedef uint8_t v8b __attribute__((vector_size(8)));
+    // One byte per lane: the scale bytes, and the slow flags (all eight tested at once).
     v8b bytes = __builtin_shufflevector((v32b)byte, (v32b)byte, 0, 4, 8, 12, 16, 20, 24, 28);
+    const v8b slow8 = __builtin_shufflevector((v32b)slow, (v32b)slow, 0, 4, 8, 12, 16, 20, 24, 28);
+    uint64_t any_slow;
+    std::memcpy(&any_slow, &slow8, 8);
+    if (m == 8 && !any_slow) {
+      std::memcpy(scales8_out + g0, &bytes, 8);
+      // Pass 3 of the eight groups, each group's multiplier taken from its lane.
+      v8u far = {};
+#pragma GCC unroll 8
+      for (int u = 0; u < 8 / kPerUnit; ++u) {
+        v8u c[4];
+#pragma GCC unroll 2
+        for (int j = 0; j < kPerUnit; ++j) {
+          const int i = u * kPerUnit + j;
+          fp_group_codes_fast<MODE>(w + (g0 + i) * G, mult[i], c + j * (G / 8), far);
+        }
+        fp_pack_unit<BITS>(c, dst + (g0 + u * kPerUnit) * G / 8 * BITS);
+      }
+      if (MODE != kNvfp4 || !fp_any(far)) continue;
+    }
+    // The rest (a row's last chunk, slow or far groups): the checked form, out of line.
     float mults[8];
     int32_t exact[8];
     std::memcpy(mults, &mult, sizeof(mults));
     std::memcpy(exact, &slow, sizeof(exact));
-    const bool any_slow = fp_any((v8u)slow);
-    if (any_slow) {
-      for (int i = 0; i < m; ++i) {
-        if (exact[i]) bytes[i] = fp_exact_group<MODE, DELTA>(wq, scales8_in, delta, g0 + i, non_finite[i], w, codes);
-      }
+    for (int i = 0; i < m; ++i) {
+      if (exact[i]) bytes[i] = fp_exact_group<MODE, DELTA>(wq, scales8_in, delta, g0 + i, non_finite[i], w, codes);
     }
-    if (m == 8) {
-      std::memcpy(scales8_out + g0, &bytes, 8);
-    } else {
-      for (int i = 0; i < m; ++i) scales8_out[g0 + i] = bytes[i];
-    }
-    if (!any_slow) {
-      const v8u far = fp_codes<MODE, false>(w, g0, m, mults, exact, codes, dst);
-      if (MODE != kNvfp4 || !fp_any(far)) continue;
-    }
+    for (int i = 0; i < m; ++i) scales8_out[g0 + i] = bytes[i];
     fp_codes_checked<MODE>(w, g0, m, mults, exact, codes, dst);
   }
 }
