@@ -155,33 +155,42 @@ inline v8u fp_e4m3_encode_v(v8f x) {
   const v8u ua = ux & 0x7FFFFFFFu;
   const v8u small = fp_bits_v(fp_float_v(ua) + 16384.0f) - 0x46800000u;
   const v8u r = ua + 0x7FFFFu + ((ua >> 20) & 1u);
-  v8u c = (v8i)ua < 0x3C800000 ? small : (r >> 20) - (120u << 3);  // |x| < 2^-6: subnormal codes
+  v8u c = (v8i)ua < 0x3C800000 ? small : (r >> 20) - (120u << 3);        // |x| < 2^-6: subnormal codes
   if constexpr (SATURATE) c = (v8i)ua < 0x43E80000 ? c : v8u{} + 0x7Eu;  // 464
   return c | ((ux >> 24) & 0x80u);
 }
 
-// e2m1_encode_near on eight lanes of q, for the lanes where |q| <= kE2m1NearLimit; the others are flagged in
-// ``far`` (all bits) when FAR. ROUND: the code of round_bf16(q) rather than of q, with the rounding folded into
-// the constants: every boundary below is a multiple of 2^21, whose bit 16 is 0, so the rounded bits exceed it
-// exactly when q's bits exceed it by more than half a bfloat16 step (0x8000: a tie rounds to the boundary).
-// The thresholds 0.75, 1.25, 1.75, 2.5, 3.5 and 5 (ties to the smaller magnitude) are odd multiples of 2^21
-// in the bits from 0.75 on, so from there the code is the number of them below |q|, counted by one add and
-// one shift: (bits + 2^21 - 1) >> 22 steps by one at each; below 1 that count is short (0.5 to 1 is one
-// binade, E2M1's subnormal step), so the code is the larger of it and the count of 0.25 and 0.75 below |q|.
+// e2m1_encode_near on eight lanes of q, for the lanes where |q| <= kE2m1NearLimit; when FAR, ``far`` keeps the
+// largest |q| bits seen (fp_is_far tells whether any lane was beyond the limit, or NaN). ROUND: the code of
+// round_bf16(q) rather than of q, with the rounding folded into the constants: every boundary below is a multiple of
+// 2^21, whose bit 16 is 0, so the rounded bits exceed it exactly when q's bits exceed it by more than half a bfloat16
+// step (0x8000: a tie rounds to the boundary). The thresholds 0.75, 1.25, 1.75, 2.5, 3.5 and 5 (ties to the smaller
+// magnitude) are odd multiples of 2^21 in the bits from 0.75 on, so from there the code is the number of them below
+// |q|, counted by one add and one shift: (bits + 2^21 - 1) >> 22 steps by one at each; below 1 that count is short (0.5
+// to 1 is one binade, E2M1's subnormal step), so the code is the larger of it and the count of 0.25 and 0.75 below |q|.
 template <bool ROUND, bool FAR>
-inline v8u fp_e2m1_encode_v(v8f q, v8u& far) {
+inline v8u fp_e2m1_encode_v(v8f q, v8i& far) {
   constexpr int32_t h = ROUND ? 0x8000 : 0;
   const v8u uq = fp_bits_v(q);
   const v8i a = (v8i)(uq & 0x7FFFFFFFu);
-  v8i hi = (a + (0x1FFFFF - h - 0x3F000000)) >> 22;  // code of 1.0 (bits 0x3F800000) is 2 = 254 - 252
-  hi = hi > 7 ? v8i{} + 7 : hi;  // this form (not hi < 7 ? ...) is one vpminsd for GCC
+  v8i hi = (a + (0x1FFFFF - h - 0x3F000000)) >> 22;              // code of 1.0 (bits 0x3F800000) is 2 = 254 - 252
+  hi = hi > 7 ? v8i{} + 7 : hi;                                  // this form (not hi < 7 ? ...) is one vpminsd for GCC
   const v8i m25 = a > 0x3E800000 + h, m75 = a > 0x3F400000 + h;  // -1 where true
   v8i c = -(m25 + m75);
   c = c < hi ? hi : c;
   c |= (v8i)(uq >> 28) & m25 & 8;  // the sign (code bit 3) of values that are not +0
-  if constexpr (FAR) far |= (v8u)(a > 0x41400000 + h);  // beyond 12, or NaN
+  if constexpr (FAR) far = far < a ? a : far;
   return (v8u)c;
 }
+
+inline bool fp_any(v8u x) {
+  uint64_t h[4];
+  std::memcpy(h, &x, sizeof(h));
+  return h[0] | h[1] | h[2] | h[3];
+}
+
+// Whether fp_e2m1_encode_v<true, true>'s ``far`` holds a quotient whose bfloat16 rounding is beyond 12, or NaN.
+inline bool fp_is_far(v8i far) { return fp_any((v8u)(far > 0x41400000 + 0x8000)); }
 
 // The max of each of eight vectors, as one vector (lane i: vector i's): three rounds of pairing lanes.
 inline v8u fp_fold8_max(const v8u* a) {
@@ -223,10 +232,9 @@ inline void fp_pack_unit(const v8u* c, uint8_t* dst) {
     const v32b t = __builtin_shufflevector(
         (v32b)x, (v32b)x, REQNOISE_B(0), REQNOISE_B(1), REQNOISE_B(2), REQNOISE_B(3), REQNOISE_B(4), REQNOISE_B(5),
         REQNOISE_B(6), REQNOISE_B(7), REQNOISE_B(8), REQNOISE_B(9), REQNOISE_B(10), REQNOISE_B(11), REQNOISE_B(12),
-        REQNOISE_B(13), REQNOISE_B(14), REQNOISE_B(15), REQNOISE_B(16), REQNOISE_B(17), REQNOISE_B(18),
-        REQNOISE_B(19), REQNOISE_B(20), REQNOISE_B(21), REQNOISE_B(22), REQNOISE_B(23), REQNOISE_B(24),
-        REQNOISE_B(25), REQNOISE_B(26), REQNOISE_B(27), REQNOISE_B(28), REQNOISE_B(29), REQNOISE_B(30),
-        REQNOISE_B(31));
+        REQNOISE_B(13), REQNOISE_B(14), REQNOISE_B(15), REQNOISE_B(16), REQNOISE_B(17), REQNOISE_B(18), REQNOISE_B(19),
+        REQNOISE_B(20), REQNOISE_B(21), REQNOISE_B(22), REQNOISE_B(23), REQNOISE_B(24), REQNOISE_B(25), REQNOISE_B(26),
+        REQNOISE_B(27), REQNOISE_B(28), REQNOISE_B(29), REQNOISE_B(30), REQNOISE_B(31));
 #undef REQNOISE_B
     const v8u y = __builtin_shufflevector((v8u)t, (v8u)t, 0, 4, 1, 5, 2, 6, 3, 7);
     std::memcpy(dst, &y, 32);
@@ -236,10 +244,10 @@ inline void fp_pack_unit(const v8u* c, uint8_t* dst) {
     q |= q >> 28;
     typedef uint8_t v16b __attribute__((vector_size(16)));
 #define REQNOISE_B(o) 8 * ((o) % 4) + (o) / 4
-    const v16b y = __builtin_shufflevector((v32b)q, (v32b)q, REQNOISE_B(0), REQNOISE_B(1), REQNOISE_B(2),
-                                           REQNOISE_B(3), REQNOISE_B(4), REQNOISE_B(5), REQNOISE_B(6), REQNOISE_B(7),
-                                           REQNOISE_B(8), REQNOISE_B(9), REQNOISE_B(10), REQNOISE_B(11),
-                                           REQNOISE_B(12), REQNOISE_B(13), REQNOISE_B(14), REQNOISE_B(15));
+    const v16b y = __builtin_shufflevector((v32b)q, (v32b)q, REQNOISE_B(0), REQNOISE_B(1), REQNOISE_B(2), REQNOISE_B(3),
+                                           REQNOISE_B(4), REQNOISE_B(5), REQNOISE_B(6), REQNOISE_B(7), REQNOISE_B(8),
+                                           REQNOISE_B(9), REQNOISE_B(10), REQNOISE_B(11), REQNOISE_B(12),
+                                           REQNOISE_B(13), REQNOISE_B(14), REQNOISE_B(15));
 #undef REQNOISE_B
     std::memcpy(dst, &y, 16);
   }
@@ -365,7 +373,7 @@ uint8_t fp_exact_group(const uint32_t* wq, const uint8_t* scales8_in, const floa
 // One group's codes in pass 3 from w at the group's multiplier (e8m0: 1/p; nvfp4: p), into c[0, kBlocks);
 // quotients that e2m1_encode_near does not cover are flagged in ``far`` (nvfp4 only).
 template <int MODE>
-inline void fp_group_codes_fast(const float* __restrict wg, float mult, v8u* c, v8u& far) {
+inline void fp_group_codes_fast(const float* __restrict wg, float mult, v8u* c, v8i& far) {
   constexpr int kBlocks = group_of(MODE) / 8;
   const v8f vm = fp_splat(mult);
 #pragma GCC unroll 4
@@ -382,39 +390,27 @@ inline void fp_group_codes_fast(const float* __restrict wg, float mult, v8u* c, 
   }
 }
 
-inline bool fp_any(v8u x) {
-  uint64_t h[4];
-  std::memcpy(h, &x, sizeof(h));
-  return h[0] | h[1] | h[2] | h[3];
-}
-
-// Pass 3 for groups [g0, g0 + m) (CHECKED: each group from ``codes`` where ``exact`` says so, or where its
-// nvfp4 quotients are far, re-encoded exactly by fp_encode_fresh first), 32 codes packed at a time; the
-// last 16 codes of an nvfp4 row alone. Returns the far flags of the unchecked form.
-template <int MODE, bool CHECKED>
-inline v8u fp_codes(const float* __restrict w, int64_t g0, int m, const float* mults, const int32_t* exact,
-                    uint32_t* __restrict codes, uint8_t* __restrict dst) {
+// Pass 3 for groups [g0, g0 + m) when some are exact (their codes from ``codes``, fp_exact_group's) or far
+// (nvfp4 quotients beyond e2m1_encode_near, re-encoded here by fp_encode_fresh): 32 codes packed at a time,
+// the last 16 codes of an nvfp4 row alone. Out of line, so that the fast form's code stays one straight line.
+template <int MODE>
+__attribute__((noinline)) void fp_codes_checked(const float* w, int64_t g0, int m, const float* mults,
+                                                const int32_t* exact, uint32_t* codes, uint8_t* dst) {
   constexpr int G = group_of(MODE), kBlocks = G / 8, BITS = MODE == kMxfp8 ? 8 : 4;
-  constexpr int kPerUnit = 32 / G;  // groups per 32 codes (one fp_pack_unit)
-  v8u far_all = {};
+  constexpr int kPerUnit = 32 / G;
   auto group = [&](int i, v8u* c) {
     const int64_t gi = g0 + i;
-    if constexpr (CHECKED) {
-      if (!exact[i]) {
-        v8u far = {};
-        fp_group_codes_fast<MODE>(w + gi * G, mults[i], c, far);
-        if (!fp_any(far)) return;
-        fp_encode_fresh<mlx::core::bfloat16_t, MODE, uint32_t>(w + gi * G, mults[i], 0.0f, codes + gi * G);
-      }
-      for (int b = 0; b < kBlocks; ++b) std::memcpy(&c[b], codes + gi * G + 8 * b, sizeof(v8u));
-    } else {
-      fp_group_codes_fast<MODE>(w + gi * G, mults[i], c, far_all);
+    if (!exact[i]) {
+      v8i far = {};
+      fp_group_codes_fast<MODE>(w + gi * G, mults[i], c, far);
+      if (MODE != kNvfp4 || !fp_is_far(far)) return;
+      fp_encode_fresh<mlx::core::bfloat16_t, MODE, uint32_t>(w + gi * G, mults[i], 0.0f, codes + gi * G);
     }
+    for (int b = 0; b < kBlocks; ++b) std::memcpy(&c[b], codes + gi * G + 8 * b, sizeof(v8u));
   };
   int i0 = 0;
   for (; i0 + kPerUnit <= m; i0 += kPerUnit) {
     v8u c[4];
-#pragma GCC unroll 2
     for (int j = 0; j < kPerUnit; ++j) group(i0 + j, c + j * kBlocks);
     fp_pack_unit<BITS>(c, dst + (g0 + i0) * G / 8 * BITS);
   }
@@ -425,14 +421,6 @@ inline v8u fp_codes(const float* __restrict w, int64_t g0, int m, const float* m
     fp_pack_unit<BITS>(c, tmp);
     std::memcpy(dst + (g0 + i0) * G / 8 * BITS, tmp, 8);
   }
-  return far_all;
-}
-
-// The checked form, out of line: the fast form's code stays one straight line.
-template <int MODE>
-__attribute__((noinline)) void fp_codes_checked(const float* w, int64_t g0, int m, const float* mults,
-                                                const int32_t* exact, uint32_t* codes, uint8_t* dst) {
-  fp_codes<MODE, true>(w, g0, m, mults, exact, codes, dst);
 }
 
 // Passes 2 and 3. Pass 2 is fp_scale_fast on eight groups' lanes; a lane is slow (fp_exact_group) for a
@@ -483,7 +471,7 @@ void fp_pass23_bf16(const uint32_t* wq, const uint8_t* scales8_in, const float* 
     if (m == 8 && !any_slow) {
       std::memcpy(scales8_out + g0, &bytes, 8);
       // Pass 3 of the eight groups, each group's multiplier taken from its lane.
-      v8u far = {};
+      v8i far = {};
 #pragma GCC unroll 8
       for (int u = 0; u < 8 / kPerUnit; ++u) {
         v8u c[4];
@@ -494,7 +482,7 @@ void fp_pass23_bf16(const uint32_t* wq, const uint8_t* scales8_in, const float* 
         }
         fp_pack_unit<BITS>(c, dst + (g0 + u * kPerUnit) * G / 8 * BITS);
       }
-      if (MODE != kNvfp4 || !fp_any(far)) continue;
+      if (MODE != kNvfp4 || !fp_is_far(far)) continue;
     }
     // The rest (a row's last chunk, slow or far groups): the checked form, out of line.
     float mults[8];
@@ -603,8 +591,8 @@ void fp_row_range(const FuseSpec& spec, int64_t out_dim, int64_t in_dim, int64_t
     if (!tile_delta) throw std::bad_alloc();
   }
   // bfloat16 fresh rows into their own mode take the three-pass form; the rest the general one.
-  const bool three_pass = std::is_same_v<T, mlx::core::bfloat16_t> && !keep && !spec.dora && !aff_in &&
-                          spec.out_mode == spec.mode;
+  const bool three_pass =
+      std::is_same_v<T, mlx::core::bfloat16_t> && !keep && !spec.dora && !aff_in && spec.out_mode == spec.mode;
   FpPass1 pass1 = nullptr;
   FpPass23 pass23 = nullptr;
   v8u* gmax = nullptr;
