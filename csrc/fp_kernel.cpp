@@ -161,13 +161,16 @@ inline v8u fp_e4m3_encode_v(v8f x) {
 }
 
 // e2m1_encode_near on eight lanes of q, for the lanes where |q| <= kE2m1NearLimit; when FAR, ``far`` keeps the
-// largest |q| bits seen (fp_is_far tells whether any lane was beyond the limit, or NaN). ROUND: the code of
-// round_bf16(q) rather than of q, with the rounding folded into the constants: every boundary below is a multiple of
-// 2^21, whose bit 16 is 0, so the rounded bits exceed it exactly when q's bits exceed it by more than half a bfloat16
-// step (0x8000: a tie rounds to the boundary). The thresholds 0.75, 1.25, 1.75, 2.5, 3.5 and 5 (ties to the smaller
-// magnitude) are odd multiples of 2^21 in the bits from 0.75 on, so from there the code is the number of them below
-// |q|, counted by one add and one shift: (bits + 2^21 - 1) >> 22 steps by one at each; below 1 that count is short (0.5
-// to 1 is one binade, E2M1's subnormal step), so the code is the larger of it and the count of 0.25 and 0.75 below |q|.
+// largest |q| bits seen (fp_is_far tells whether any lane was beyond the limit, or NaN).
+// The thresholds 0.75, 1.25, 1.75, 2.5, 3.5 and 5 (ties to the smaller magnitude) are odd multiples of 2^21
+// in the bits from 0.75 on, so from there the code is the number of them below |q|, counted by one add and
+// one shift: (bits + 2^21 - 1) >> 22 steps by one at each; below 1 that count is short (0.5 to 1 is one
+// binade, E2M1's subnormal step), so the code is the larger of it and the count of 0.25 and 0.75 below |q|.
+// ROUND: q = x * fl(1/p) stands for round_bf16(x / p), x a bfloat16 value and p > 0 an E4M3 value. Every
+// boundary B here (a multiple of 2^21 in the bits: at most 3 significant bits) times p is a bfloat16 value, so
+// x / p is B exactly or more than B * 2^-8 away from it, further than either rounding moves it (the bfloat16
+// rounding keeps B itself: bit 16 of B is 0, so a tie goes to B; the reciprocal's rounding errs by 2^-23): a
+// boundary counts where q's bits exceed it by more than 0x8000.
 template <bool ROUND, bool FAR>
 inline v8u fp_e2m1_encode_v(v8f q, v8i& far) {
   constexpr int32_t h = ROUND ? 0x8000 : 0;
@@ -370,8 +373,8 @@ uint8_t fp_exact_group(const uint32_t* wq, const uint8_t* scales8_in, const floa
   return s.byte;
 }
 
-// One group's codes in pass 3 from w at the group's multiplier (e8m0: 1/p; nvfp4: p), into c[0, kBlocks);
-// quotients that e2m1_encode_near does not cover are flagged in ``far`` (nvfp4 only).
+// One group's codes in pass 3 from w at the group's multiplier 1/p (exact for e8m0, rounded for nvfp4; see
+// fp_pass23_bf16), into c[0, kBlocks); nvfp4 quotients that e2m1_encode_near does not cover are flagged in ``far``.
 template <int MODE>
 inline void fp_group_codes_fast(const float* __restrict wg, float mult, v8u* c, v8i& far) {
   constexpr int kBlocks = group_of(MODE) / 8;
@@ -385,7 +388,7 @@ inline void fp_group_codes_fast(const float* __restrict wg, float mult, v8u* c, 
     } else if constexpr (MODE == kMxfp4) {
       c[b] = fp_e2m1_encode_v<false, false>(x * vm, far);
     } else {
-      c[b] = fp_e2m1_encode_v<true, true>(x / vm, far);
+      c[b] = fp_e2m1_encode_v<true, true>(x * vm, far);
     }
   }
 }
@@ -394,7 +397,7 @@ inline void fp_group_codes_fast(const float* __restrict wg, float mult, v8u* c, 
 // (nvfp4 quotients beyond e2m1_encode_near, re-encoded here by fp_encode_fresh): 32 codes packed at a time,
 // the last 16 codes of an nvfp4 row alone. Out of line, so that the fast form's code stays one straight line.
 template <int MODE>
-__attribute__((noinline)) void fp_codes_checked(const float* w, int64_t g0, int m, const float* mults,
+__attribute__((noinline)) void fp_codes_checked(const float* w, int64_t g0, int m, const float* mults, const float* ps,
                                                 const int32_t* exact, uint32_t* codes, uint8_t* dst) {
   constexpr int G = group_of(MODE), kBlocks = G / 8, BITS = MODE == kMxfp8 ? 8 : 4;
   constexpr int kPerUnit = 32 / G;
@@ -404,7 +407,7 @@ __attribute__((noinline)) void fp_codes_checked(const float* w, int64_t g0, int 
       v8i far = {};
       fp_group_codes_fast<MODE>(w + gi * G, mults[i], c, far);
       if (MODE != kNvfp4 || !fp_is_far(far)) return;
-      fp_encode_fresh<mlx::core::bfloat16_t, MODE, uint32_t>(w + gi * G, mults[i], 0.0f, codes + gi * G);
+      fp_encode_fresh<mlx::core::bfloat16_t, MODE, uint32_t>(w + gi * G, ps[i], 0.0f, codes + gi * G);
     }
     for (int b = 0; b < kBlocks; ++b) std::memcpy(&c[b], codes + gi * G + 8 * b, sizeof(v8u));
   };
@@ -429,8 +432,9 @@ __attribute__((noinline)) void fp_codes_checked(const float* w, int64_t g0, int 
 // 1/p a normal power of two, so the product is x's bits with a new exponent, or a value below 2^-126 whose
 // code is +-0 however it is rounded; it is then below 6.03 (resp. 448 * 1.004) in magnitude, as
 // p >= round_bf16(amax / L) >= amax / L * (1 - 2^-8), so no E2M1 value is far and no E4M3 value saturates.
-// nvfp4 divides (p is not a power of two), its bfloat16 rounding folded into the E2M1 constants, and a group
-// with a far quotient (p = 0 included) is redone by fp_encode_fresh.
+// nvfp4's p is not a power of two: its quotients are x * fl(1/p), whose codes are round_bf16(x / p)'s by the
+// margins of fp_e2m1_encode_v (ROUND), and a group with a far quotient (p = 0 included) is redone by
+// fp_encode_fresh.
 template <int MODE, bool DELTA>
 void fp_pass23_bf16(const uint32_t* wq, const uint8_t* scales8_in, const float* delta, float* __restrict w,
                     const v8u* __restrict gmax, int64_t n, uint32_t* __restrict codes, uint8_t* dst,
@@ -451,16 +455,18 @@ void fp_pass23_bf16(const uint32_t* wq, const uint8_t* scales8_in, const float* 
     const v8i non_finite = (v8i)(amax_bits >= 0x7F800000u);
     const v8f s = fp_round_bf16_v(fp_float_v(amax_bits) / largest_code(MODE));
     v8u byte;
-    v8f mult;  // e8m0: 1/p; nvfp4: p
+    v8f mult, p;  // 1/p and p (nvfp4)
     v8i slow = non_finite;
     if constexpr (MODE == kNvfp4) {
       byte = fp_e4m3_encode_v<true>(s);
-      mult = fp_e4m3_value_v(byte);
+      p = fp_e4m3_value_v(byte);
+      mult = 1.0f / p;
     } else {
       const v8u u = fp_bits_v(s);
       const v8u n127 = u == 0u ? v8u{} + 127u : (u >> 23) - (v8u)((u & 0x7FFFFFu) != 0u);
       byte = n127 & 0xFFu;
       mult = fp_float_v((254u - n127) << 23);
+      p = mult;  // unused
       slow |= (v8i)(u - 1u < 0x7FFFFFu) | (v8i)(n127 >= 254u);
     }
     // One byte per lane: the scale bytes, and the slow flags (all eight tested at once).
@@ -485,7 +491,8 @@ void fp_pass23_bf16(const uint32_t* wq, const uint8_t* scales8_in, const float* 
       if (MODE != kNvfp4 || !fp_is_far(far)) continue;
     }
     // The rest (a row's last chunk, slow or far groups): the checked form, out of line.
-    float mults[8];
+    float mults[8], ps[8];
+    std::memcpy(ps, &p, sizeof(ps));
     int32_t exact[8];
     std::memcpy(mults, &mult, sizeof(mults));
     std::memcpy(exact, &slow, sizeof(exact));
@@ -493,7 +500,7 @@ void fp_pass23_bf16(const uint32_t* wq, const uint8_t* scales8_in, const float* 
       if (exact[i]) bytes[i] = fp_exact_group<MODE, DELTA>(wq, scales8_in, delta, g0 + i, non_finite[i], w, codes);
     }
     for (int i = 0; i < m; ++i) scales8_out[g0 + i] = bytes[i];
-    fp_codes_checked<MODE>(w, g0, m, mults, exact, codes, dst);
+    fp_codes_checked<MODE>(w, g0, m, mults, ps, exact, codes, dst);
   }
 }
 
