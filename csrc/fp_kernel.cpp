@@ -256,6 +256,33 @@ inline void fp_pack_unit(const v8u* c, uint8_t* dst) {
   }
 }
 
+// Pass 1 of the mxfp8 groups of [g0, g0 + m) whose scale is outside the fast form's range (``fast`` 0): the
+// product rounded to bfloat16 as fp_dequantize_group rounds it. Out of line: such scales (2^-98 and below,
+// 2^120 and above) are rare.
+template <bool DELTA>
+__attribute__((noinline)) void fp_e4m3_groups_general(const uint8_t* src, const uint8_t* scales8, const float* delta,
+                                                      int64_t g0, int m, const int32_t* fast, float* w, v8u* gmax) {
+  for (int i = 0; i < m; ++i) {
+    if (fast[i]) continue;
+    const int64_t gi = g0 + i;
+    const v8f vs = fp_splat(round_bf16(e8m0_value(scales8[gi])));
+    v8u mx = {};
+    for (int b = 0; b < 4; ++b) {
+      const int64_t j = (gi * 4 + b) * 8;
+      v8f y = fp_round_bf16_v(fp_e4m3_value_v(fp_e4m3_block_high(src, gi * 4 + b) >> 24) * vs);
+      if constexpr (DELTA) {
+        v8f d;
+        std::memcpy(&d, delta + j, sizeof(d));
+        y = fp_round_bf16_v(y + fp_round_bf16_v(d + 0.0f));
+      }
+      std::memcpy(w + j, &y, sizeof(y));
+      const v8u u = fp_bits_v(y) & 0x7FFFFFFFu;
+      mx = mx < u ? u : mx;
+    }
+    gmax[gi] = mx;
+  }
+}
+
 // Pass 1: w (dequantized, plus the delta, rounded as fp_dequantize_group rounds) and each group's partial
 // maxima of |w|'s bits. The products are exact in bfloat16 where the round is left out: an E2M1 magnitude (2
 // significant bits) times a power of two at least 2^-127 or an E4M3 value (4 bits, at least 2^-9) is a
@@ -305,24 +332,17 @@ void fp_pass1_bf16(const uint8_t* __restrict src, const uint8_t* __restrict scal
         mx = mx < u ? u : mx;
       };
       if constexpr (MODE == kMxfp8) {
-        if (fast[i]) {
-          const v8u vb = v8u{} + bias[i];
-          const v8f vs = fp_splat(sc[i]);
+        // Every group the fast way (unconditionally: no branch in the loop), those outside its range redone below.
+        const v8u vb = v8u{} + bias[i];
+        const v8f vs = fp_splat(sc[i]);
 #pragma GCC unroll 4
-          for (int b = 0; b < kBlocks; ++b) {
-            const v8u t = fp_e4m3_block_high(src, gi * kBlocks + b);
-            const v8u a20 = (t << 1) >> 5;  // the code's low 7 bits at bit 20
-            v8u u = a20 + vb;
-            u = (v8i)a20 < 0x00800000 ? fp_bits_v(__builtin_convertvector((v8i)a20, v8f) * vs) : u;
-            u = a20 == 0x07F00000u ? v8u{} + 0x7FC00000u : u;
-            finish(fp_float_v(u | (t & 0x80000000u)), (gi * kBlocks + b) * 8);
-          }
-        } else {
-          const v8f vs = fp_splat(round_bf16(e8m0_value(uint32_t(byte[i]))));
-          for (int b = 0; b < kBlocks; ++b) {
-            const v8u c = fp_e4m3_block_high(src, gi * kBlocks + b) >> 24;
-            finish(fp_round_bf16_v(fp_e4m3_value_v(c) * vs), (gi * kBlocks + b) * 8);
-          }
+        for (int b = 0; b < kBlocks; ++b) {
+          const v8u t = fp_e4m3_block_high(src, gi * kBlocks + b);
+          const v8u a20 = (t << 1) >> 5;  // the code's low 7 bits at bit 20
+          v8u u = a20 + vb;
+          u = (v8i)a20 < 0x00800000 ? fp_bits_v(__builtin_convertvector((v8i)a20, v8f) * vs) : u;
+          u = a20 == 0x07F00000u ? v8u{} + 0x7FC00000u : u;
+          finish(fp_float_v(u | (t & 0x80000000u)), (gi * kBlocks + b) * 8);
         }
       } else {
         const v8u sh = {0, 4, 8, 12, 16, 20, 24, 28};
@@ -350,6 +370,11 @@ void fp_pass1_bf16(const uint8_t* __restrict src, const uint8_t* __restrict scal
         }
       }
       gmax[gi] = mx;
+    }
+    if constexpr (MODE == kMxfp8) {
+      uint64_t any_slow = 0;
+      for (int i = 0; i < 8; ++i) any_slow |= uint64_t(fast[i] == 0 && i < m) << i;
+      if (any_slow) fp_e4m3_groups_general<DELTA>(src, scales8, delta, g0, m, fast, w, gmax);
     }
   }
 }
