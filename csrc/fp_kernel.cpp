@@ -472,7 +472,8 @@ void fp_pass23_bf16(const uint32_t* wq, const uint8_t* scales8_in, const float* 
     const int m = int(n_groups - g0 < 8 ? n_groups - g0 : 8);
     v8u gm[8];
     if (m == 8) {
-      std::memcpy(gm, gmax + g0, sizeof(gm));
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) gm[i] = gmax[g0 + i];  // not a memcpy: GCC copies that through the stack
     } else {
       for (int i = 0; i < 8; ++i) gm[i] = gmax[g0 + (i < m ? i : 0)];
     }
