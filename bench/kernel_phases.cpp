@@ -221,7 +221,7 @@ int main(int argc, char** argv) {
   // pass 1 (unpack, dequantize, delta, block extremes or group maxima) and passes 2+3 (scales, codes, pack).
   double pass1_t = -1.0, pass23_t = -1.0;
   if (fp) {
-    std::vector<k::v8u> gm(groups + 1);
+    std::vector<k::v8u> gm(k::fp_scratch_vectors(groups));
     const auto p1 = k::fp_pass1_for(mode, rank > 0);
     const auto p23 = k::fp_pass23_for(mode, rank > 0);
     pass1_t = ns_per_weight([&] {

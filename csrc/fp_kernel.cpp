@@ -460,14 +460,30 @@ __attribute__((noinline)) void fp_codes_checked(const float* w, int64_t g0, int 
 // nvfp4's p is not a power of two: its quotients are x * fl(1/p), whose codes are round_bf16(x / p)'s by the
 // margins of fp_e2m1_encode_v (ROUND), and a group with a far quotient (p = 0 included) is redone by
 // fp_encode_fresh.
+// Pass 2's results for eight groups (a chunk), read by pass 3: 1/p, p (nvfp4's far groups) and whether the
+// group is exact (fp_exact_group's codes); ``any``: whether some group of the chunk is.
+struct alignas(32) FpChunk {
+  float mult[8], p[8];
+  int32_t exact[8];
+  int32_t any;
+};
+
+// v8u's of scratch that the two passes need for a row of n_groups groups: the group maxima, then the chunks.
+inline int64_t fp_scratch_vectors(int64_t n_groups) {
+  return n_groups + 1 + int64_t(sizeof(FpChunk) / sizeof(v8u)) * ((n_groups + 7) / 8);
+}
+
 template <int MODE, bool DELTA>
 void fp_pass23_bf16(const uint32_t* wq, const uint8_t* scales8_in, const float* delta, float* __restrict w,
-                    const v8u* __restrict gmax, int64_t n, uint32_t* __restrict codes, uint8_t* dst,
+                    v8u* __restrict gmax, int64_t n, uint32_t* __restrict codes, uint8_t* dst,
                     uint8_t* __restrict scales8_out) {
   constexpr int G = group_of(MODE), BITS = MODE == kMxfp8 ? 8 : 4;
   constexpr int kPerUnit = 32 / G;  // groups per 32 codes (one fp_pack_unit)
   typedef uint8_t v8b __attribute__((vector_size(8)));
   const int64_t n_groups = n / G;
+  FpChunk* chunks = reinterpret_cast<FpChunk*>(gmax + n_groups + 1);
+  // Pass 2 over the whole row first: the chunks' chains of dependent operations (fold, divide, round, encode,
+  // reciprocal) are independent of each other, so they overlap, rather than each waiting before its codes.
   for (int64_t g0 = 0; g0 < n_groups; g0 += 8) {
     const int m = int(n_groups - g0 < 8 ? n_groups - g0 : 8);
     v8u gm[8];
@@ -495,14 +511,32 @@ void fp_pass23_bf16(const uint32_t* wq, const uint8_t* scales8_in, const float* 
       p = mult;  // unused
       slow |= (v8i)(u - 1u < 0x7FFFFFu) | (v8i)(n127 >= 254u);
     }
+    FpChunk& k = chunks[g0 / 8];
+    std::memcpy(k.mult, &mult, sizeof(k.mult));
+    std::memcpy(k.p, &p, sizeof(k.p));
+    std::memcpy(k.exact, &slow, sizeof(k.exact));
     // One byte per lane: the scale bytes, and the slow flags (all eight tested at once).
     v8b bytes = __builtin_shufflevector((v32b)byte, (v32b)byte, 0, 4, 8, 12, 16, 20, 24, 28);
     const v8b slow8 = __builtin_shufflevector((v32b)slow, (v32b)slow, 0, 4, 8, 12, 16, 20, 24, 28);
     uint64_t any_slow;
     std::memcpy(&any_slow, &slow8, 8);
-    if (m == 8 && !any_slow) {
+    k.any = any_slow != 0;
+    if (any_slow) {
+      for (int i = 0; i < m; ++i) {
+        if (k.exact[i]) bytes[i] = fp_exact_group<MODE, DELTA>(wq, scales8_in, delta, g0 + i, non_finite[i], w, codes);
+      }
+    }
+    if (m == 8) {
       std::memcpy(scales8_out + g0, &bytes, 8);
-      // Pass 3 of the eight groups, each group's multiplier taken from its lane.
+    } else {
+      for (int i = 0; i < m; ++i) scales8_out[g0 + i] = bytes[i];
+    }
+  }
+  // Pass 3.
+  for (int64_t g0 = 0; g0 < n_groups; g0 += 8) {
+    const int m = int(n_groups - g0 < 8 ? n_groups - g0 : 8);
+    const FpChunk& k = chunks[g0 / 8];
+    if (m == 8 && !k.any) {
       v8i far = {};
 #pragma GCC unroll 8
       for (int u = 0; u < 8 / kPerUnit; ++u) {
@@ -510,29 +544,20 @@ void fp_pass23_bf16(const uint32_t* wq, const uint8_t* scales8_in, const float* 
 #pragma GCC unroll 2
         for (int j = 0; j < kPerUnit; ++j) {
           const int i = u * kPerUnit + j;
-          fp_group_codes_fast<MODE>(w + (g0 + i) * G, mult[i], c + j * (G / 8), far);
+          fp_group_codes_fast<MODE>(w + (g0 + i) * G, k.mult[i], c + j * (G / 8), far);
         }
         fp_pack_unit<BITS>(c, dst + (g0 + u * kPerUnit) * G / 8 * BITS);
       }
       if (MODE != kNvfp4 || !fp_is_far(far)) continue;
     }
-    // The rest (a row's last chunk, slow or far groups): the checked form, out of line.
-    float mults[8], ps[8];
-    std::memcpy(ps, &p, sizeof(ps));
-    int32_t exact[8];
-    std::memcpy(mults, &mult, sizeof(mults));
-    std::memcpy(exact, &slow, sizeof(exact));
-    for (int i = 0; i < m; ++i) {
-      if (exact[i]) bytes[i] = fp_exact_group<MODE, DELTA>(wq, scales8_in, delta, g0 + i, non_finite[i], w, codes);
-    }
-    for (int i = 0; i < m; ++i) scales8_out[g0 + i] = bytes[i];
-    fp_codes_checked<MODE>(w, g0, m, mults, ps, exact, codes, dst);
+    // The rest (a row's last chunk, exact or far groups): the checked form, out of line.
+    fp_codes_checked<MODE>(w, g0, m, k.mult, k.p, k.exact, codes, dst);
   }
 }
 
 using FpPass1 = void (*)(const uint8_t*, const uint8_t*, const float*, int64_t, float*, v8u*);
-using FpPass23 = void (*)(const uint32_t*, const uint8_t*, const float*, float*, const v8u*, int64_t, uint32_t*,
-                          uint8_t*, uint8_t*);
+using FpPass23 = void (*)(const uint32_t*, const uint8_t*, const float*, float*, v8u*, int64_t, uint32_t*, uint8_t*,
+                          uint8_t*);
 
 template <int MODE>
 FpPass1 fp_pass1_for(bool delta) {
@@ -632,7 +657,7 @@ void fp_row_range(const FuseSpec& spec, int64_t out_dim, int64_t in_dim, int64_t
   if (three_pass) {
     pass1 = fp_pass1_for(spec.mode, r > 0);
     pass23 = fp_pass23_for(spec.mode, r > 0);
-    gmax = static_cast<v8u*>(std::aligned_alloc(sizeof(v8u), sizeof(v8u) * (groups_in + 1)));
+    gmax = static_cast<v8u*>(std::aligned_alloc(sizeof(v8u), sizeof(v8u) * fp_scratch_vectors(groups_in)));
     if (!gmax) {
       std::free(tile_delta);
       throw std::bad_alloc();
