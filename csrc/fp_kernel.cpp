@@ -532,26 +532,38 @@ void fp_pass23_bf16(const uint32_t* wq, const uint8_t* scales8_in, const float* 
       for (int i = 0; i < m; ++i) scales8_out[g0 + i] = bytes[i];
     }
   }
-  // Pass 3.
-  for (int64_t g0 = 0; g0 < n_groups; g0 += 8) {
-    const int m = int(n_groups - g0 < 8 ? n_groups - g0 : 8);
-    const FpChunk& k = chunks[g0 / 8];
-    if (m == 8 && !k.any) {
-      v8i far = {};
+  // Pass 3: runs of full chunks without exact groups in one loop (its constants stay in registers), the rest
+  // (a row's last chunk, exact or far groups) through the checked form, out of line.
+  for (int64_t g0 = 0; g0 < n_groups;) {
+    int64_t g1 = g0;
+    while (g1 + 8 <= n_groups && !chunks[g1 / 8].any) g1 += 8;
+    v8i far = {};
+    for (int64_t g = g0; g < g1; g += 8) {
+      const FpChunk& k = chunks[g / 8];
 #pragma GCC unroll 8
       for (int u = 0; u < 8 / kPerUnit; ++u) {
         v8u c[4];
 #pragma GCC unroll 2
         for (int j = 0; j < kPerUnit; ++j) {
           const int i = u * kPerUnit + j;
-          fp_group_codes_fast<MODE>(w + (g0 + i) * G, k.mult[i], c + j * (G / 8), far);
+          fp_group_codes_fast<MODE>(w + (g + i) * G, k.mult[i], c + j * (G / 8), far);
         }
-        fp_pack_unit<BITS>(c, dst + (g0 + u * kPerUnit) * G / 8 * BITS);
+        fp_pack_unit<BITS>(c, dst + (g + u * kPerUnit) * G / 8 * BITS);
       }
-      if (MODE != kNvfp4 || !fp_is_far(far)) continue;
     }
-    // The rest (a row's last chunk, exact or far groups): the checked form, out of line.
-    fp_codes_checked<MODE>(w, g0, m, k.mult, k.p, k.exact, codes, dst);
+    if (MODE == kNvfp4 && g1 > g0 && fp_is_far(far)) {
+      for (int64_t g = g0; g < g1; g += 8) {
+        const FpChunk& k = chunks[g / 8];
+        fp_codes_checked<MODE>(w, g, 8, k.mult, k.p, k.exact, codes, dst);
+      }
+    }
+    if (g1 == g0) {
+      const int m = int(n_groups - g0 < 8 ? n_groups - g0 : 8);
+      const FpChunk& k = chunks[g0 / 8];
+      fp_codes_checked<MODE>(w, g0, m, k.mult, k.p, k.exact, codes, dst);
+      g1 = g0 + m;
+    }
+    g0 = g1;
   }
 }
 
