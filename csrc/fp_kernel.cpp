@@ -4,7 +4,9 @@
 //
 // A row goes through two passes over L1-resident scratch: the dequantized values (+ delta) of the input
 // mode, then the groups of the output mode. Each pass is templated on its mode and dtype, so its group loop
-// is a fixed-length, branch-free loop that the compiler vectorizes.
+// is a fixed-length, branch-free loop that the compiler vectorizes. bfloat16 fresh rows requantized into their
+// own mode (the common case) take a three-pass form written with vector types instead (fp_pass1_bf16,
+// fp_pass23_bf16), which writes the same bytes.
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -168,9 +170,9 @@ inline v8u fp_e4m3_encode_v(v8f x) {
 // binade, E2M1's subnormal step), so the code is the larger of it and the count of 0.25 and 0.75 below |q|.
 // ROUND: q = x * fl(1/p) stands for round_bf16(x / p), x a bfloat16 value and p > 0 an E4M3 value. Every
 // boundary B here (a multiple of 2^21 in the bits: at most 3 significant bits) times p is a bfloat16 value, so
-// x / p is B exactly or more than B * 2^-8 away from it, further than either rounding moves it (the bfloat16
-// rounding keeps B itself: bit 16 of B is 0, so a tie goes to B; the reciprocal's rounding errs by 2^-23): a
-// boundary counts where q's bits exceed it by more than 0x8000.
+// x / p is B exactly, above B * (1 + 2^-8) or at most B * (1 - 2^-9): neither the bfloat16 rounding (which keeps
+// B itself: bit 16 of B is 0, so a tie goes to B) nor the reciprocal's (2^-23) moves it across B, and a
+// boundary counts where q's bits exceed it by more than 0x8000 (B * 2^-8 is at least that many steps).
 template <bool ROUND, bool FAR>
 inline v8u fp_e2m1_encode_v(v8f q, v8i& far) {
   constexpr int32_t h = ROUND ? 0x8000 : 0;
