@@ -197,6 +197,50 @@ inline bool fp_any(v8u x) {
 // Whether fp_e2m1_encode_v<true, true>'s ``far`` holds a quotient whose bfloat16 rounding is beyond 12, or NaN.
 inline bool fp_is_far(v8i far) { return fp_any((v8u)(far > 0x41400000 + 0x8000)); }
 
+// fp_e2m1_encode_v for sixteen values (two blocks' quotients) on 16-bit lanes, half the instructions: the
+// thresholds and boundaries are bfloat16 values, so only the high half of each quotient's bits takes part (for
+// ROUND, of the bits plus 0x7FFF: the high half then exceeds a boundary's exactly when the bits exceed it by
+// more than 0x8000). Lanes in the order of x86's pack instructions: codes 0-3 of q0, 0-3 of q1, 4-7 of q0,
+// 4-7 of q1 (one shuffle per input, no lane crossing; fp_pack_unit16 undoes it).
+typedef int16_t v16s __attribute__((vector_size(32)));
+typedef uint16_t v16u __attribute__((vector_size(32)));
+
+template <bool ROUND, bool FAR>
+inline v16s fp_e2m1_encode_v16(v8f q0, v8f q1, v16s& far) {
+  v8u u0 = fp_bits_v(q0), u1 = fp_bits_v(q1);
+  if constexpr (ROUND) u0 += 0x7FFFu, u1 += 0x7FFFu;
+  const v16s x = __builtin_shufflevector((v16s)u0, (v16s)u1, 1, 3, 5, 7, 17, 19, 21, 23, 9, 11, 13, 15, 25, 27, 29, 31);
+  const v16s a = x & 0x7FFF;
+  v16s hi = (a + int16_t(0x1F - 0x3F00)) >> 6;  // as in fp_e2m1_encode_v, on the high halves
+  hi = hi > 7 ? v16s{} + 7 : hi;
+  const v16s m25 = a > 0x3E80, m75 = a > 0x3F40;
+  v16s c = -(m25 + m75);
+  c = c < hi ? hi : c;
+  c |= (v16s)((v16u)x >> 12) & m25 & 8;
+  if constexpr (FAR) far = far < a ? a : far;
+  return c;
+}
+
+// Whether fp_e2m1_encode_v16<true, true>'s ``far`` holds a quotient beyond 12 (rounded), or NaN.
+inline bool fp_is_far16(v16s far) { return fp_any((v8u)(far > 0x4140)); }
+
+// Four blocks of E2M1 codes from fp_e2m1_encode_v16 (c01: blocks 0 and 1, c23: 2 and 3) packed into 16 bytes:
+// a block's pair of codes joined as one byte (c01's in byte 0 of a 32-bit lane, c23's in byte 1), then one byte
+// shuffle into block order.
+inline void fp_pack_unit16(v16s c01, v16s c23, uint8_t* dst) {
+  v8u y = (v8u)(c01 | (c23 << 8));
+  y |= y >> 12;
+  typedef uint8_t v16b __attribute__((vector_size(16)));
+  // Lane L holds pair (L & 1) + 2 * (L >> 2) of block (L >> 1) & 1 (byte 0) or 2 + that (byte 1).
+#define REQNOISE_S(L, s) 4 * (L) + (s)
+  const v16b z = __builtin_shufflevector(
+      (v32b)y, (v32b)y, REQNOISE_S(0, 0), REQNOISE_S(1, 0), REQNOISE_S(4, 0), REQNOISE_S(5, 0), REQNOISE_S(2, 0),
+      REQNOISE_S(3, 0), REQNOISE_S(6, 0), REQNOISE_S(7, 0), REQNOISE_S(0, 1), REQNOISE_S(1, 1), REQNOISE_S(4, 1),
+      REQNOISE_S(5, 1), REQNOISE_S(2, 1), REQNOISE_S(3, 1), REQNOISE_S(6, 1), REQNOISE_S(7, 1));
+#undef REQNOISE_S
+  std::memcpy(dst, &z, 16);
+}
+
 // The max of each of eight vectors, as one vector (lane i: vector i's): three rounds of pairing lanes.
 inline v8u fp_fold8_max(const v8u* a) {
   auto pick = [](v8u x, v8u y) -> v8u { return x < y ? y : x; };
@@ -540,20 +584,32 @@ void fp_pass23_bf16(const uint32_t* wq, const uint8_t* scales8_in, const float* 
     int64_t g1 = g0;
     while (g1 + 8 <= n_groups && !chunks[g1 / 8].any) g1 += 8;
     v8i far = {};
+    v16s far16 = {};
     for (int64_t g = g0; g < g1; g += 8) {
       const FpChunk& k = chunks[g / 8];
 #pragma GCC unroll 8
       for (int u = 0; u < 8 / kPerUnit; ++u) {
-        v8u c[4];
-#pragma GCC unroll 2
-        for (int j = 0; j < kPerUnit; ++j) {
-          const int i = u * kPerUnit + j;
-          fp_group_codes_fast<MODE>(w + (g + i) * G, k.mult[i], c + j * (G / 8), far);
+        if constexpr (MODE == kMxfp8) {
+          v8u c[4];
+          fp_group_codes_fast<MODE>(w + (g + u) * G, k.mult[u], c, far);
+          fp_pack_unit<BITS>(c, dst + (g + u) * G / 8 * BITS);
+        } else {
+          // 32 quotients (one group, or two of nvfp4), then their codes sixteen at a time.
+          v8f q[4];
+#pragma GCC unroll 4
+          for (int b = 0; b < 4; ++b) {
+            v8f x;
+            std::memcpy(&x, w + (g + u * kPerUnit) * G + 8 * b, sizeof(x));
+            q[b] = x * fp_splat(k.mult[u * kPerUnit + b * kPerUnit / 4]);
+          }
+          constexpr bool kRound = MODE == kNvfp4;
+          const v16s c01 = fp_e2m1_encode_v16<kRound, kRound>(q[0], q[1], far16);
+          const v16s c23 = fp_e2m1_encode_v16<kRound, kRound>(q[2], q[3], far16);
+          fp_pack_unit16(c01, c23, dst + (g + u * kPerUnit) * G / 2);
         }
-        fp_pack_unit<BITS>(c, dst + (g + u * kPerUnit) * G / 8 * BITS);
       }
     }
-    if (MODE == kNvfp4 && g1 > g0 && fp_is_far(far)) {
+    if (MODE == kNvfp4 && g1 > g0 && fp_is_far16(far16)) {
       for (int64_t g = g0; g < g1; g += 8) {
         const FpChunk& k = chunks[g / 8];
         fp_codes_checked<MODE>(w, g, 8, k.mult, k.p, k.exact, codes, dst);
