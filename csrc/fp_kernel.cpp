@@ -241,6 +241,30 @@ inline void fp_pack_unit16(v16s c01, v16s c23, uint8_t* dst) {
   std::memcpy(dst, &z, 16);
 }
 
+// e4m3_encode of sixteen quotients known to be bfloat16 values below 464 in magnitude (mxfp8's x * (1/p)), on
+// 16-bit lanes as fp_e2m1_encode_v16 (same lane order): normal codes from the rounded bits, magnitudes up to
+// 2^-10 (which round to code 0) as +-0; the magnitudes between, whose subnormal codes need more, are flagged in
+// ``mid`` (their groups are re-encoded by fp_group_codes_fast).
+inline v16s fp_e4m3_encode_v16(v8f q0, v8f q1, v16s& mid) {
+  const v8u u0 = fp_bits_v(q0), u1 = fp_bits_v(q1);
+  const v16s x = __builtin_shufflevector((v16s)u0, (v16s)u1, 1, 3, 5, 7, 17, 19, 21, 23, 9, 11, 13, 15, 25, 27, 29, 31);
+  const v16s a = x & 0x7FFF;
+  const v16s r = a + 7 + ((a >> 4) & 1);  // the 7-bit mantissa rounded to 3 bits, ties to even
+  const v16s normal = a > 0x3C7F;         // at least 2^-6
+  const v16s c = ((r >> 4) - (120 << 3)) & normal;
+  mid |= (a > 0x3A80) & ~normal;  // above 2^-10
+  return c | ((v16s)((v16u)x >> 8) & 0x80);
+}
+
+// Four blocks of E4M3 codes from fp_e4m3_encode_v16 (c01: blocks 0 and 1, c23: 2 and 3) into 32 bytes: the low
+// bytes in the order of x86's pack instruction, then the 32-bit groups into block order.
+inline void fp_pack_unit16_e4m3(v16s c01, v16s c23, uint8_t* dst) {
+  const v32b t = __builtin_shufflevector((v32b)c01, (v32b)c23, 0, 2, 4, 6, 8, 10, 12, 14, 32, 34, 36, 38, 40, 42, 44,
+                                         46, 16, 18, 20, 22, 24, 26, 28, 30, 48, 50, 52, 54, 56, 58, 60, 62);
+  const v8u y = __builtin_shufflevector((v8u)t, (v8u)t, 0, 4, 1, 5, 2, 6, 3, 7);
+  std::memcpy(dst, &y, 32);
+}
+
 // The max of each of eight vectors, as one vector (lane i: vector i's): three rounds of pairing lanes.
 inline v8u fp_fold8_max(const v8u* a) {
   auto pick = [](v8u x, v8u y) -> v8u { return x < y ? y : x; };
@@ -583,33 +607,37 @@ void fp_pass23_bf16(const uint32_t* wq, const uint8_t* scales8_in, const float* 
   for (int64_t g0 = 0; g0 < n_groups;) {
     int64_t g1 = g0;
     while (g1 + 8 <= n_groups && !chunks[g1 / 8].any) g1 += 8;
-    v8i far = {};
-    v16s far16 = {};
+    v16s flag = {};  // nvfp4: the largest |quotient| (far test); mxfp8: values fp_e4m3_encode_v16 leaves out
     for (int64_t g = g0; g < g1; g += 8) {
       const FpChunk& k = chunks[g / 8];
 #pragma GCC unroll 8
       for (int u = 0; u < 8 / kPerUnit; ++u) {
-        if constexpr (MODE == kMxfp8) {
-          v8u c[4];
-          fp_group_codes_fast<MODE>(w + (g + u) * G, k.mult[u], c, far);
-          fp_pack_unit<BITS>(c, dst + (g + u) * G / 8 * BITS);
-        } else {
-          // 32 quotients (one group, or two of nvfp4), then their codes sixteen at a time.
-          v8f q[4];
+        // 32 quotients (one group, or two of nvfp4), then their codes sixteen at a time.
+        v8f q[4];
 #pragma GCC unroll 4
-          for (int b = 0; b < 4; ++b) {
-            v8f x;
-            std::memcpy(&x, w + (g + u * kPerUnit) * G + 8 * b, sizeof(x));
-            q[b] = x * fp_splat(k.mult[u * kPerUnit + b * kPerUnit / 4]);
-          }
+        for (int b = 0; b < 4; ++b) {
+          v8f x;
+          std::memcpy(&x, w + (g + u * kPerUnit) * G + 8 * b, sizeof(x));
+          q[b] = x * fp_splat(k.mult[u * kPerUnit + b * kPerUnit / 4]);
+        }
+        uint8_t* out = dst + (g + u * kPerUnit) * G / 8 * BITS;
+        if constexpr (MODE == kMxfp8) {
+          fp_pack_unit16_e4m3(fp_e4m3_encode_v16(q[0], q[1], flag), fp_e4m3_encode_v16(q[2], q[3], flag), out);
+        } else {
           constexpr bool kRound = MODE == kNvfp4;
-          const v16s c01 = fp_e2m1_encode_v16<kRound, kRound>(q[0], q[1], far16);
-          const v16s c23 = fp_e2m1_encode_v16<kRound, kRound>(q[2], q[3], far16);
-          fp_pack_unit16(c01, c23, dst + (g + u * kPerUnit) * G / 2);
+          const v16s c01 = fp_e2m1_encode_v16<kRound, kRound>(q[0], q[1], flag);
+          const v16s c23 = fp_e2m1_encode_v16<kRound, kRound>(q[2], q[3], flag);
+          fp_pack_unit16(c01, c23, out);
+        }
+      }
+      if constexpr (MODE == kMxfp8) {  // rare (a few chunks in a hundred): per chunk
+        if (fp_any((v8u)flag)) {
+          fp_codes_checked<MODE>(w, g, 8, k.mult, k.p, k.exact, codes, dst);
+          flag = v16s{};
         }
       }
     }
-    if (MODE == kNvfp4 && g1 > g0 && fp_is_far16(far16)) {
+    if (MODE == kNvfp4 && g1 > g0 && fp_is_far16(flag)) {  // rarer still (p = 0): per run
       for (int64_t g = g0; g < g1; g += 8) {
         const FpChunk& k = chunks[g / 8];
         fp_codes_checked<MODE>(w, g, 8, k.mult, k.p, k.exact, codes, dst);
