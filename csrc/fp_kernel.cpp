@@ -521,15 +521,6 @@ __attribute__((noinline)) void fp_codes_checked(const float* w, int64_t g0, int 
   }
 }
 
-// Passes 2 and 3. Pass 2 is fp_scale_fast on eight groups' lanes; a lane is slow (fp_exact_group) for a
-// non-finite group and, for the e8m0 modes, where fp_scale_fast reports a special scale or the scale is 2^127
-// (no normal reciprocal). For the others the quotient x / p is x * (1/p), exact: x is a bfloat16 value and
-// 1/p a normal power of two, so the product is x's bits with a new exponent, or a value below 2^-126 whose
-// code is +-0 however it is rounded; it is then below 6.03 (resp. 448 * 1.004) in magnitude, as
-// p >= round_bf16(amax / L) >= amax / L * (1 - 2^-8), so no E2M1 value is far and no E4M3 value saturates.
-// nvfp4's p is not a power of two: its quotients are x * fl(1/p), whose codes are round_bf16(x / p)'s by the
-// margins of fp_e2m1_encode_v (ROUND), and a group with a far quotient (p = 0 included) is redone by
-// fp_encode_fresh.
 // Pass 2's results for eight groups (a chunk), read by pass 3: 1/p, p (nvfp4's far groups) and whether the
 // group is exact (fp_exact_group's codes); ``any``: whether some group of the chunk is.
 struct alignas(32) FpChunk {
@@ -543,12 +534,23 @@ inline int64_t fp_scratch_vectors(int64_t n_groups) {
   return n_groups + 1 + int64_t(sizeof(FpChunk) / sizeof(v8u)) * ((n_groups + 7) / 8);
 }
 
+// Passes 2 and 3. Pass 2 is fp_scale_fast on eight groups' lanes; a lane is slow (fp_exact_group) for a
+// non-finite group and, for the e8m0 modes, where fp_scale_fast reports a special scale or the scale is 2^127
+// (no normal reciprocal). For the others the quotient x / p is x * (1/p), exact: x is a bfloat16 value and
+// 1/p a normal power of two, so the product is x's bits with a new exponent, or a value below 2^-126 whose
+// code is +-0 however it is rounded; it is then below 6.03 (resp. 448 * 1.004) in magnitude, as
+// p >= round_bf16(amax / L) >= amax / L * (1 - 2^-8), so no E2M1 value is far and no E4M3 value saturates.
+// nvfp4's p is not a power of two: its quotients are x * fl(1/p), whose codes are round_bf16(x / p)'s by the
+// margins of fp_e2m1_encode_v (ROUND), and a group with a far quotient (p = 0 included) is redone by
+// fp_encode_fresh. Pass 3 computes codes sixteen at a time on 16-bit lanes (fp_e2m1_encode_v16,
+// fp_e4m3_encode_v16); a chunk of groups with an exact group, a far quotient or (mxfp8) a value whose code is
+// subnormal takes the checked form (fp_codes_checked), on 32-bit lanes.
 template <int MODE, bool DELTA>
 void fp_pass23_bf16(const uint32_t* wq, const uint8_t* scales8_in, const float* delta, float* __restrict w,
                     v8u* __restrict gmax, int64_t n, uint32_t* __restrict codes, uint8_t* dst,
                     uint8_t* __restrict scales8_out) {
   constexpr int G = group_of(MODE), BITS = MODE == kMxfp8 ? 8 : 4;
-  constexpr int kPerUnit = 32 / G;  // groups per 32 codes (one fp_pack_unit)
+  constexpr int kPerUnit = 32 / G;  // groups per 32 codes (one packed unit)
   typedef uint8_t v8b __attribute__((vector_size(8)));
   const int64_t n_groups = n / G;
   FpChunk* chunks = reinterpret_cast<FpChunk*>(gmax + n_groups + 1);
