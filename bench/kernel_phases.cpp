@@ -4,9 +4,9 @@
 // Includes the kernels' translation units so that their internal helpers can be timed one phase at a time
 // over the same rows; each phase runs over every row before the next starts, so the timings are of each phase
 // in isolation (their sum is an upper bound on the fused row loop, which keeps a row in L1 between phases).
-// Also times the whole row loop at 1 and 2 threads. Prints one JSON object. The affine phases unpack ... pack
-// are the general row form's (float16/float32 scales, keep-grid, DoRA); bfloat16 fresh rows take the three-pass
-// form, timed as pass1_* and pass23_*.
+// Also times the whole row loop at 1 and 2 threads. Prints one JSON object. The phases unpack ... pack are the
+// general row form's (float16/float32 scales, keep-grid, DoRA, and for the fp modes the cross-mode rows); bfloat16
+// fresh rows (affine, or an fp mode into itself) take the three-pass form, timed as pass1_* and pass23_*.
 //
 //   g++ -std=c++20 -O3 -ffp-contract=off -fno-math-errno -fno-trapping-math [-march=x86-64-v3] \
 //       -DREQNOISE_ISA=v3 -I csrc -I $(python -m mlx --cmake-dir)/include bench/kernel_phases.cpp -o /tmp/kp
@@ -217,10 +217,23 @@ int main(int argc, char** argv) {
   const double pack = mode == reqnoise::kMxfp8 ? -1.0 : ns_per_weight([&] {
     for (int64_t r = 0; r < rows; ++r) k::pack_codes(bits, s.codes, in_dim, wq_out.data() + r * words);
   });
-  // The bfloat16 fresh rows' three-pass form (fuse_kernel.cpp), each pass alone over every row: pass 1
-  // (unpack, dequantize, delta, block extremes) and passes 2+3 (scales, codes, pack).
+  // The bfloat16 fresh rows' three-pass form (fuse_kernel.cpp, fp_kernel.cpp), each pass alone over every row:
+  // pass 1 (unpack, dequantize, delta, block extremes or group maxima) and passes 2+3 (scales, codes, pack).
   double pass1_t = -1.0, pass23_t = -1.0;
-  if (!fp) {
+  if (fp) {
+    std::vector<k::v8u> gm(k::fp_scratch_vectors(groups));
+    const auto p1 = k::fp_pass1_for(mode, rank > 0);
+    const auto p23 = k::fp_pass23_for(mode, rank > 0);
+    pass1_t = ns_per_weight([&] {
+      for (int64_t r = 0; r < rows; ++r)
+        p1(reinterpret_cast<const uint8_t*>(wq.data() + r * words), &sc8[r * groups], dd, in_dim, s.w, gm.data());
+    });
+    pass23_t = ns_per_weight([&] {
+      for (int64_t r = 0; r < rows; ++r)
+        p23(wq.data() + r * words, &sc8[r * groups], dd, s.w, gm.data(), in_dim, s.codes,
+            reinterpret_cast<uint8_t*>(wq_out.data() + r * words), &sc8_out[r * groups]);
+    });
+  } else {
     const int64_t n_sub = in_dim / k::kSub;
     std::vector<k::v8f> ext(2 * n_sub);
     std::vector<uint8_t> special(n_sub);

@@ -269,3 +269,40 @@ def test_hypothesis_shapes_and_magnitudes(mode, dt, experts, out_dim, groups, lo
     keep = fuse_quantized(q, s, mode=mode, requant="keep-grid", lora_a=a, lora_b=b)
     ref = R.fuse_any(q, s, None, mode=mode, requant="keep-grid", lora_a=a, lora_b=b)
     assert np.array_equal(np.array(keep[0]), ref[0])
+
+
+@pytest.mark.parametrize("mode", FP)
+@pytest.mark.parametrize("dt", DTYPES)
+def test_any_finite_codes_and_scale_bytes_equal_the_mlx_op_chain(mode, dt):
+    # Codes and scale bytes that mx.quantize never writes but mx.dequantize reads: every finite code, e8m0 bytes
+    # from 0 (2^-127) to near the float32 limit (2^127 is no scale of finite weights: 6 * 2^127 overflows),
+    # nvfp4 scales of either sign, subnormal and zero; group counts that leave a partial chunk of eight groups;
+    # a delta that pushes some groups far beyond their old range. Every dequantized value is finite, so MLX's
+    # chain is the oracle.
+    dtype = DTYPES[dt]
+    rng = np.random.default_rng(21)
+    g = 16 if mode == "nvfp4" else 32
+    rows, groups = 5, 22
+    in_dim = g * groups
+    if mode == "mxfp8":
+        codes = rng.choice(np.setdiff1d(np.arange(256), [0x7F, 0xFF]), (rows, in_dim)).astype(np.uint8)
+        wq = codes.view(np.uint32)
+        edge = [0, 1, 9, 10, 29, 30, 31, 60, 100, 120, 127, 150, 200, 246]
+    else:
+        codes = rng.integers(0, 16, (rows, in_dim), dtype=np.uint8)
+        wq = (codes[:, 0::2] | (codes[:, 1::2] << 4)).view(np.uint32)
+        if mode == "nvfp4":
+            edge = [0x00, 0x01, 0x07, 0x08, 0x30, 0x38, 0x55, 0x7E, 0x80, 0x81, 0xB8, 0xFE]
+        else:
+            edge = [0, 1, 2, 30, 100, 127, 128, 200, 240, 250, 252]  # 6 * 2^126 overflows
+    scales = rng.choice(np.array(edge, np.uint8), (rows, groups))
+    if dtype == mx.float16:  # float16's range: no dequantized value may overflow
+        scales = np.minimum(scales, 127 + 7) if mode != "nvfp4" else scales
+    q, s = mx.array(wq), mx.array(scales)
+    want = _chain(q, s, mode, dtype)
+    assert np.isfinite(np.array(mx.dequantize(q, s, mode=mode, dtype=dtype).astype(mx.float32))).all()
+    assert_same(fuse_quantized(q, s, None, mode=mode, dtype=dtype), want)
+    a, b = dyadic_factors(rng, (), rows, in_dim, 2)
+    b = b * 2.0 ** int(rng.integers(2, 10))
+    got = fuse_quantized(q, s, None, mode=mode, dtype=dtype, lora_a=a, lora_b=b)
+    assert_same(got, _chain(q, s, mode, dtype, delta=b @ a))
