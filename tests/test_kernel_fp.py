@@ -2,6 +2,11 @@
 edge groups, against MLX's own ops on the CPU stream (the oracle) and the numpy reference
 (kernel/reference.py, itself checked against MLX here first). docs/mlx-fp-formats.md points at these tests."""
 
+import json
+import pathlib
+import shutil
+import subprocess
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -306,3 +311,21 @@ def test_any_finite_codes_and_scale_bytes_equal_the_mlx_op_chain(mode, dt):
     b = b * 2.0 ** int(rng.integers(2, 10))
     got = fuse_quantized(q, s, None, mode=mode, dtype=dtype, lora_a=a, lora_b=b)
     assert_same(got, _chain(q, s, mode, dtype, delta=b @ a))
+
+
+def test_nvfp4_quotients_by_the_rounded_reciprocal_give_the_chains_codes_for_every_value_and_scale(tmp_path):
+    # Pass 3 encodes nvfp4 quotients as x * fl(1/p): for all 65536 bfloat16 x and every positive E4M3 scale p,
+    # the code equals the scalar encoder's of round_bf16(x / p) (the chain's), or the lane is flagged for the
+    # exact path (tests/native/nvfp4_reciprocal_check.cpp).
+    if shutil.which("g++") is None:
+        pytest.skip("g++ not installed")
+    root = pathlib.Path(__file__).resolve().parent.parent
+    exe = tmp_path / "nvr"
+    cmd = ["g++", "-std=c++20", "-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-Wno-psabi"]
+    cmd += ["-DREQNOISE_ISA=baseline", f"-I{root / 'csrc'}", f"-I{pathlib.Path(mx.__file__).parent / 'include'}"]
+    cmd += [str(root / "tests" / "native" / "nvfp4_reciprocal_check.cpp"), "-o", str(exe)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    counts = json.loads(subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout)
+    assert counts["checked"] == 65536 * 126, counts
+    assert counts["wrong"] == 0 and counts["far_missed"] == 0, counts
