@@ -741,13 +741,6 @@ void fp_row_range(const FuseSpec& spec, int64_t out_dim, int64_t in_dim, int64_t
   const int64_t groups_out = in_dim / spec.out_group_size;
   const bool aff_in = spec.mode == kAffine, aff_out = spec.out_mode == kAffine, keep = spec.keep_grid;
   const int r = spec.rank;
-  // The delta in tiles of rows of one expert, as the affine kernel computes it (lowrank_delta.h). malloc, not
-  // a std:: container, whose out-of-line template code could be shared between the instruction-set copies.
-  float* tile_delta = nullptr;
-  if (r) {
-    tile_delta = static_cast<float*>(std::malloc(sizeof(float) * kTile * in_dim));
-    if (!tile_delta) throw std::bad_alloc();
-  }
   // bfloat16 fresh rows into their own mode take the three-pass form; the rest the general one.
   const bool three_pass =
       std::is_same_v<T, mlx::core::bfloat16_t> && !keep && !spec.dora && !aff_in && spec.out_mode == spec.mode;
@@ -758,52 +751,31 @@ void fp_row_range(const FuseSpec& spec, int64_t out_dim, int64_t in_dim, int64_t
     pass1 = fp_pass1_for(spec.mode, r > 0);
     pass23 = fp_pass23_for(spec.mode, r > 0);
     gmax = static_cast<v8u*>(std::aligned_alloc(sizeof(v8u), sizeof(v8u) * fp_scratch_vectors(groups_in)));
-    if (!gmax) {
-      std::free(tile_delta);
-      throw std::bad_alloc();
-    }
+    if (!gmax) throw std::bad_alloc();
   }
-  for (int64_t row0 = row_begin; row0 < row_end;) {
-    const int64_t e = row0 / out_dim;
-    const int64_t expert_end = (e + 1) * out_dim;
-    int64_t tile_end = row0 + kTile;
-    tile_end = tile_end < row_end ? tile_end : row_end;
-    tile_end = tile_end < expert_end ? tile_end : expert_end;
-    const float* a = r ? buf.A + e * r * in_dim : nullptr;
-    if (r) {
-      if (tile_end - row0 == kTile) {
-        delta_tile<kTile>(spec, a, buf.B + row0 * r, in_dim, tile_delta);
-      } else {
-        for (int64_t row = row0; row < tile_end; ++row) {
-          delta_row(spec, a, buf.B + row * r, in_dim, tile_delta + (row - row0) * in_dim);
-        }
-      }
+  const FreeOnExit hold{gmax};
+  auto one_row = [&](int64_t row, const float* a, const float* delta) {
+    FuseBuffers<T> one{buf.wq + row * words_in,
+                       aff_in ? buf.scales + row * groups_in : nullptr,
+                       aff_in ? buf.biases + row * groups_in : nullptr,
+                       a,
+                       r ? buf.B + row * r : nullptr,
+                       buf.mag ? buf.mag + row : nullptr,
+                       buf.wq_out + row * words_out,
+                       (!keep && aff_out) ? buf.scales_out + row * groups_out : nullptr,
+                       (!keep && aff_out) ? buf.biases_out + row * groups_out : nullptr};
+    one.scales8 = aff_in ? nullptr : buf.scales8 + row * groups_in;
+    one.scales8_out = (!keep && !aff_out) ? buf.scales8_out + row * groups_out : nullptr;
+    if (three_pass) {
+      pass1(reinterpret_cast<const uint8_t*>(one.wq), one.scales8, delta, in_dim, s.w, gmax);
+      pass23(one.wq, one.scales8, delta, s.w, gmax, in_dim, s.codes, reinterpret_cast<uint8_t*>(one.wq_out),
+             one.scales8_out);
+      return;
     }
-    for (int64_t row = row0; row < tile_end; ++row) {
-      FuseBuffers<T> one{buf.wq + row * words_in,
-                         aff_in ? buf.scales + row * groups_in : nullptr,
-                         aff_in ? buf.biases + row * groups_in : nullptr,
-                         a,
-                         r ? buf.B + row * r : nullptr,
-                         buf.mag ? buf.mag + row : nullptr,
-                         buf.wq_out + row * words_out,
-                         (!keep && aff_out) ? buf.scales_out + row * groups_out : nullptr,
-                         (!keep && aff_out) ? buf.biases_out + row * groups_out : nullptr};
-      one.scales8 = aff_in ? nullptr : buf.scales8 + row * groups_in;
-      one.scales8_out = (!keep && !aff_out) ? buf.scales8_out + row * groups_out : nullptr;
-      const float* delta = r ? tile_delta + (row - row0) * in_dim : nullptr;
-      if (three_pass) {
-        pass1(reinterpret_cast<const uint8_t*>(one.wq), one.scales8, delta, in_dim, s.w, gmax);
-        pass23(one.wq, one.scales8, delta, s.w, gmax, in_dim, s.codes, reinterpret_cast<uint8_t*>(one.wq_out),
-               one.scales8_out);
-        continue;
-      }
-      fp_one_row<T>(spec, in_dim, one, s, delta);
-    }
-    row0 = tile_end;
-  }
-  std::free(tile_delta);
-  std::free(gmax);
+    fp_one_row<T>(spec, in_dim, one, s, delta);
+  };
+  // The delta in tiles of rows of one expert, as the affine kernel computes it (lowrank_delta.h).
+  for_each_row(spec, out_dim, in_dim, row_begin, row_end, buf.A, buf.B, one_row);
 }
 
 #define REQNOISE_INSTANTIATE(T)                                                                             \

@@ -568,13 +568,6 @@ void fuse_row_range(const FuseSpec& spec, int64_t out_dim, int64_t in_dim, int64
   const int64_t groups_in = in_dim / spec.group_size;
   const int64_t groups_out = in_dim / spec.out_group_size;
   const int r = spec.rank;
-  // The tile's deltas: kTile rows of in_dim floats per thread (s.delta holds one row only). malloc, not a
-  // std:: container, whose out-of-line template code could be shared between the instruction-set copies.
-  float* tile_delta = nullptr;
-  if (r) {
-    tile_delta = static_cast<float*>(std::malloc(sizeof(float) * kTile * in_dim));
-    if (!tile_delta) throw std::bad_alloc();
-  }
   // bfloat16 fresh requantization (the common case) takes the three-pass form; the rest the general one.
   const bool three_pass = std::is_same_v<T, mlx::core::bfloat16_t> && !spec.keep_grid && !spec.dora;
   Pass1 pass1 = nullptr;
@@ -586,56 +579,33 @@ void fuse_row_range(const FuseSpec& spec, int64_t out_dim, int64_t in_dim, int64
     pass23 = pass23_for(spec.out_bits, spec.out_group_size);
     const int64_t n_sub = in_dim / kSub;
     extremes = static_cast<v8f*>(std::aligned_alloc(sizeof(v8f), sizeof(v8f) * (3 * n_sub + 1)));
-    if (!extremes) {
-      std::free(tile_delta);
-      throw std::bad_alloc();
-    }
+    if (!extremes) throw std::bad_alloc();
     special = reinterpret_cast<uint8_t*>(extremes + 2 * n_sub);
   }
-  for (int64_t row0 = row_begin; row0 < row_end;) {
-    const int64_t e = row0 / out_dim;
-    // A tile never crosses an expert (its rows share A) nor this thread's range.
-    const int64_t expert_end = (e + 1) * out_dim;
-    int64_t tile_end = row0 + kTile;
-    tile_end = tile_end < row_end ? tile_end : row_end;
-    tile_end = tile_end < expert_end ? tile_end : expert_end;
-    const float* a = r ? buf.A + e * r * in_dim : nullptr;
-    if (r) {
-      if (tile_end - row0 == kTile) {
-        delta_tile<kTile>(spec, a, buf.B + row0 * r, in_dim, tile_delta);
-      } else {
-        for (int64_t row = row0; row < tile_end; ++row) {
-          delta_row(spec, a, buf.B + row * r, in_dim, tile_delta + (row - row0) * in_dim);
-        }
+  const FreeOnExit hold{extremes};
+  auto one_row = [&](int64_t row, const float* a, const float* delta) {
+    const FuseBuffers<T> one{buf.wq + row * words_in,
+                             buf.scales + row * groups_in,
+                             buf.biases + row * groups_in,
+                             a,
+                             r ? buf.B + row * r : nullptr,
+                             buf.mag ? buf.mag + row : nullptr,
+                             buf.wq_out + row * words_out,
+                             spec.keep_grid ? nullptr : buf.scales_out + row * groups_out,
+                             spec.keep_grid ? nullptr : buf.biases_out + row * groups_out};
+    if constexpr (std::is_same_v<T, mlx::core::bfloat16_t>) {
+      if (three_pass) {
+        const int64_t n_sub = in_dim / kSub;
+        const bool any_special = pass1(reinterpret_cast<const uint8_t*>(one.wq), one.scales, one.biases, delta, in_dim,
+                                       s.w, extremes, extremes + n_sub, special);
+        pass23(s.w, extremes, extremes + n_sub, any_special, special, in_dim, s.codes,
+               reinterpret_cast<uint8_t*>(one.wq_out), one.scales_out, one.biases_out);
+        return;
       }
     }
-    for (int64_t row = row0; row < tile_end; ++row) {
-      const FuseBuffers<T> one{buf.wq + row * words_in,
-                               buf.scales + row * groups_in,
-                               buf.biases + row * groups_in,
-                               a,
-                               r ? buf.B + row * r : nullptr,
-                               buf.mag ? buf.mag + row : nullptr,
-                               buf.wq_out + row * words_out,
-                               spec.keep_grid ? nullptr : buf.scales_out + row * groups_out,
-                               spec.keep_grid ? nullptr : buf.biases_out + row * groups_out};
-      const float* delta = r ? tile_delta + (row - row0) * in_dim : nullptr;
-      if constexpr (std::is_same_v<T, mlx::core::bfloat16_t>) {
-        if (three_pass) {
-          const int64_t n_sub = in_dim / kSub;
-          const bool any_special = pass1(reinterpret_cast<const uint8_t*>(one.wq), one.scales, one.biases, delta,
-                                         in_dim, s.w, extremes, extremes + n_sub, special);
-          pass23(s.w, extremes, extremes + n_sub, any_special, special, in_dim, s.codes,
-                 reinterpret_cast<uint8_t*>(one.wq_out), one.scales_out, one.biases_out);
-          continue;
-        }
-      }
-      fuse_one_row<T>(spec, in_dim, one, s, delta);
-    }
-    row0 = tile_end;
-  }
-  std::free(tile_delta);
-  std::free(extremes);
+    fuse_one_row<T>(spec, in_dim, one, s, delta);
+  };
+  for_each_row(spec, out_dim, in_dim, row_begin, row_end, buf.A, buf.B, one_row);
 }
 
 #define REQNOISE_INSTANTIATE(T)                                                                               \

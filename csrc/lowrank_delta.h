@@ -3,7 +3,9 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <new>
 
 #include "affine_codec.h"
 #include "fuse_kernel.h"
@@ -97,6 +99,42 @@ inline void delta_tile(const FuseSpec& spec, const float* __restrict a, const fl
 // One row's delta: the tile form with a tile of one (the rows left over at the end of an expert or a block).
 inline void delta_row(const FuseSpec& spec, const float* a, const float* b, int64_t n, float* delta) {
   delta_tile<1>(spec, a, b, n, delta);
+}
+
+// Frees a malloc'd scratch buffer on every way out of a scope. Not std::unique_ptr, whose out-of-line template
+// code could be shared between the instruction-set copies.
+struct FreeOnExit {
+  void* p;
+  ~FreeOnExit() { std::free(p); }
+};
+
+// Rows [row_begin, row_end) of a stack of experts of out_dim rows each, in tiles of up to kTile rows that
+// never cross an expert (a tile's rows share A): each tile's deltas at once, then row_fn(row, a, delta) for
+// each of its rows (a: its expert's [rank, n] A; delta: its n floats of scale * B @ A; both nullptr at rank 0).
+template <typename F>
+inline void for_each_row(const FuseSpec& spec, int64_t out_dim, int64_t n, int64_t row_begin, int64_t row_end,
+                         const float* A, const float* B, F&& row_fn) {
+  const int r = spec.rank;
+  float* tile = r ? static_cast<float*>(std::malloc(sizeof(float) * kTile * n)) : nullptr;  // kTile rows of deltas
+  if (r && !tile) throw std::bad_alloc();
+  const FreeOnExit hold{tile};
+  for (int64_t row0 = row_begin; row0 < row_end;) {
+    const int64_t e = row0 / out_dim;
+    const int64_t expert_end = (e + 1) * out_dim;
+    int64_t tile_end = row0 + kTile;
+    tile_end = tile_end < row_end ? tile_end : row_end;
+    tile_end = tile_end < expert_end ? tile_end : expert_end;
+    const float* a = r ? A + e * r * n : nullptr;
+    if (r) {
+      if (tile_end - row0 == kTile) {
+        delta_tile<kTile>(spec, a, B + row0 * r, n, tile);
+      } else {
+        for (int64_t row = row0; row < tile_end; ++row) delta_row(spec, a, B + row * r, n, tile + (row - row0) * n);
+      }
+    }
+    for (int64_t row = row0; row < tile_end; ++row) row_fn(row, a, r ? tile + (row - row0) * n : nullptr);
+    row0 = tile_end;
+  }
 }
 
 }  // namespace
