@@ -1,7 +1,12 @@
 #include "fuse_primitive.h"
 
+#include <cstdint>
 #include <stdexcept>
 #include <string>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
@@ -40,6 +45,21 @@ void run(const FuseSpec& spec, const std::vector<mx::array>& in, std::vector<mx:
   fuse_rows<T>(spec, E, out_dim, in_dim, buf);
 }
 
+// An output of many megabytes is written once, front to back, by the kernel threads: on Linux with transparent
+// huge pages in "madvise" mode (a common default) its first writes would fault in 4 KiB pages one at a time,
+// which at 3 bits cost about as much as a fifth of the fuse. Asking for huge pages over the buffer's whole 2 MiB
+// spans turns that into a few hundred faults. Advice only: nothing changes if the kernel declines.
+void advise_huge_pages(void* data, size_t nbytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + nbytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)data, (void)nbytes;
+#endif
+}
+
 }  // namespace
 
 void FuseQuantized::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
@@ -47,6 +67,7 @@ void FuseQuantized::eval_cpu(const std::vector<mx::array>& inputs, std::vector<m
   auto& encoder = mx::cpu::get_command_encoder(stream());
   for (auto& o : outputs) {
     o.set_data(mx::allocator::malloc(o.nbytes()));
+    advise_huge_pages(o.data<void>(), o.nbytes());
     encoder.set_output_array(o);
   }
   std::vector<mx::array> ins, outs;
