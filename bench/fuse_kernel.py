@@ -28,6 +28,9 @@ CASES = [
     ("dense_4096", (4096, 4096), 4, 64, mx.bfloat16, (16,), True),
 ]
 QUICK = [("moe_small", (16, 512, 768), 3, 64, mx.bfloat16, (2,), True)]
+# The widths compared per weight against 3 bits, each repetition running all of them back to back.
+WIDTHS = ("moe_down_proj_30b_a3b", (128, 2048, 768), (3, 4, 8), 64, mx.bfloat16, 2)
+WIDTHS_QUICK = ("moe_small", (16, 512, 768), (3, 4, 8), 64, mx.bfloat16, 2)
 
 
 def op_chain(wq, s, b, group, bits, a, bb, scale):
@@ -61,6 +64,42 @@ def copy_once(buffers):
 
 def med_range(xs, nd=1):
     return dict(median=round(statistics.median(xs), nd), min=round(min(xs), nd), max=round(max(xs), nd))
+
+
+def widths_paired(case, reps, rng):
+    """Seconds per weight of each width on the same weights and factors, the widths run back to back in every
+    repetition (their order rotated), and the per-repetition ratios to 3 bits: a comparison that load from
+    other processes shifts alike on both sides."""
+    name, shape, widths, group, dtype, r = case
+    w = mx.array((rng.standard_normal(shape) * 0.02).astype(np.float32)).astype(dtype)
+    lead, out_dim, in_dim = shape[:-2], shape[-2], shape[-1]
+    a = mx.array((rng.standard_normal(lead + (r, in_dim)) * 0.01).astype(np.float32))
+    bb = mx.array((rng.standard_normal(lead + (out_dim, r)) * 0.01).astype(np.float32))
+    packed = {}
+    for bits in widths:
+        packed[bits] = mx.quantize(w, group_size=group, bits=bits)
+        mx.eval(*packed[bits])
+    del w
+    n_weights = int(np.prod(shape))
+
+    def fuse(bits):
+        wq, s, b = packed[bits]
+        return lambda: fuse_quantized(wq, s, b, group_size=group, bits=bits, lora_a=a, lora_b=bb, scale=2.0)
+
+    for bits in widths:
+        run_once(fuse(bits))  # warm-up
+    ns = {bits: [] for bits in widths}
+    for rep in range(reps):
+        for i in range(len(widths)):
+            bits = widths[(rep + i) % len(widths)]
+            ns[bits].append(run_once(fuse(bits))[0] * 1e9 / n_weights)
+    base = widths[0]
+    res = dict(case=name + "_widths", shape=list(shape), group_size=group, rank=r, reps=reps)
+    res["ns_per_weight"] = {str(bits): round(statistics.median(ns[bits]), 3) for bits in widths}
+    res[f"ns_per_weight_vs_{base}bit"] = {
+        str(bits): med_range([x / y for x, y in zip(ns[bits], ns[base])], 2) for bits in widths[1:]
+    }
+    return res
 
 
 def main():
@@ -136,6 +175,8 @@ def main():
                 del got, chain
             results.append(res)
             print(json.dumps(res), flush=True)
+    widths = widths_paired(WIDTHS_QUICK if args.quick else WIDTHS, args.reps, rng)
+    print(json.dumps(widths), flush=True)
     print(
         json.dumps(
             {
@@ -147,6 +188,7 @@ def main():
                 "min_median_speedup": min(r["speedup"]["median"] for r in results if "speedup" in r),
                 "max_median_vs_copy_floor": max(r["reqnoise_vs_copy_floor"]["median"] for r in results),
                 "max_reqnoise_peak_over_packed": max(r["reqnoise_peak_over_packed"] for r in results),
+                "max_median_width_vs_3bit": max(v["median"] for v in widths["ns_per_weight_vs_3bit"].values()),
             }
         )
     )
