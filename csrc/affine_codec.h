@@ -122,6 +122,27 @@ inline uint64_t pack_block(v8u c) {
   return uint64_t(x[0]) | (uint64_t(x[4]) << (4 * BITS));
 }
 
+// Max (MAX) or min of each of eight vectors, as one vector (lane i: vector i's): three rounds of pairing lanes.
+// V: v8f (float order) or v8u (the bits' unsigned order, e.g. magnitudes).
+template <bool MAX, typename V>
+inline V fold8(const V* a) {
+  auto pick = [](V x, V y) -> V {
+    if constexpr (MAX) return x < y ? y : x;
+    return y < x ? y : x;
+  };
+  V p[4], q[2];
+  for (int i = 0; i < 4; ++i) {
+    p[i] = pick(__builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 8, 2, 10, 4, 12, 6, 14),
+                __builtin_shufflevector(a[2 * i], a[2 * i + 1], 1, 9, 3, 11, 5, 13, 7, 15));
+  }
+  for (int i = 0; i < 2; ++i) {
+    q[i] = pick(__builtin_shufflevector(p[2 * i], p[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13),
+                __builtin_shufflevector(p[2 * i], p[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15));
+  }
+  return pick(__builtin_shufflevector(q[0], q[1], 0, 1, 2, 3, 8, 9, 10, 11),
+              __builtin_shufflevector(q[0], q[1], 4, 5, 6, 7, 12, 13, 14, 15));
+}
+
 // Four blocks (32 codes, each < 2^BITS: not masked here) packed at once into 4*BITS bytes: the per-block OR-folds
 // of pack_block done for the four together by pairing lanes across blocks, each block's halves joined in a 64-bit
 // lane, the four blocks' bytes made contiguous by a byte shuffle per 128-bit half. WHOLE: the 16-byte stores of the

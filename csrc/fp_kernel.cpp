@@ -265,22 +265,6 @@ inline void fp_pack_unit16_e4m3(v16s c01, v16s c23, uint8_t* dst) {
   std::memcpy(dst, &y, 32);
 }
 
-// The max of each of eight vectors, as one vector (lane i: vector i's): three rounds of pairing lanes.
-inline v8u fp_fold8_max(const v8u* a) {
-  auto pick = [](v8u x, v8u y) -> v8u { return x < y ? y : x; };
-  v8u p[4], q[2];
-  for (int i = 0; i < 4; ++i) {
-    p[i] = pick(__builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 8, 2, 10, 4, 12, 6, 14),
-                __builtin_shufflevector(a[2 * i], a[2 * i + 1], 1, 9, 3, 11, 5, 13, 7, 15));
-  }
-  for (int i = 0; i < 2; ++i) {
-    q[i] = pick(__builtin_shufflevector(p[2 * i], p[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13),
-                __builtin_shufflevector(p[2 * i], p[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15));
-  }
-  return pick(__builtin_shufflevector(q[0], q[1], 0, 1, 2, 3, 8, 9, 10, 11),
-              __builtin_shufflevector(q[0], q[1], 4, 5, 6, 7, 12, 13, 14, 15));
-}
-
 // An E4M3 input block: 8 bytes, code j in the top byte of lane j (the bytes below it zero).
 inline v8u fp_e4m3_block_high(const uint8_t* __restrict src, int64_t blk) {
   uint64_t v;
@@ -565,7 +549,7 @@ void fp_pass23_bf16(const uint32_t* wq, const uint8_t* scales8_in, const float* 
     } else {
       for (int i = 0; i < 8; ++i) gm[i] = gmax[g0 + (i < m ? i : 0)];
     }
-    const v8u amax_bits = fp_fold8_max(gm);
+    const v8u amax_bits = fold8<true>(gm);
     const v8i non_finite = (v8i)(amax_bits >= 0x7F800000u);
     const v8f s = fp_round_bf16_v(fp_float_v(amax_bits) / largest_code(MODE));
     v8u byte;

@@ -319,26 +319,6 @@ bool dequantize_row_bf16(const uint8_t* __restrict src, const mlx::core::bfloat1
   return true;
 }
 
-// Max (MAX) or min of each of eight vectors, as one vector (lane i: vector i's): three rounds of pairing lanes.
-template <bool MAX>
-inline v8f fold8(const v8f* a) {
-  auto pick = [](v8f x, v8f y) -> v8f {
-    if constexpr (MAX) return x < y ? y : x;
-    return y < x ? y : x;
-  };
-  v8f p[4], q[2];
-  for (int i = 0; i < 4; ++i) {
-    p[i] = pick(__builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 8, 2, 10, 4, 12, 6, 14),
-                __builtin_shufflevector(a[2 * i], a[2 * i + 1], 1, 9, 3, 11, 5, 13, 7, 15));
-  }
-  for (int i = 0; i < 2; ++i) {
-    q[i] = pick(__builtin_shufflevector(p[2 * i], p[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13),
-                __builtin_shufflevector(p[2 * i], p[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15));
-  }
-  return pick(__builtin_shufflevector(q[0], q[1], 0, 1, 2, 3, 8, 9, 10, 11),
-              __builtin_shufflevector(q[0], q[1], 4, 5, 6, 7, 12, 13, 14, 15));
-}
-
 // Pass 3 for one group of G values at scale ``so`` and bias ``bo``: codes (from w, or from ``codes`` where
 // quantize_group made them) packed straight into dst (a row of ``row_bytes``), four blocks at a time. Their
 // 16-byte stores spill into bytes that the next blocks overwrite, except near the row's end, where only the
