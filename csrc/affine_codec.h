@@ -280,6 +280,21 @@ inline float round_bf16_non_nan(float x) {
   return y;
 }
 
+// round_bf16_non_nan on eight lanes.
+inline v8f round_bf16_v(v8f x) {
+  v8u u;
+  std::memcpy(&u, &x, sizeof(u));
+  u = (u + ((u >> 16) & 1u) + 0x7FFFu) & 0xFFFF0000u;
+  std::memcpy(&x, &u, sizeof(u));
+  return x;
+}
+
+// GCC's variable-index __builtin_shuffle is one permute (vpermps) with AVX2; Clang has no such builtin, and
+// other targets would expand it lane by lane. Both kernels look codes up in a per-group table of values with it.
+#if defined(__AVX2__) && !defined(__clang__)
+#define REQNOISE_PERMUTE_TABLE 1
+#endif
+
 inline uint32_t is_non_finite(float x) {
   uint32_t u;
   std::memcpy(&u, &x, 4);

@@ -113,11 +113,8 @@ void quantize_fp_row(bool keep_grid, const uint32_t* wq_in, const uint8_t* scale
 // that holds a non-finite value, or whose scale is outside the fast form's range, is redone by those functions'
 // own per-group code (fp_exact_group).
 
-// GCC's variable-index __builtin_shuffle is one permute (vpermps) with AVX2 (as in fuse_kernel.cpp); elsewhere
-// the E2M1 magnitudes are computed lane by lane.
-#if defined(__AVX2__) && !defined(__clang__)
-#define REQNOISE_FP_TABLE 1
-#endif
+// E2M1 magnitudes are looked up in a table by one permute where the build has it (REQNOISE_PERMUTE_TABLE,
+// affine_codec.h); elsewhere they are computed lane by lane.
 
 inline v8u fp_bits_v(v8f x) {
   v8u u;
@@ -132,13 +129,6 @@ inline v8f fp_float_v(v8u u) {
 }
 
 inline v8f fp_splat(float x) { return v8f{x, x, x, x, x, x, x, x}; }
-
-// round_bf16_non_nan on eight lanes.
-inline v8f fp_round_bf16_v(v8f x) {
-  v8u u = fp_bits_v(x);
-  u = (u + ((u >> 16) & 1u) + 0x7FFFu) & 0xFFFF0000u;
-  return fp_float_v(u);
-}
 
 // e4m3_value on eight lanes (codes < 256).
 inline v8f fp_e4m3_value_v(v8u c) {
@@ -323,11 +313,11 @@ __attribute__((noinline)) void fp_e4m3_groups_general(const uint8_t* src, const 
     v8u mx = {};
     for (int b = 0; b < 4; ++b) {
       const int64_t j = (gi * 4 + b) * 8;
-      v8f y = fp_round_bf16_v(fp_e4m3_value_v(fp_e4m3_block_high(src, gi * 4 + b) >> 24) * vs);
+      v8f y = round_bf16_v(fp_e4m3_value_v(fp_e4m3_block_high(src, gi * 4 + b) >> 24) * vs);
       if constexpr (DELTA) {
         v8f d;
         std::memcpy(&d, delta + j, sizeof(d));
-        y = fp_round_bf16_v(y + fp_round_bf16_v(d + 0.0f));
+        y = round_bf16_v(y + round_bf16_v(d + 0.0f));
       }
       std::memcpy(w + j, &y, sizeof(y));
       const v8u u = fp_bits_v(y) & 0x7FFFFFFFu;
@@ -379,7 +369,7 @@ void fp_pass1_bf16(const uint8_t* __restrict src, const uint8_t* __restrict scal
         if constexpr (DELTA) {
           v8f d;
           std::memcpy(&d, delta + j, sizeof(d));
-          y = fp_round_bf16_v(y + fp_round_bf16_v(d + 0.0f));  // + 0: see fp_dequantize_group
+          y = round_bf16_v(y + round_bf16_v(d + 0.0f));  // + 0: see fp_dequantize_group
         }
         std::memcpy(w + j, &y, sizeof(y));
         const v8u u = fp_bits_v(y) & abs_mask;
@@ -401,7 +391,7 @@ void fp_pass1_bf16(const uint8_t* __restrict src, const uint8_t* __restrict scal
       } else {
         const v8u sh = {0, 4, 8, 12, 16, 20, 24, 28};
         const v8u sh_sign = {28, 24, 20, 16, 12, 8, 4, 0};  // each code's bit 3 to bit 31
-#if defined(REQNOISE_FP_TABLE)
+#if defined(REQNOISE_PERMUTE_TABLE)
         const v8f tab = v8f{0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f} * fp_splat(sc[i]);
 #else
         const v8f vs = fp_splat(sc[i]);
@@ -411,7 +401,7 @@ void fp_pass1_bf16(const uint8_t* __restrict src, const uint8_t* __restrict scal
           uint32_t word;
           std::memcpy(&word, src + (gi * kBlocks + b) * 4, 4);
           const v8u x = v8u{} + word;  // each lane shifts its own code down
-#if defined(REQNOISE_FP_TABLE)
+#if defined(REQNOISE_PERMUTE_TABLE)
           const v8f y = __builtin_shuffle(tab, (v8i)(x >> sh));  // indices mod 8: the code's magnitude
 #else
           const v8u k = (x >> sh) & 7u;
@@ -551,7 +541,7 @@ void fp_pass23_bf16(const uint32_t* wq, const uint8_t* scales8_in, const float* 
     }
     const v8u amax_bits = fold8<true>(gm);
     const v8i non_finite = (v8i)(amax_bits >= 0x7F800000u);
-    const v8f s = fp_round_bf16_v(fp_float_v(amax_bits) / largest_code(MODE));
+    const v8f s = round_bf16_v(fp_float_v(amax_bits) / largest_code(MODE));
     v8u byte;
     v8f mult, p;  // 1/p and p (nvfp4)
     v8i slow = non_finite;

@@ -58,12 +58,6 @@ inline void dequantize_row(const T* scales, const T* biases, const float* __rest
 // order-free for finite values, and a block with a non-finite value takes the exact path of both).
 constexpr int kSub = 32;  // values per extremes block: the smallest group size
 
-// GCC's variable-index __builtin_shuffle is one permute (vpermps) with AVX2; Clang has no such builtin, and
-// other targets would expand it lane by lane.
-#if defined(__AVX2__) && !defined(__clang__)
-#define REQNOISE_TABLE_DEQUANTIZE 1
-#endif
-
 #if defined(__AVX2__)
 // 4-bit codes under AVX2: the group's 16 dequantized values are bfloat16 numbers (float32 bits whose low half is
 // zero), so their upper halves fit two 16-byte tables (low and high byte of each), and 32 codes, one per byte,
@@ -112,15 +106,6 @@ constexpr bool kNibbleTable = true;
 constexpr bool kNibbleTable = false;
 #endif
 
-// round_bf16_non_nan on eight lanes.
-inline v8f round_bf16_v(v8f x) {
-  v8u u;
-  std::memcpy(&u, &x, sizeof(u));
-  u = (u + ((u >> 16) & 1u) + 0x7FFFu) & 0xFFFF0000u;
-  std::memcpy(&x, &u, sizeof(u));
-  return x;
-}
-
 // The same rounding in three float operations instead of five integer ones, by Veltkamp's split: with
 // g = x * (2^16 + 1), g - (g - x) is x rounded to 24 - 16 = 8 significant bits. Checked against round_bf16_v on
 // every float32 (ties included): equal for every normal x below 2^111 (exponent field 1-237); a NaN from
@@ -133,6 +118,9 @@ inline v8f round_bf16_sum_v(v8f x) {
   const v8f g = x * 65537.0f;
   return g - (g - x);
 }
+
+// MLX's bfloat16 dequantize of eight codes q: q * s rounded, then + b rounded.
+inline v8f dequantize_bf16_v(v8f q, float sc, float bi) { return round_bf16_sum_v(round_bf16_sum_v(q * sc) + bi); }
 
 // What pass 1 needs of one input group: for the table widths the group's dequantized value of every code,
 // computed once with the same operations per value as the arithmetic path (t0, t1: codes 0-7 and 8-15, or
@@ -151,13 +139,12 @@ inline GroupLookup group_lookup(float sc, float bi) {
 #if defined(REQNOISE_NIBBLE_TABLE)
   if constexpr (BITS == 4) {
     const v8f code = {0.0f, 1.0f, 2.0f, 3.0f, 4.0f, 5.0f, 6.0f, 7.0f};
-    const NibbleTables nt = nibble_tables(round_bf16_sum_v(round_bf16_sum_v(code * sc) + bi),
-                                          round_bf16_sum_v(round_bf16_sum_v((code + 8.0f) * sc) + bi));
+    const NibbleTables nt = nibble_tables(dequantize_bf16_v(code, sc, bi), dequantize_bf16_v(code + 8.0f, sc, bi));
     g.t0 = (v8f)nt.lo, g.t1 = (v8f)nt.hi;
     return g;
   }
 #endif
-#if defined(REQNOISE_TABLE_DEQUANTIZE)
+#if defined(REQNOISE_PERMUTE_TABLE)
   if constexpr (BITS <= 4) {
     v8f tab[2] = {};
     for (int h = 0; h < (BITS == 4 ? 2 : 1); ++h) {
@@ -166,12 +153,29 @@ inline GroupLookup group_lookup(float sc, float bi) {
       constexpr int m = (1 << BITS) - 1;
       const v8f code = {float((0 + 8 * h) & m), float((1 + 8 * h) & m), float((2 + 8 * h) & m), float((3 + 8 * h) & m),
                         float((4 + 8 * h) & m), float((5 + 8 * h) & m), float((6 + 8 * h) & m), float((7 + 8 * h) & m)};
-      tab[h] = round_bf16_sum_v(round_bf16_sum_v(code * sc) + bi);
+      tab[h] = dequantize_bf16_v(code, sc, bi);
     }
     g.t0 = tab[0], g.t1 = tab[1];
   }
 #endif
   return g;
+}
+
+// The dequantized values of one block of eight codes (the packed word v) by a permuted table (widths up to 4
+// bits, GCC + AVX2) or the arithmetic. 4 bits under AVX2 take the byte tables instead (dequantize_group_bf16).
+template <int BITS>
+inline v8f dequantize_block_bf16(uint64_t v, const GroupLookup& gl) {
+#if defined(REQNOISE_PERMUTE_TABLE)
+  if constexpr (BITS <= 4) {
+    // Unmasked: the permutes read bits 0-2 of each lane, and the shift below drops the bits above 3.
+    const v8i c = (v8i)unpack_block_codes<BITS, false>(v);
+    const v8f y = __builtin_shuffle(gl.t0, c);  // indices mod 8
+    // Code bit 3 moved to the sign bit: the select is then one vblendvps (no compare, no zero register).
+    if constexpr (BITS == 4) return (c << 28) < 0 ? __builtin_shuffle(gl.t1, c) : y;
+    return y;
+  }
+#endif
+  return dequantize_bf16_v(unpack_block<BITS>(v), gl.sc, gl.bi);
 }
 
 // One input group of pass 1 (TAIL: the row's last group, whose last blocks are read through a zero-padded
@@ -183,19 +187,15 @@ template <int BITS, int G, bool DELTA, bool TAIL>
 inline v8f dequantize_group_bf16(const uint8_t* __restrict src, int64_t gi, int64_t direct, const GroupLookup& gl,
                                  const float* __restrict delta, float* __restrict w, v8f* __restrict vmax,
                                  v8f* __restrict vmin, v8f nf) {
-  const float sc = gl.sc, bi = gl.bi;
 #if defined(REQNOISE_NIBBLE_TABLE)
   const NibbleTables nt = {(__m256i)gl.t0, (__m256i)gl.t1};
-#endif
-#if defined(REQNOISE_TABLE_DEQUANTIZE)
-  const v8f tab[2] = {gl.t0, gl.t1};
 #endif
 #pragma GCC unroll 4
   for (int sb = 0; sb < G / kSub; ++sb) {
     const int64_t j0 = gi * G + sb * kSub;
     v8f mx, mn, sum;
-#if defined(REQNOISE_NIBBLE_TABLE)
     v8f y4[4];
+#if defined(REQNOISE_NIBBLE_TABLE)
     // A block's 16 bytes lie inside the row: no tail case.
     if constexpr (BITS == 4) nibble_lookup(nt, src + j0 / 2, y4);
 #endif
@@ -209,25 +209,10 @@ inline v8f dequantize_group_bf16(const uint8_t* __restrict src, int64_t gi, int6
         std::memcpy(&v, src + blk * BITS, BITS);
       }
       v8f y;
-#if defined(REQNOISE_NIBBLE_TABLE)
-      if constexpr (BITS == 4) {
+      if constexpr (BITS == 4 && kNibbleTable) {
         y = y4[k];
-      } else
-#endif
-      {
-#if defined(REQNOISE_TABLE_DEQUANTIZE)
-        if constexpr (BITS <= 4) {
-          // Unmasked: the permutes read bits 0-2 of each lane, and the shift below drops the bits above 3.
-          const v8i c = (v8i)unpack_block_codes<BITS, false>(v);
-          y = __builtin_shuffle(tab[0], c);  // indices mod 8
-          // Code bit 3 moved to the sign bit: the select is then one vblendvps (no compare, no zero register).
-          if constexpr (BITS == 4) y = (c << 28) < 0 ? __builtin_shuffle(tab[1], c) : y;
-        } else {
-          y = round_bf16_sum_v(round_bf16_sum_v(unpack_block<BITS>(v) * sc) + bi);
-        }
-#else
-        y = round_bf16_sum_v(round_bf16_sum_v(unpack_block<BITS>(v) * sc) + bi);
-#endif
+      } else {
+        y = dequantize_block_bf16<BITS>(v, gl);
       }
       if constexpr (DELTA) {
         v8f d;
@@ -262,7 +247,7 @@ bool dequantize_row_bf16(const uint8_t* __restrict src, const mlx::core::bfloat1
   const int64_t direct = n_bytes >= 8 ? (n_bytes - 8) / BITS + 1 : 0;  // blocks readable as a whole word
   const int64_t n_groups = n / G;
   v8f nf = {};
-#if defined(REQNOISE_TABLE_DEQUANTIZE)
+#if defined(REQNOISE_PERMUTE_TABLE)
   constexpr bool kTables = BITS <= 4;
 #else
   constexpr bool kTables = BITS == 4 && kNibbleTable;
