@@ -40,6 +40,14 @@ def op_chain(wq, s, b, group, bits, a, bb, scale):
     return mx.quantize(w, group_size=group, bits=bits)
 
 
+def factors(rng, lead, out_dim, in_dim, r):
+    """Random LoRA factors A [..., r, in] and B [..., out, r], float32, evaluated."""
+    a = mx.array((rng.standard_normal(lead + (r, in_dim)) * 0.01).astype(np.float32))
+    bb = mx.array((rng.standard_normal(lead + (out_dim, r)) * 0.01).astype(np.float32))
+    mx.eval(a, bb)
+    return a, bb
+
+
 def run_once(fn):
     """(seconds, peak bytes above the memory live before the call) of one evaluated call."""
     mx.synchronize()
@@ -83,8 +91,7 @@ def widths_paired(case, reps, rng):
     name, shape, widths, group, dtype, r = case
     w = mx.array((rng.standard_normal(shape) * 0.02).astype(np.float32)).astype(dtype)
     lead, out_dim, in_dim = shape[:-2], shape[-2], shape[-1]
-    a = mx.array((rng.standard_normal(lead + (r, in_dim)) * 0.01).astype(np.float32))
-    bb = mx.array((rng.standard_normal(lead + (out_dim, r)) * 0.01).astype(np.float32))
+    a, bb = factors(rng, lead, out_dim, in_dim, r)
     packed = {}
     for bits in widths:
         packed[bits] = mx.quantize(w, group_size=group, bits=bits)
@@ -130,9 +137,7 @@ def main():
         warm = [x.copy() for x in host]
         n_weights = int(np.prod(shape))
         for r in ranks:
-            a = mx.array((rng.standard_normal(lead + (r, in_dim)) * 0.01).astype(np.float32))
-            bb = mx.array((rng.standard_normal(lead + (out_dim, r)) * 0.01).astype(np.float32))
-            mx.eval(a, bb)
+            a, bb = factors(rng, lead, out_dim, in_dim, r)
 
             def ours():
                 return fuse_quantized(wq, s, b, group_size=group, bits=bits, lora_a=a, lora_b=bb, scale=2.0)
