@@ -46,6 +46,18 @@ typedef uint32_t v8u __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 typedef float v8f __attribute__((vector_size(32)));
 
+// Lanes of the per-value arithmetic of bfloat16 fresh rows and of the delta tiles: 16 (one 512-bit register)
+// in the x86-64-v4 copy, 8 elsewhere. Codes keep their 8-code blocks (below); a 16-lane vector holds two.
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define REQNOISE_LANES16 1
+constexpr int kLanes = 16;
+#else
+constexpr int kLanes = 8;
+#endif
+typedef uint32_t vNu __attribute__((vector_size(4 * kLanes)));
+typedef int32_t vNi __attribute__((vector_size(4 * kLanes)));
+typedef float vNf __attribute__((vector_size(4 * kLanes)));
+
 // Codes are handled in 8-code blocks: BITS bytes of the little-endian, LSB-first bitstream, read or written
 // as one unaligned 8-byte word. Groups are multiples of 32 values, so a row is a whole number of blocks.
 // Codes 0-3 of a block lie in its low 4*BITS bits and codes 4-7 in the next 4*BITS (at most 24 bits each
@@ -109,6 +121,44 @@ template <int BITS>
 inline v8f unpack_block(uint64_t v) {
   // codes < 2^8: the signed conversion is exact and cheaper
   return __builtin_convertvector((v8i)unpack_block_codes<BITS>(v), v8f);
+}
+
+// Bytes one read of kLanes codes takes: a whole 8-byte word per block, or 16 bytes for the two blocks of a
+// 16-lane vector (2 * BITS <= 16 of them are the codes').
+constexpr int kLaneRead = kLanes == 16 ? 16 : 8;
+
+// The kLanes codes (kLanes / 8 blocks) whose bytes start at p. WHOLE: kLaneRead bytes from p lie inside the
+// row; otherwise only the codes' own bytes are read. MASKED as for unpack_block_codes.
+template <int BITS, bool MASKED, bool WHOLE>
+inline vNu unpack_lanes(const uint8_t* p) {
+#if defined(REQNOISE_LANES16)
+  static_assert(kLanes == 16);
+  __m128i x = _mm_setzero_si128();
+  std::memcpy(&x, p, WHOLE ? 16 : 2 * BITS);
+  // One code per byte: one vpmovzxbd from 16 bytes.
+  if constexpr (BITS == 8) return (vNu)_mm512_cvtepu8_epi32(x);
+  // The 16 bytes in each 128-bit lane; dword j (in lane j / 4) takes the two bytes that hold code j (a code
+  // never spans more than two) and zeros, then one per-lane shift: one vpshufb and one vpsrlvd for 16 codes.
+#define REQNOISE_PAIR(j) ((j) * BITS / 8 | ((j) * BITS / 8 + 1) << 8 | 0x80800000u)
+  const vNu pick = {REQNOISE_PAIR(0),  REQNOISE_PAIR(1),  REQNOISE_PAIR(2),  REQNOISE_PAIR(3),
+                    REQNOISE_PAIR(4),  REQNOISE_PAIR(5),  REQNOISE_PAIR(6),  REQNOISE_PAIR(7),
+                    REQNOISE_PAIR(8),  REQNOISE_PAIR(9),  REQNOISE_PAIR(10), REQNOISE_PAIR(11),
+                    REQNOISE_PAIR(12), REQNOISE_PAIR(13), REQNOISE_PAIR(14), REQNOISE_PAIR(15)};
+#undef REQNOISE_PAIR
+#define REQNOISE_SHIFT(j) ((j) * BITS % 8)
+  const vNu sh = {REQNOISE_SHIFT(0),  REQNOISE_SHIFT(1),  REQNOISE_SHIFT(2),  REQNOISE_SHIFT(3),
+                  REQNOISE_SHIFT(4),  REQNOISE_SHIFT(5),  REQNOISE_SHIFT(6),  REQNOISE_SHIFT(7),
+                  REQNOISE_SHIFT(8),  REQNOISE_SHIFT(9),  REQNOISE_SHIFT(10), REQNOISE_SHIFT(11),
+                  REQNOISE_SHIFT(12), REQNOISE_SHIFT(13), REQNOISE_SHIFT(14), REQNOISE_SHIFT(15)};
+#undef REQNOISE_SHIFT
+  const vNu c = (vNu)_mm512_shuffle_epi8(_mm512_broadcast_i32x4(x), (__m512i)pick) >> sh;
+  return MASKED ? c & ((1u << BITS) - 1) : c;
+#else
+  static_assert(kLanes == 8);
+  uint64_t v = 0;
+  std::memcpy(&v, p, WHOLE ? 8 : BITS);
+  return unpack_block_codes<BITS, MASKED>(v);
+#endif
 }
 
 // Inverse of unpack_block: codes (each < 2^BITS) shifted into place and OR-folded within each half.
@@ -280,9 +330,11 @@ inline float round_bf16_non_nan(float x) {
   return y;
 }
 
-// round_bf16_non_nan on eight lanes.
-inline v8f round_bf16_v(v8f x) {
-  v8u u;
+// round_bf16_non_nan lane by lane (V: a vector of floats).
+template <typename V>
+inline V round_bf16_v(V x) {
+  typedef uint32_t U __attribute__((vector_size(sizeof(V))));
+  U u;
   std::memcpy(&u, &x, sizeof(u));
   u = (u + ((u >> 16) & 1u) + 0x7FFFu) & 0xFFFF0000u;
   std::memcpy(&x, &u, sizeof(u));

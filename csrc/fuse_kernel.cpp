@@ -58,8 +58,8 @@ inline void dequantize_row(const T* scales, const T* biases, const float* __rest
 // order-free for finite values, and a block with a non-finite value takes the exact path of both).
 constexpr int kSub = 32;  // values per extremes block: the smallest group size
 
-#if defined(__AVX2__)
-// 4-bit codes under AVX2: the group's 16 dequantized values are bfloat16 numbers (float32 bits whose low half is
+#if defined(__AVX2__) && !defined(REQNOISE_LANES16)
+// 4-bit codes under AVX2 (8 lanes; the 16-lane copy looks all 16 values up in one permute): the group's 16 dequantized values are bfloat16 numbers (float32 bits whose low half is
 // zero), so their upper halves fit two 16-byte tables (low and high byte of each), and 32 codes, one per byte,
 // look up 32 values in two vpshufb, against two vpermps and a blend per eight. Lane 0 of the byte vector holds
 // codes 0-3, 8-11, 16-19, 24-27 and lane 1 the rest, so that the in-lane interleaves that widen the looked-up
@@ -114,21 +114,29 @@ constexpr bool kNibbleTable = false;
 // such a sum or product, if subnormal, is exact and a multiple of 2^-133, so already a bfloat16 number, which
 // the split leaves unchanged. A delta from the float32 matmul can be any float and takes round_bf16_v.
 // (Needs -ffp-contract=off, like everything here: a fused x * 65537 - x would change g - x.)
-inline v8f round_bf16_sum_v(v8f x) {
-  const v8f g = x * 65537.0f;
+template <typename V>
+inline V round_bf16_sum_v(V x) {
+  const V g = x * 65537.0f;
   return g - (g - x);
 }
 
-// MLX's bfloat16 dequantize of eight codes q: q * s rounded, then + b rounded.
-inline v8f dequantize_bf16_v(v8f q, float sc, float bi) { return round_bf16_sum_v(round_bf16_sum_v(q * sc) + bi); }
+// MLX's bfloat16 dequantize of codes q (a vector): q * s rounded, then + b rounded.
+template <typename V>
+inline V dequantize_bf16_v(V q, float sc, float bi) {
+  return round_bf16_sum_v(round_bf16_sum_v(q * sc) + bi);
+}
 
 // What pass 1 needs of one input group: for the table widths the group's dequantized value of every code,
 // computed once with the same operations per value as the arithmetic path (t0, t1: codes 0-7 and 8-15, or
-// the two byte tables of NibbleTables), otherwise the scale and bias. Built for several groups ahead of their
+// the two byte tables of NibbleTables; with 16 lanes t: codes 0-15), otherwise the scale and bias. Built for several groups ahead of their
 // lookups (see dequantize_row_bf16), the tables' chain of dependent operations (scale load, two roundings,
 // the byte table's shuffles) stays off each group's critical path.
 struct GroupLookup {
+#if defined(REQNOISE_LANES16)
+  vNf t;
+#else
   v8f t0, t1;
+#endif
   float sc, bi;
 };
 
@@ -144,7 +152,16 @@ inline GroupLookup group_lookup(float sc, float bi) {
     return g;
   }
 #endif
-#if defined(REQNOISE_PERMUTE_TABLE)
+#if defined(REQNOISE_PERMUTE_TABLE) && defined(REQNOISE_LANES16)
+  if constexpr (BITS <= 4) {
+    // Entry i holds code i mod 2^BITS: the lookups index by a lane's low four bits unmasked, which for codes
+    // narrower than 4 bits include a neighbouring code's bits.
+    constexpr int m = (1 << BITS) - 1;
+    vNf code;
+    for (int i = 0; i < 16; ++i) code[i] = float(i & m);
+    g.t = dequantize_bf16_v(code, sc, bi);
+  }
+#elif defined(REQNOISE_PERMUTE_TABLE)
   if constexpr (BITS <= 4) {
     v8f tab[2] = {};
     for (int h = 0; h < (BITS == 4 ? 2 : 1); ++h) {
@@ -161,21 +178,39 @@ inline GroupLookup group_lookup(float sc, float bi) {
   return g;
 }
 
-// The dequantized values of one block of eight codes (the packed word v) by a permuted table (widths up to 4
-// bits, GCC + AVX2) or the arithmetic. 4 bits under AVX2 take the byte tables instead (dequantize_group_bf16).
-template <int BITS>
-inline v8f dequantize_block_bf16(uint64_t v, const GroupLookup& gl) {
+// The dequantized values of the kLanes codes whose bytes start at p (WHOLE as for unpack_lanes) by a permuted
+// table (widths up to 4 bits, GCC + AVX2) or the arithmetic. 4 bits under 8-lane AVX2 take the byte tables
+// instead (dequantize_group_bf16).
+template <int BITS, bool WHOLE>
+inline vNf dequantize_lanes_bf16(const uint8_t* p, const GroupLookup& gl) {
 #if defined(REQNOISE_PERMUTE_TABLE)
   if constexpr (BITS <= 4) {
+    const vNi c = (vNi)unpack_lanes<BITS, false, WHOLE>(p);
+#if defined(REQNOISE_LANES16)
+    return __builtin_shuffle(gl.t, c);  // indices mod 16: one vpermps
+#else
     // Unmasked: the permutes read bits 0-2 of each lane, and the shift below drops the bits above 3.
-    const v8i c = (v8i)unpack_block_codes<BITS, false>(v);
     const v8f y = __builtin_shuffle(gl.t0, c);  // indices mod 8
     // Code bit 3 moved to the sign bit: the select is then one vblendvps (no compare, no zero register).
     if constexpr (BITS == 4) return (c << 28) < 0 ? __builtin_shuffle(gl.t1, c) : y;
     return y;
+#endif
   }
 #endif
-  return dequantize_bf16_v(unpack_block<BITS>(v), gl.sc, gl.bi);
+  return dequantize_bf16_v(__builtin_convertvector((vNi)unpack_lanes<BITS, true, WHOLE>(p), vNf), gl.sc, gl.bi);
+}
+
+// Eight partial extremes of a vector of kLanes (MAX: maxima).
+template <bool MAX>
+inline v8f fold_to_8(vNf x) {
+#if defined(REQNOISE_LANES16)
+  const v8f lo = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7);
+  const v8f hi = __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+  if constexpr (MAX) return lo < hi ? hi : lo;
+  return hi < lo ? hi : lo;
+#else
+  return x;
+#endif
 }
 
 // One input group of pass 1 (TAIL: the row's last group, whose last blocks are read through a zero-padded
@@ -184,42 +219,41 @@ inline v8f dequantize_block_bf16(uint64_t v, const GroupLookup& gl) {
 // and a finite one only overflows for values near the float32 limit, which then take the exact path for
 // nothing. One add per eight values instead of a mask and a max (the largest magnitude's bits).
 template <int BITS, int G, bool DELTA, bool TAIL>
-inline v8f dequantize_group_bf16(const uint8_t* __restrict src, int64_t gi, int64_t direct, const GroupLookup& gl,
+inline vNf dequantize_group_bf16(const uint8_t* __restrict src, int64_t gi, int64_t direct, const GroupLookup& gl,
                                  const float* __restrict delta, float* __restrict w, v8f* __restrict vmax,
-                                 v8f* __restrict vmin, v8f nf) {
+                                 v8f* __restrict vmin, vNf nf) {
 #if defined(REQNOISE_NIBBLE_TABLE)
   const NibbleTables nt = {(__m256i)gl.t0, (__m256i)gl.t1};
 #endif
 #pragma GCC unroll 4
   for (int sb = 0; sb < G / kSub; ++sb) {
     const int64_t j0 = gi * G + sb * kSub;
-    v8f mx, mn, sum;
-    v8f y4[4];
+    vNf mx, mn, sum;
 #if defined(REQNOISE_NIBBLE_TABLE)
+    v8f y4[4];
     // A block's 16 bytes lie inside the row: no tail case.
     if constexpr (BITS == 4) nibble_lookup(nt, src + j0 / 2, y4);
 #endif
 #pragma GCC unroll 4
-    for (int k = 0; k < kSub / 8; ++k) {
-      const int64_t blk = j0 / 8 + k;
-      uint64_t v = 0;
-      if (!TAIL || blk < direct) {
-        std::memcpy(&v, src + blk * BITS, 8);
-      } else {
-        std::memcpy(&v, src + blk * BITS, BITS);
-      }
-      v8f y;
-      if constexpr (BITS == 4 && kNibbleTable) {
+    for (int k = 0; k < kSub / kLanes; ++k) {
+      const int64_t blk = j0 / 8 + k * (kLanes / 8);  // the first of the vector's blocks
+      vNf y;
+#if defined(REQNOISE_NIBBLE_TABLE)
+      if constexpr (BITS == 4) {
         y = y4[k];
+      } else
+#endif
+          if (!TAIL || blk < direct) {
+        y = dequantize_lanes_bf16<BITS, true>(src + blk * BITS, gl);
       } else {
-        y = dequantize_block_bf16<BITS>(v, gl);
+        y = dequantize_lanes_bf16<BITS, false>(src + blk * BITS, gl);
       }
       if constexpr (DELTA) {
-        v8f d;
-        std::memcpy(&d, delta + j0 + 8 * k, sizeof(d));
+        vNf d;
+        std::memcpy(&d, delta + j0 + kLanes * k, sizeof(d));
         y = round_bf16_sum_v(y + round_bf16_v(d));
       }
-      std::memcpy(w + j0 + 8 * k, &y, sizeof(y));
+      std::memcpy(w + j0 + kLanes * k, &y, sizeof(y));
       if (k == 0) {
         mx = y, mn = y, sum = y;
       } else {
@@ -228,8 +262,8 @@ inline v8f dequantize_group_bf16(const uint8_t* __restrict src, int64_t gi, int6
         sum += y;
       }
     }
-    vmax[j0 / kSub] = mx;
-    vmin[j0 / kSub] = mn;
+    vmax[j0 / kSub] = fold_to_8<true>(mx);
+    vmin[j0 / kSub] = fold_to_8<false>(mn);
     nf += sum;
   }
   return nf;
@@ -244,9 +278,20 @@ bool dequantize_row_bf16(const uint8_t* __restrict src, const mlx::core::bfloat1
                          float* __restrict w, v8f* __restrict vmax, v8f* __restrict vmin, uint8_t* __restrict special) {
   using bf16 = mlx::core::bfloat16_t;
   const int64_t n_bytes = n / 8 * BITS;
-  const int64_t direct = n_bytes >= 8 ? (n_bytes - 8) / BITS + 1 : 0;  // blocks readable as a whole word
+  // Blocks from which a whole read of kLaneRead bytes stays inside the row, and the leading groups all of whose
+  // reads are whole (the rest, at the row's end, read their last blocks through a zero-padded copy).
+  const int64_t direct = n_bytes >= kLaneRead ? (n_bytes - kLaneRead) / BITS + 1 : 0;
   const int64_t n_groups = n / G;
-  v8f nf = {};
+  int64_t n_whole = (direct - 1 + kLanes / 8) / (G / 8);
+  n_whole = n_whole < n_groups ? n_whole : n_groups;
+  vNf nf = {};
+  auto group = [&](int64_t gi, const GroupLookup& look) {
+    if (gi < n_whole) {
+      nf = dequantize_group_bf16<BITS, G, DELTA, false>(src, gi, direct, look, delta, w, vmax, vmin, nf);
+    } else {
+      nf = dequantize_group_bf16<BITS, G, DELTA, true>(src, gi, direct, look, delta, w, vmax, vmin, nf);
+    }
+  };
 #if defined(REQNOISE_PERMUTE_TABLE)
   constexpr bool kTables = BITS <= 4;
 #else
@@ -260,30 +305,20 @@ bool dequantize_row_bf16(const uint8_t* __restrict src, const mlx::core::bfloat1
       for (int i = 0; i < m; ++i) {
         look[i] = group_lookup<BITS>(load_value(scales + g0 + i), load_value(biases + g0 + i));
       }
-      const int last = g0 + m == n_groups ? m - 1 : m;  // the row's last group reads its tail separately
-      for (int i = 0; i < last; ++i) {
-        nf = dequantize_group_bf16<BITS, G, DELTA, false>(src, g0 + i, direct, look[i], delta, w, vmax, vmin, nf);
-      }
-      if (last < m) {
-        nf = dequantize_group_bf16<BITS, G, DELTA, true>(src, g0 + last, direct, look[last], delta, w, vmax, vmin, nf);
-      }
+      for (int i = 0; i < m; ++i) group(g0 + i, look[i]);
     }
   } else {
     // The arithmetic widths: nothing to build ahead (building the scale and bias ahead costs more than it saves).
-    for (int64_t gi = 0; gi + 1 < n_groups; ++gi) {
-      const GroupLookup look = group_lookup<BITS>(load_value(scales + gi), load_value(biases + gi));
-      nf = dequantize_group_bf16<BITS, G, DELTA, false>(src, gi, direct, look, delta, w, vmax, vmin, nf);
-    }
-    const int64_t gl = n_groups - 1;
-    const GroupLookup look = group_lookup<BITS>(load_value(scales + gl), load_value(biases + gl));
-    nf = dequantize_group_bf16<BITS, G, DELTA, true>(src, gl, direct, look, delta, w, vmax, vmin, nf);
+    for (int64_t gi = 0; gi < n_groups; ++gi) group(gi, group_lookup<BITS>(load_value(scales + gi), load_value(biases + gi)));
   }
-  v8u nfu;
+  vNu nfu;
   std::memcpy(&nfu, &nf, sizeof(nfu));
-  const v8u hit = (v8u)((nfu & 0x7FFFFFFFu) >= 0x7F800000u);  // some value is inf or NaN (or the sum overflowed)
-  uint64_t h[4];
+  const vNu hit = (vNu)((nfu & 0x7FFFFFFFu) >= 0x7F800000u);  // some value is inf or NaN (or the sum overflowed)
+  uint64_t h[kLanes / 2];
   std::memcpy(h, &hit, sizeof(h));
-  if (!(h[0] | h[1] | h[2] | h[3])) return false;
+  uint64_t any_hit = 0;
+  for (int i = 0; i < kLanes / 2; ++i) any_hit |= h[i];
+  if (!any_hit) return false;
   for (int64_t b = 0; b < n / kSub; ++b) {
     uint32_t any = 0;
     for (int j = 0; j < kSub; ++j) any |= is_non_finite(w[b * kSub + j]);
@@ -294,7 +329,7 @@ bool dequantize_row_bf16(const uint8_t* __restrict src, const mlx::core::bfloat1
     for (int k = 0; k < kSub / 8; ++k) {
       const int64_t blk = b * kSub / 8 + k;
       uint64_t v = 0;
-      std::memcpy(&v, src + blk * BITS, blk < direct ? 8 : BITS);
+      std::memcpy(&v, src + blk * BITS, blk * BITS + 8 <= n_bytes ? 8 : BITS);
       const v8f f = unpack_block<BITS>(v);
       std::memcpy(q + 8 * k, &f, sizeof(f));
     }
@@ -321,40 +356,51 @@ inline void quantize_group_bf16(const float* __restrict w, int64_t gi, float so,
                                 const uint32_t* __restrict codes, uint8_t* __restrict dst, int64_t row_bytes) {
   constexpr float n_bins = float((1 << BITS) - 1);
   constexpr int32_t n_bins_bits = __builtin_bit_cast(int32_t, n_bins);
-  const v8f vs = v8f{} + so, vb = v8f{} + bo;
+  const vNf vs = vNf{} + so, vb = vNf{} + bo;
 #pragma GCC unroll 4
   for (int k4 = 0; k4 < G / 32; ++k4) {
-    v8u c[4];
+    v8u c[4];  // the four blocks' codes
 #pragma GCC unroll 4
-    for (int k = 0; k < 4; ++k) {
-      const int64_t blk = gi * (G / 8) + 4 * k4 + k;
+    for (int k = 0; k < 32 / kLanes; ++k) {
+      const int64_t blk = gi * (G / 8) + 4 * k4 + k * (kLanes / 8);  // the first of the vector's blocks
+      vNu ck;
       if (exact) {
         // quantize_group's code of a NaN quotient is out of range; pack_codes keeps its low BITS bits.
-        std::memcpy(&c[k], codes + blk * 8, sizeof(v8u));
-        c[k] &= (1u << BITS) - 1;
+        std::memcpy(&ck, codes + blk * 8, sizeof(ck));
+        ck &= (1u << BITS) - 1;
       } else {
-        v8f v;
+        vNf v;
         std::memcpy(&v, w + blk * 8, sizeof(v));
         v = (v - vb) / vs;
-        v8i b;
+        vNi b;
         std::memcpy(&b, &v, sizeof(b));
 #if defined(__AVX2__)
         // 8 bits: no clamp at zero, the pack's unsigned saturation clamps every negative code (a negative
         // quotient rounds to a negative integer, or to INT_MIN below -2^31) to quantize_group's code 0.
-        if constexpr (BITS != 8) b = b < 0 ? v8i{} : b;
-        b = n_bins_bits < b ? v8i{} + n_bins_bits : b;
+        if constexpr (BITS != 8) b = b < 0 ? vNi{} : b;
+        b = n_bins_bits < b ? vNi{} + n_bins_bits : b;
         std::memcpy(&v, &b, sizeof(v));
-        // code_of on eight lanes in one vcvtps2dq: the default rounding mode (to nearest even), as its add.
-        c[k] = (v8u)_mm256_cvtps_epi32((__m256)v);
+        // code_of on all lanes in one vcvtps2dq: the default rounding mode (to nearest even), as its add.
+#if defined(REQNOISE_LANES16)
+        ck = (vNu)_mm512_cvtps_epi32((__m512)v);
 #else
-        b = b < 0 ? v8i{} : b;
-        b = n_bins_bits < b ? v8i{} + n_bins_bits : b;
+        ck = (vNu)_mm256_cvtps_epi32((__m256)v);
+#endif
+#else
+        b = b < 0 ? vNi{} : b;
+        b = n_bins_bits < b ? vNi{} + n_bins_bits : b;
         std::memcpy(&v, &b, sizeof(v));
-        const v8f t = v + 12582912.0f;  // code_of on eight lanes
-        std::memcpy(&c[k], &t, sizeof(v8u));
-        c[k] -= 0x4B400000u;
+        const vNf t = v + 12582912.0f;  // code_of on all lanes
+        std::memcpy(&ck, &t, sizeof(ck));
+        ck -= 0x4B400000u;
 #endif
       }
+#if defined(REQNOISE_LANES16)
+      c[2 * k] = __builtin_shufflevector(ck, ck, 0, 1, 2, 3, 4, 5, 6, 7);
+      c[2 * k + 1] = __builtin_shufflevector(ck, ck, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+      c[k] = ck;
+#endif
     }
     const int64_t at = (gi * (G / 32) + k4) * 4 * BITS;
     if (at + 2 * BITS + 16 <= row_bytes) {

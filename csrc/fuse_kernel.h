@@ -72,9 +72,11 @@ struct FuseBuffers {
   }
 REQNOISE_DECLARE_ISA(baseline)
 REQNOISE_DECLARE_ISA(v3)
+REQNOISE_DECLARE_ISA(v4)
 #undef REQNOISE_DECLARE_ISA
 
-// Which copy fuse_rows runs: "x86-64-v3" or "baseline".
+// Which copy fuse_rows runs: "x86-64-v4", "x86-64-v3" or "baseline" (the calibrated rows run the v3 copy
+// wherever this is not "baseline").
 const char* kernel_isa();
 
 // Fuses every row of ``buf`` (shapes above). Rows are split over threads in contiguous blocks, so the bytes

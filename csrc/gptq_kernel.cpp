@@ -38,7 +38,7 @@ void gptq_rows(const GptqSpec& spec, int64_t n_experts, int64_t out_dim, int64_t
   }
   if (spec.block < 1) throw std::invalid_argument("block must be positive");
   const int64_t n_rows = n_experts * out_dim;
-  static const bool v3 = std::strcmp(kernel_isa(), "x86-64-v3") == 0;
+  static const bool v3 = std::strcmp(kernel_isa(), "baseline") != 0;  // v4 CPUs run v3 here
   auto work = [&](int64_t begin, int64_t end) {
     std::vector<float> f(kGptqTileRows * (2 * in_dim + spec.block) + in_dim);
     std::vector<uint32_t> codes(in_dim);
@@ -88,7 +88,7 @@ int gptq_factor(const float* h, int64_t n, double damping, float* u) {
   for (int64_t i = 0; i < n; ++i) mean_diag += double(h[i * n + i]);
   mean_diag /= double(n);
   if (!(mean_diag > 0.0) || !(mean_diag < __builtin_huge_val())) return 0;
-  static const bool v3 = std::strcmp(kernel_isa(), "x86-64-v3") == 0;
+  static const bool v3 = std::strcmp(kernel_isa(), "baseline") != 0;  // v4 CPUs run v3 here
   std::vector<float> c32(size_t(kFactorPanel) * size_t(n));
   std::vector<double> c64;
   std::optional<mx::allocator::Data> work64;

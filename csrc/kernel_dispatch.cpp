@@ -17,24 +17,42 @@
 namespace reqnoise {
 namespace {
 
-bool use_v3() {
+enum class Isa { kBaseline, kV3, kV4 };
+
+Isa pick_isa() {
 #if defined(REQNOISE_HAVE_V3)
-  // REQNOISE_KERNEL_ISA=baseline forces the portable copy (the tests compare the two).
+  // REQNOISE_KERNEL_ISA=baseline or =v3 caps the copy (the tests compare them all).
   const char* force = std::getenv("REQNOISE_KERNEL_ISA");
-  if (force && std::strcmp(force, "baseline") == 0) return false;
+  if (force && std::strcmp(force, "baseline") == 0) return Isa::kBaseline;
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
-         __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
+  const bool v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+                  __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
+  if (!v3) return Isa::kBaseline;
+  // libgcc's checks include the OS's support for the AVX-512 register state (XCR0).
+  const bool v4 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                  __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+                  __builtin_cpu_supports("avx512cd");
+  if (!v4 || (force && std::strcmp(force, "v3") == 0)) return Isa::kV3;
+  return Isa::kV4;
 #else
-  return false;
+  return Isa::kBaseline;
 #endif
 }
 
-const bool kUseV3 = use_v3();
+const Isa kIsa = pick_isa();
 
 }  // namespace
 
-const char* kernel_isa() { return kUseV3 ? "x86-64-v3" : "baseline"; }
+const char* kernel_isa() {
+  switch (kIsa) {
+    case Isa::kV4:
+      return "x86-64-v4";
+    case Isa::kV3:
+      return "x86-64-v3";
+    default:
+      return "baseline";
+  }
+}
 
 template <typename T>
 void fuse_rows(const FuseSpec& spec, int64_t n_experts, int64_t out_dim, int64_t in_dim, const FuseBuffers<T>& buf) {
@@ -57,6 +75,13 @@ void fuse_rows(const FuseSpec& spec, int64_t n_experts, int64_t out_dim, int64_t
     throw std::invalid_argument("input width must divide by the group sizes");
   }
   const int64_t n_rows = n_experts * out_dim;
+  using RowRange = void (*)(const FuseSpec&, int64_t, int64_t, int64_t, int64_t, const FuseBuffers<T>&,
+                            const RowScratch&);
+  RowRange range = fp ? baseline::fp_row_range<T> : baseline::fuse_row_range<T>;
+#if defined(REQNOISE_HAVE_V3)
+  if (kIsa == Isa::kV3) range = fp ? v3::fp_row_range<T> : v3::fuse_row_range<T>;
+  if (kIsa == Isa::kV4) range = fp ? v4::fp_row_range<T> : v4::fuse_row_range<T>;
+#endif
   // One worker: scratch allocated once, then rows [begin, end) in blocks taken from next(); each block is
   // fused independently (a row's bytes never depend on which block or thread computed it).
   auto worker = [&](auto&& next) {
@@ -64,23 +89,7 @@ void fuse_rows(const FuseSpec& spec, int64_t n_experts, int64_t out_dim, int64_t
     std::vector<uint32_t> codes(in_dim);
     RowScratch s{f.data(), f.data() + in_dim, f.data() + 2 * in_dim, codes.data()};
     int64_t begin, end;
-    while (next(begin, end)) {
-#if defined(REQNOISE_HAVE_V3)
-      if (kUseV3) {
-        if (fp) {
-          v3::fp_row_range<T>(spec, out_dim, in_dim, begin, end, buf, s);
-        } else {
-          v3::fuse_row_range<T>(spec, out_dim, in_dim, begin, end, buf, s);
-        }
-        continue;
-      }
-#endif
-      if (fp) {
-        baseline::fp_row_range<T>(spec, out_dim, in_dim, begin, end, buf, s);
-      } else {
-        baseline::fuse_row_range<T>(spec, out_dim, in_dim, begin, end, buf, s);
-      }
-    }
+    while (next(begin, end)) range(spec, out_dim, in_dim, begin, end, buf, s);
   };
 
   int n_threads = spec.num_threads > 0 ? spec.num_threads : int(std::thread::hardware_concurrency());

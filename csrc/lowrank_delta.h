@@ -36,32 +36,33 @@ inline void delta_tile_rank(const FuseSpec& spec, const float* __restrict a, con
   for (int t = 0; t < TILE; ++t) {
     for (int k = 0; k < r; ++k) sb[t][k] = spec.scale * b[t * spec.rank + k];
   }
+  constexpr int kVec = kBlock / kLanes;  // vectors per tile row
   for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
-    // Two 8-lane vectors per tile row: 2 * TILE accumulators, registers on AVX2 (16) and NEON (32).
-    v8f acc[TILE][2];
-    v8f a0, a1;
-    std::memcpy(&a0, a + j0, sizeof(v8f));
-    std::memcpy(&a1, a + j0 + 8, sizeof(v8f));
+    // TILE * kBlock partial sums in 2 * TILE 8-lane or TILE 16-lane registers (AVX2 has 16, NEON and AVX-512 32).
+    vNf acc[TILE][kVec];
+    vNf av[kVec];
+#pragma GCC unroll 2
+    for (int v = 0; v < kVec; ++v) std::memcpy(&av[v], a + j0 + kLanes * v, sizeof(vNf));
 #pragma GCC unroll 8
     for (int t = 0; t < TILE; ++t) {
-      acc[t][0] = sb[t][0] * a0;
-      acc[t][1] = sb[t][0] * a1;
+#pragma GCC unroll 2
+      for (int v = 0; v < kVec; ++v) acc[t][v] = sb[t][0] * av[v];
     }
 #pragma GCC unroll 16
     for (int k = 1; k < r; ++k) {
       const float* ak = a + int64_t(k) * n + j0;
-      std::memcpy(&a0, ak, sizeof(v8f));
-      std::memcpy(&a1, ak + 8, sizeof(v8f));
+#pragma GCC unroll 2
+      for (int v = 0; v < kVec; ++v) std::memcpy(&av[v], ak + kLanes * v, sizeof(vNf));
 #pragma GCC unroll 8
       for (int t = 0; t < TILE; ++t) {
-        acc[t][0] = acc[t][0] + sb[t][k] * a0;
-        acc[t][1] = acc[t][1] + sb[t][k] * a1;
+#pragma GCC unroll 2
+        for (int v = 0; v < kVec; ++v) acc[t][v] = acc[t][v] + sb[t][k] * av[v];
       }
     }
 #pragma GCC unroll 8
     for (int t = 0; t < TILE; ++t) {
-      std::memcpy(delta + t * n + j0, &acc[t][0], sizeof(v8f));
-      std::memcpy(delta + t * n + j0 + 8, &acc[t][1], sizeof(v8f));
+#pragma GCC unroll 2
+      for (int v = 0; v < kVec; ++v) std::memcpy(delta + t * n + j0 + kLanes * v, &acc[t][v], sizeof(vNf));
     }
   }
   if constexpr (R == 0) {

@@ -148,6 +148,35 @@ def test_the_aarch64_copy_computes_the_bytes_of_the_x86_copy(tmp_path):
         assert '"hash"' in out["x86"] and out["a64"] == out["x86"], case
 
 
+def _has_avx512():
+    try:
+        flags = set(pathlib.Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd"} <= flags
+
+
+def test_the_16_lane_copy_computes_the_bytes_of_the_8_lane_copy(tmp_path):
+    """The x86-64-v4 copy (16-lane vectors, its own unpack, tables and tail reads) writes the x86-64-v3
+    copy's bytes for every hash case; the extension runs it wherever the CPU has AVX-512, so the rest of the
+    suite holds it to MLX's op chain there."""
+    if shutil.which("g++") is None or not _has_avx512():
+        pytest.skip("needs g++ and a CPU with AVX-512 (F, BW, DQ, VL, CD)")
+    src = ROOT / "bench" / "kernel_phases.cpp"
+    flags = [*FLAGS, f"-I{CSRC}", f"-I{MLX_INCLUDE}", str(src), "-lpthread"]
+    for isa in ("v3", "v4"):
+        cmd = ["g++", f"-DREQNOISE_ISA={isa}", f"-march=x86-64-{isa}", *flags, "-o", str(tmp_path / isa)]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-2000:]
+    for case in HASH_CASES:
+        args = [str(x) for x in case] + ["1", "hash"]
+        out = {
+            isa: subprocess.run([str(tmp_path / isa), *args], capture_output=True, text=True, check=True).stdout
+            for isa in ("v3", "v4")
+        }
+        assert '"hash"' in out["v3"] and out["v4"] == out["v3"], case
+
+
 def test_the_split_rounding_of_pass_1_equals_mlx_bfloat16_on_every_float32(tmp_path):
     # Pass 1 rounds products q * s and sums of two bfloat16 values by Veltkamp's split (three float operations);
     # MLX's own float -> bfloat16 conversion is the oracle, over all 2^32 bit patterns (tests/native/).
