@@ -193,6 +193,36 @@ inline V fold8(const V* a) {
               __builtin_shufflevector(q[0], q[1], 4, 5, 6, 7, 12, 13, 14, 15));
 }
 
+// Four blocks' halves as 32-bit lanes (lane 2i: block i's codes 0-3 packed into its low 4*BITS bits, lane
+// 2i + 1: codes 4-7), written as the blocks' 4*BITS bytes: each block's halves joined in its 64-bit lane, the
+// four blocks' bytes made contiguous by a byte shuffle per 128-bit half. WHOLE as for pack_4_blocks.
+template <int BITS, bool WHOLE>
+inline void store_block_halves(v4q q, uint8_t* dst) {
+  if constexpr (BITS != 8) q = (q & 0xFFFFFFFFu) | ((q >> 32) << (4 * BITS));
+  // Block i's BITS bytes are bytes 8i.. of q; bytes past them are don't-care (0).
+#define REQNOISE_B(o) ((o) < 2 * BITS ? 8 * ((o) / BITS) + (o) % BITS : 0)
+  typedef uint8_t v16b __attribute__((vector_size(16)));
+  const v32b qb = (v32b)q;
+  const v16b lo =
+      __builtin_shufflevector(qb, qb, REQNOISE_B(0), REQNOISE_B(1), REQNOISE_B(2), REQNOISE_B(3), REQNOISE_B(4),
+                              REQNOISE_B(5), REQNOISE_B(6), REQNOISE_B(7), REQNOISE_B(8), REQNOISE_B(9), REQNOISE_B(10),
+                              REQNOISE_B(11), REQNOISE_B(12), REQNOISE_B(13), REQNOISE_B(14), REQNOISE_B(15));
+#undef REQNOISE_B
+#define REQNOISE_B(o) ((o) < 2 * BITS ? 16 + 8 * ((o) / BITS) + (o) % BITS : 16)
+  const v16b hi =
+      __builtin_shufflevector(qb, qb, REQNOISE_B(0), REQNOISE_B(1), REQNOISE_B(2), REQNOISE_B(3), REQNOISE_B(4),
+                              REQNOISE_B(5), REQNOISE_B(6), REQNOISE_B(7), REQNOISE_B(8), REQNOISE_B(9), REQNOISE_B(10),
+                              REQNOISE_B(11), REQNOISE_B(12), REQNOISE_B(13), REQNOISE_B(14), REQNOISE_B(15));
+#undef REQNOISE_B
+  if constexpr (WHOLE) {
+    std::memcpy(dst, &lo, 16);
+    std::memcpy(dst + 2 * BITS, &hi, 16);
+  } else {
+    std::memcpy(dst, &lo, 2 * BITS);
+    std::memcpy(dst + 2 * BITS, &hi, 2 * BITS);
+  }
+}
+
 // Four blocks (32 codes, each < 2^BITS: not masked here) packed at once into 4*BITS bytes: the per-block OR-folds
 // of pack_block done for the four together by pairing lanes across blocks, each block's halves joined in a 64-bit
 // lane, the four blocks' bytes made contiguous by a byte shuffle per 128-bit half. WHOLE: the 16-byte stores of the
@@ -236,31 +266,37 @@ inline void pack_4_blocks(const v8u* c, uint8_t* dst) {
   // r lanes: low half (codes 0-3), high half (codes 4-7) of blocks 0, 1, 2, 3.
   const v8u r = __builtin_shufflevector(p01, p23, 0, 4, 1, 5, 8, 12, 9, 13) |
                 __builtin_shufflevector(p01, p23, 2, 6, 3, 7, 10, 14, 11, 15);
-  v4q q = (v4q)r;
-  if constexpr (BITS != 8) q = (q & 0xFFFFFFFFu) | ((q >> 32) << (4 * BITS));
-  // Block i's BITS bytes are bytes 8i.. of q; bytes past them are don't-care (0).
-#define REQNOISE_B(o) ((o) < 2 * BITS ? 8 * ((o) / BITS) + (o) % BITS : 0)
-  typedef uint8_t v16b __attribute__((vector_size(16)));
-  const v32b qb = (v32b)q;
-  const v16b lo =
-      __builtin_shufflevector(qb, qb, REQNOISE_B(0), REQNOISE_B(1), REQNOISE_B(2), REQNOISE_B(3), REQNOISE_B(4),
-                              REQNOISE_B(5), REQNOISE_B(6), REQNOISE_B(7), REQNOISE_B(8), REQNOISE_B(9), REQNOISE_B(10),
-                              REQNOISE_B(11), REQNOISE_B(12), REQNOISE_B(13), REQNOISE_B(14), REQNOISE_B(15));
-#undef REQNOISE_B
-#define REQNOISE_B(o) ((o) < 2 * BITS ? 16 + 8 * ((o) / BITS) + (o) % BITS : 16)
-  const v16b hi =
-      __builtin_shufflevector(qb, qb, REQNOISE_B(0), REQNOISE_B(1), REQNOISE_B(2), REQNOISE_B(3), REQNOISE_B(4),
-                              REQNOISE_B(5), REQNOISE_B(6), REQNOISE_B(7), REQNOISE_B(8), REQNOISE_B(9), REQNOISE_B(10),
-                              REQNOISE_B(11), REQNOISE_B(12), REQNOISE_B(13), REQNOISE_B(14), REQNOISE_B(15));
-#undef REQNOISE_B
-  if constexpr (WHOLE) {
-    std::memcpy(dst, &lo, 16);
-    std::memcpy(dst + 2 * BITS, &hi, 16);
+  store_block_halves<BITS, WHOLE>((v4q)r, dst);
+}
+
+#if defined(REQNOISE_LANES16)
+// pack_4_blocks for the 16-lane copy: 32 codes (c0: 0-15, c1: 16-31, each < 2^BITS) narrowed to one byte each
+// (two vpmovdb), neighbouring codes joined by multiply-adds (vpmaddubsw: pairs, vpmaddwd: fours, exact as
+// integers), then per width: 2 and 4 bits are whole bytes (one more narrowing), 8 bits need no join, the rest
+// take store_block_halves. WHOLE as for pack_4_blocks.
+template <int BITS, bool WHOLE>
+inline void pack_32_codes(vNu c0, vNu c1, uint8_t* dst) {
+  const __m128i b0 = _mm512_cvtepi32_epi8((__m512i)c0), b1 = _mm512_cvtepi32_epi8((__m512i)c1);
+  if constexpr (BITS == 8) {
+    std::memcpy(dst, &b0, 16);
+    std::memcpy(dst + 16, &b1, 16);
   } else {
-    std::memcpy(dst, &lo, 2 * BITS);
-    std::memcpy(dst + 2 * BITS, &hi, 2 * BITS);
+    static_assert(BITS <= 6, "the pair multiplier 2^BITS must fit a signed byte");
+    const __m256i b = _mm256_inserti128_si256(_mm256_castsi128_si256(b0), b1, 1);
+    const __m256i pairs = _mm256_maddubs_epi16(b, _mm256_set1_epi16(int16_t(1 | (1 << BITS) << 8)));
+    const __m256i fours = _mm256_madd_epi16(pairs, _mm256_set1_epi32(1 | (1 << 2 * BITS) << 16));
+    if constexpr (BITS == 2) {
+      const __m128i r = _mm256_cvtepi32_epi8(fours);
+      std::memcpy(dst, &r, 8);
+    } else if constexpr (BITS == 4) {
+      const __m128i r = _mm256_cvtepi32_epi16(fours);
+      std::memcpy(dst, &r, 16);
+    } else {
+      store_block_halves<BITS, WHOLE>((v4q)fours, dst);
+    }
   }
 }
+#endif
 
 // One row of n codes (n a multiple of 8) straight from the packed source: whole-word reads while 8 bytes
 // remain in the row, the last blocks through a zero-padded word, so nothing past the row is touched.

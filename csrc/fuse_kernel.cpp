@@ -59,12 +59,12 @@ inline void dequantize_row(const T* scales, const T* biases, const float* __rest
 constexpr int kSub = 32;  // values per extremes block: the smallest group size
 
 #if defined(__AVX2__) && !defined(REQNOISE_LANES16)
-// 4-bit codes under AVX2 (8 lanes; the 16-lane copy looks all 16 values up in one permute): the group's 16 dequantized values are bfloat16 numbers (float32 bits whose low half is
-// zero), so their upper halves fit two 16-byte tables (low and high byte of each), and 32 codes, one per byte,
-// look up 32 values in two vpshufb, against two vpermps and a blend per eight. Lane 0 of the byte vector holds
-// codes 0-3, 8-11, 16-19, 24-27 and lane 1 the rest, so that the in-lane interleaves that widen the looked-up
-// bytes to 32-bit lanes (byte pairs to words, words to the upper halves of dwords) leave four vectors of
-// eight values in code order.
+// 4-bit codes under AVX2 (8 lanes; the 16-lane copy looks all 16 values up in one permute): the group's 16 dequantized
+// values are bfloat16 numbers (float32 bits whose low half is zero), so their upper halves fit two 16-byte tables (low
+// and high byte of each), and 32 codes, one per byte, look up 32 values in two vpshufb, against two vpermps and a blend
+// per eight. Lane 0 of the byte vector holds codes 0-3, 8-11, 16-19, 24-27 and lane 1 the rest, so that the in-lane
+// interleaves that widen the looked-up bytes to 32-bit lanes (byte pairs to words, words to the upper halves of dwords)
+// leave four vectors of eight values in code order.
 struct NibbleTables {
   __m256i lo, hi;  // bytes 2 and 3 of value c at byte c of each 128-bit lane
 };
@@ -128,9 +128,9 @@ inline V dequantize_bf16_v(V q, float sc, float bi) {
 
 // What pass 1 needs of one input group: for the table widths the group's dequantized value of every code,
 // computed once with the same operations per value as the arithmetic path (t0, t1: codes 0-7 and 8-15, or
-// the two byte tables of NibbleTables; with 16 lanes t: codes 0-15), otherwise the scale and bias. Built for several groups ahead of their
-// lookups (see dequantize_row_bf16), the tables' chain of dependent operations (scale load, two roundings,
-// the byte table's shuffles) stays off each group's critical path.
+// the two byte tables of NibbleTables; with 16 lanes t: codes 0-15), otherwise the scale and bias. Built for several
+// groups ahead of their lookups (see dequantize_row_bf16), the tables' chain of dependent operations (scale load, two
+// roundings, the byte table's shuffles) stays off each group's critical path.
 struct GroupLookup {
 #if defined(REQNOISE_LANES16)
   vNf t;
@@ -309,7 +309,8 @@ bool dequantize_row_bf16(const uint8_t* __restrict src, const mlx::core::bfloat1
     }
   } else {
     // The arithmetic widths: nothing to build ahead (building the scale and bias ahead costs more than it saves).
-    for (int64_t gi = 0; gi < n_groups; ++gi) group(gi, group_lookup<BITS>(load_value(scales + gi), load_value(biases + gi)));
+    for (int64_t gi = 0; gi < n_groups; ++gi)
+      group(gi, group_lookup<BITS>(load_value(scales + gi), load_value(biases + gi)));
   }
   vNu nfu;
   std::memcpy(&nfu, &nf, sizeof(nfu));
@@ -359,7 +360,7 @@ inline void quantize_group_bf16(const float* __restrict w, int64_t gi, float so,
   const vNf vs = vNf{} + so, vb = vNf{} + bo;
 #pragma GCC unroll 4
   for (int k4 = 0; k4 < G / 32; ++k4) {
-    v8u c[4];  // the four blocks' codes
+    vNu c[32 / kLanes];  // the four blocks' codes
 #pragma GCC unroll 4
     for (int k = 0; k < 32 / kLanes; ++k) {
       const int64_t blk = gi * (G / 8) + 4 * k4 + k * (kLanes / 8);  // the first of the vector's blocks
@@ -375,9 +376,9 @@ inline void quantize_group_bf16(const float* __restrict w, int64_t gi, float so,
         vNi b;
         std::memcpy(&b, &v, sizeof(b));
 #if defined(__AVX2__)
-        // 8 bits: no clamp at zero, the pack's unsigned saturation clamps every negative code (a negative
-        // quotient rounds to a negative integer, or to INT_MIN below -2^31) to quantize_group's code 0.
-        if constexpr (BITS != 8) b = b < 0 ? vNi{} : b;
+        // 8 bits, 8 lanes: no clamp at zero, the pack's unsigned saturation clamps every negative code (a
+        // negative quotient rounds to a negative integer, or to INT_MIN below -2^31) to quantize_group's code 0.
+        if constexpr (BITS != 8 || kLanes == 16) b = b < 0 ? vNi{} : b;
         b = n_bins_bits < b ? vNi{} + n_bins_bits : b;
         std::memcpy(&v, &b, sizeof(v));
         // code_of on all lanes in one vcvtps2dq: the default rounding mode (to nearest even), as its add.
@@ -395,19 +396,22 @@ inline void quantize_group_bf16(const float* __restrict w, int64_t gi, float so,
         ck -= 0x4B400000u;
 #endif
       }
-#if defined(REQNOISE_LANES16)
-      c[2 * k] = __builtin_shufflevector(ck, ck, 0, 1, 2, 3, 4, 5, 6, 7);
-      c[2 * k + 1] = __builtin_shufflevector(ck, ck, 8, 9, 10, 11, 12, 13, 14, 15);
-#else
       c[k] = ck;
-#endif
     }
     const int64_t at = (gi * (G / 32) + k4) * 4 * BITS;
+#if defined(REQNOISE_LANES16)
+    if (at + 2 * BITS + 16 <= row_bytes) {
+      pack_32_codes<BITS, true>(c[0], c[1], dst + at);
+    } else {
+      pack_32_codes<BITS, false>(c[0], c[1], dst + at);
+    }
+#else
     if (at + 2 * BITS + 16 <= row_bytes) {
       pack_4_blocks<BITS, true>(c, dst + at);
     } else {
       pack_4_blocks<BITS, false>(c, dst + at);
     }
+#endif
   }
 }
 

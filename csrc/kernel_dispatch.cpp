@@ -75,8 +75,8 @@ void fuse_rows(const FuseSpec& spec, int64_t n_experts, int64_t out_dim, int64_t
     throw std::invalid_argument("input width must divide by the group sizes");
   }
   const int64_t n_rows = n_experts * out_dim;
-  using RowRange = void (*)(const FuseSpec&, int64_t, int64_t, int64_t, int64_t, const FuseBuffers<T>&,
-                            const RowScratch&);
+  using RowRange =
+      void (*)(const FuseSpec&, int64_t, int64_t, int64_t, int64_t, const FuseBuffers<T>&, const RowScratch&);
   RowRange range = fp ? baseline::fp_row_range<T> : baseline::fuse_row_range<T>;
 #if defined(REQNOISE_HAVE_V3)
   if (kIsa == Isa::kV3) range = fp ? v3::fp_row_range<T> : v3::fuse_row_range<T>;
