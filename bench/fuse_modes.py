@@ -8,7 +8,9 @@ round trip ``quantize(dequantize(q))``'s fraction of changed words and scales. O
 
 Kernel and chain are run alternately ``--reps`` times; the seconds are medians, ``speedup`` is the median of the
 paired ratios (wall clock) and ``speedup_cpu`` the same for the process's CPU time (all threads), which a shared
-machine's other tenants disturb much less than the wall clock.
+machine's other tenants disturb much less than the wall clock. A last object compares the modes' kernels per
+weight: each repetition runs every selected mode back to back, and the ratio to affine's time is taken within the
+repetition (medians and ranges over ``--reps``; every mode fuses the same number of weights).
 
     python bench/fuse_modes.py [--experts 128] [--reps 3] [--modes affine mxfp8]
 """
@@ -87,17 +89,17 @@ def main():
     a = mx.array((rng.standard_normal((shape[0], args.rank, shape[2])) * 0.01).astype(np.float32))
     bb = mx.array((rng.standard_normal((shape[0], shape[1], args.rank)) * 0.01).astype(np.float32))
     mx.eval(w, a, bb)
+    fused = {}  # mode: a call of the kernel on that mode's quantized stack
     for mode, kw in [(m, kw) for m, kw in MODES if m in args.modes]:
         wq, s, b = _quantize(w, mode, kw)
         mx.eval(wq, s, b)
-        packed = nbytes(wq, s, b)
         extra = {} if mode == "affine" else {"mode": mode}
-        t = paired(
-            lambda: fuse_quantized(wq, s, b, lora_a=a, lora_b=bb, scale=2.0, **kw, **extra),
-            lambda: chain(wq, s, b, mode, kw, a, bb, 2.0),
-            args.reps,
+        fused[mode] = lambda wq=wq, s=s, b=b, kw=kw, extra=extra: fuse_quantized(
+            wq, s, b, lora_a=a, lora_b=bb, scale=2.0, **kw, **extra
         )
-        got = fuse_quantized(wq, s, b, lora_a=a, lora_b=bb, scale=2.0, **kw, **extra)
+        packed = nbytes(wq, s, b)
+        t = paired(fused[mode], lambda: chain(wq, s, b, mode, kw, a, bb, 2.0), args.reps)
+        got = fused[mode]()
         want = chain(wq, s, b, mode, kw, a, bb, 2.0)
         mism = float(mx.mean(got[0] != want[0]).item())
         rt = _quantize(mx.dequantize(wq, s, b, mode=mode, **kw), mode, kw)
@@ -127,6 +129,27 @@ def main():
             ),
             flush=True,
         )
+    if "affine" in fused and len(fused) > 1:
+        print(json.dumps(per_weight_vs_affine(fused, args.reps, shape, args.rank)), flush=True)
+
+
+def per_weight_vs_affine(fused, reps, shape, rank):
+    """Every mode's kernel back to back per repetition; ratios to affine's wall and CPU time within each."""
+    runs = [{m: timed(f)[:2] for m, f in fused.items()} for _ in range(reps)]
+
+    def ratios(m, i):
+        r = [run[m][i] / run["affine"][i] for run in runs]
+        return dict(median=round(float(np.median(r)), 3), min=round(min(r), 3), max=round(max(r), 3))
+
+    return dict(
+        case="modes_per_weight",
+        shape=list(shape),
+        rank=rank,
+        reps=reps,
+        kernel_s={m: round(float(np.median([run[m][0] for run in runs])), 4) for m in fused},
+        vs_affine={m: ratios(m, 0) for m in fused if m != "affine"},
+        cpu_vs_affine={m: ratios(m, 1) for m in fused if m != "affine"},
+    )
 
 
 if __name__ == "__main__":
