@@ -213,11 +213,12 @@ inline v8f fold_to_8(vNf x) {
 #endif
 }
 
-// One input group of pass 1 (TAIL: the row's last group, whose last blocks are read through a zero-padded
-// word so that nothing past the row is touched). Returns nf plus the sum of the group's values, lane by lane:
-// a sum is non-finite if any term is (an infinity stays one or meets its opposite in a NaN, and a NaN stays),
-// and a finite one only overflows for values near the float32 limit, which then take the exact path for
-// nothing. One add per eight values instead of a mask and a max (the largest magnitude's bits).
+// One input group of pass 1 (TAIL: a group at the row's end holding blocks from ``direct`` on, whose reads of
+// kLaneRead bytes would pass the row's end: they read through a zero-padded copy instead). Returns nf plus the
+// sum of the group's values, lane by lane: a sum is non-finite if any term is (an infinity stays one or meets
+// its opposite in a NaN, and a NaN stays), and a finite one only overflows for values near the float32 limit,
+// which then take the exact path for nothing. One add per vector instead of a mask and a max (the largest
+// magnitude's bits).
 template <int BITS, int G, bool DELTA, bool TAIL>
 inline vNf dequantize_group_bf16(const uint8_t* __restrict src, int64_t gi, int64_t direct, const GroupLookup& gl,
                                  const float* __restrict delta, float* __restrict w, v8f* __restrict vmax,
@@ -238,12 +239,11 @@ inline vNf dequantize_group_bf16(const uint8_t* __restrict src, int64_t gi, int6
     for (int k = 0; k < kSub / kLanes; ++k) {
       const int64_t blk = j0 / 8 + k * (kLanes / 8);  // the first of the vector's blocks
       vNf y;
+      if constexpr (BITS == 4 && kNibbleTable) {
 #if defined(REQNOISE_NIBBLE_TABLE)
-      if constexpr (BITS == 4) {
         y = y4[k];
-      } else
 #endif
-          if (!TAIL || blk < direct) {
+      } else if (!TAIL || blk < direct) {
         y = dequantize_lanes_bf16<BITS, true>(src + blk * BITS, gl);
       } else {
         y = dequantize_lanes_bf16<BITS, false>(src + blk * BITS, gl);
@@ -309,8 +309,9 @@ bool dequantize_row_bf16(const uint8_t* __restrict src, const mlx::core::bfloat1
     }
   } else {
     // The arithmetic widths: nothing to build ahead (building the scale and bias ahead costs more than it saves).
-    for (int64_t gi = 0; gi < n_groups; ++gi)
+    for (int64_t gi = 0; gi < n_groups; ++gi) {
       group(gi, group_lookup<BITS>(load_value(scales + gi), load_value(biases + gi)));
+    }
   }
   vNu nfu;
   std::memcpy(&nfu, &nf, sizeof(nfu));
