@@ -128,6 +128,20 @@ inline v8f fp_float_v(v8u u) {
   return x;
 }
 
+#if defined(REQNOISE_LANES16)
+inline vNu fp_bits_v(vNf x) {
+  vNu u;
+  std::memcpy(&u, &x, sizeof(u));
+  return u;
+}
+
+inline vNf fp_float_v(vNu u) {
+  vNf x;
+  std::memcpy(&x, &u, sizeof(x));
+  return x;
+}
+#endif
+
 inline v8f fp_splat(float x) { return v8f{x, x, x, x, x, x, x, x}; }
 
 // e4m3_value on eight lanes (codes < 256).
@@ -268,6 +282,24 @@ inline v8u fp_e4m3_block_high(const uint8_t* __restrict src, int64_t blk) {
 #undef REQNOISE_LANE
 }
 
+// The codes of kLanes / 8 E4M3 blocks from blk on, each in the top byte of its lane (the bytes below it zero):
+// with 16 lanes one 16-byte read broadcast to the four 128-bit lanes and one vpshufb.
+inline vNu fp_e4m3_lanes_high(const uint8_t* __restrict src, int64_t blk) {
+#if defined(REQNOISE_LANES16)
+  __m128i x;
+  std::memcpy(&x, src + blk * 8, 16);
+#define REQNOISE_LANE(j) (0x808080u | uint32_t(j) << 24)
+  const vNu pick = {REQNOISE_LANE(0),  REQNOISE_LANE(1),  REQNOISE_LANE(2),  REQNOISE_LANE(3),
+                    REQNOISE_LANE(4),  REQNOISE_LANE(5),  REQNOISE_LANE(6),  REQNOISE_LANE(7),
+                    REQNOISE_LANE(8),  REQNOISE_LANE(9),  REQNOISE_LANE(10), REQNOISE_LANE(11),
+                    REQNOISE_LANE(12), REQNOISE_LANE(13), REQNOISE_LANE(14), REQNOISE_LANE(15)};
+#undef REQNOISE_LANE
+  return (vNu)_mm512_shuffle_epi8(_mm512_broadcast_i32x4(x), (__m512i)pick);
+#else
+  return fp_e4m3_block_high(src, blk);
+#endif
+}
+
 // Four blocks of codes (each < 2^BITS) packed into 4*BITS bytes at dst: each block's code j put in byte i of
 // lane j, then one byte transposition (for 4 bits, neighbouring lanes first joined as nibbles).
 template <int BITS>
@@ -336,7 +368,6 @@ template <int MODE, bool DELTA>
 void fp_pass1_bf16(const uint8_t* __restrict src, const uint8_t* __restrict scales8, const float* __restrict delta,
                    int64_t n, float* __restrict w, v8u* __restrict gmax) {
   constexpr int G = group_of(MODE), kBlocks = G / 8;
-  const v8u abs_mask = v8u{} + 0x7FFFFFFFu;
   const int64_t n_groups = n / G;
   for (int64_t g0 = 0; g0 < n_groups; g0 += 8) {
     // The scales of eight groups at once (a scalar decode per group would cost as much as a block).
@@ -364,56 +395,82 @@ void fp_pass1_bf16(const uint8_t* __restrict src, const uint8_t* __restrict scal
     }
     for (int i = 0; i < m; ++i) {
       const int64_t gi = g0 + i;
-      v8u mx = {};
-      auto finish = [&](v8f y, int64_t j) {
+      vNu mx = {};
+      auto finish = [&](vNf y, int64_t j) {
         if constexpr (DELTA) {
-          v8f d;
+          vNf d;
           std::memcpy(&d, delta + j, sizeof(d));
           y = round_bf16_v(y + round_bf16_v(d + 0.0f));  // + 0: see fp_dequantize_group
         }
         std::memcpy(w + j, &y, sizeof(y));
-        const v8u u = fp_bits_v(y) & abs_mask;
+        const vNu u = fp_bits_v(y) & 0x7FFFFFFFu;
         mx = mx < u ? u : mx;
       };
+      // kLanes / 8 blocks per vector.
       if constexpr (MODE == kMxfp8) {
         // Every group the fast way (unconditionally: no branch in the loop), those outside its range redone below.
-        const v8u vb = v8u{} + bias[i];
-        const v8f vs = fp_splat(sc[i]);
+        const vNu vb = vNu{} + bias[i];
+        const vNf vs = vNf{} + sc[i];
 #pragma GCC unroll 4
-        for (int b = 0; b < kBlocks; ++b) {
-          const v8u t = fp_e4m3_block_high(src, gi * kBlocks + b);
-          const v8u a20 = (t << 1) >> 5;  // the code's low 7 bits at bit 20
-          v8u u = a20 + vb;
-          u = (v8i)a20 < 0x00800000 ? fp_bits_v(__builtin_convertvector((v8i)a20, v8f) * vs) : u;
-          u = a20 == 0x07F00000u ? v8u{} + 0x7FC00000u : u;
+        for (int b = 0; b < kBlocks; b += kLanes / 8) {
+          const vNu t = fp_e4m3_lanes_high(src, gi * kBlocks + b);
+          const vNu a20 = (t << 1) >> 5;  // the code's low 7 bits at bit 20
+          vNu u = a20 + vb;
+          u = (vNi)a20 < 0x00800000 ? fp_bits_v(__builtin_convertvector((vNi)a20, vNf) * vs) : u;
+          u = a20 == 0x07F00000u ? vNu{} + 0x7FC00000u : u;
           finish(fp_float_v(u | (t & 0x80000000u)), (gi * kBlocks + b) * 8);
         }
       } else {
-        const v8u sh = {0, 4, 8, 12, 16, 20, 24, 28};
-        const v8u sh_sign = {28, 24, 20, 16, 12, 8, 4, 0};  // each code's bit 3 to bit 31
-#if defined(REQNOISE_PERMUTE_TABLE)
-        const v8f tab = v8f{0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f} * fp_splat(sc[i]);
+#if defined(REQNOISE_LANES16)
+        // Two words of eight codes: lanes 0-7 shift the first, lanes 8-15 the second.
+        const vNu sh = {0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28};
+        const vNu sh_sign = {28, 24, 20, 16, 12, 8, 4, 0, 28, 24, 20, 16, 12, 8, 4, 0};
 #else
-        const v8f vs = fp_splat(sc[i]);
+        const vNu sh = {0, 4, 8, 12, 16, 20, 24, 28};
+        const vNu sh_sign = {28, 24, 20, 16, 12, 8, 4, 0};  // each code's bit 3 to bit 31
+#endif
+#if defined(REQNOISE_PERMUTE_TABLE)
+        // Entry e: the magnitude of code e mod 8 times the scale (the permute reads an index's low 3 or 4 bits,
+        // and bit 3 is the code's sign).
+        constexpr float kMagnitude[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+        vNf tab;
+        for (int e = 0; e < kLanes; ++e) tab[e] = kMagnitude[e & 7];
+        tab *= sc[i];
+#else
+        const vNf vs = vNf{} + sc[i];
 #endif
 #pragma GCC unroll 4
-        for (int b = 0; b < kBlocks; ++b) {
+        for (int b = 0; b < kBlocks; b += kLanes / 8) {
+          vNu x;
+#if defined(REQNOISE_LANES16)
+          uint32_t words[2];
+          std::memcpy(words, src + (gi * kBlocks + b) * 4, 8);
+          x = vNu{words[0], words[0], words[0], words[0], words[0], words[0], words[0], words[0],
+                  words[1], words[1], words[1], words[1], words[1], words[1], words[1], words[1]};
+#else
           uint32_t word;
           std::memcpy(&word, src + (gi * kBlocks + b) * 4, 4);
-          const v8u x = v8u{} + word;  // each lane shifts its own code down
+          x = vNu{} + word;  // each lane shifts its own code down
+#endif
 #if defined(REQNOISE_PERMUTE_TABLE)
-          const v8f y = __builtin_shuffle(tab, (v8i)(x >> sh));  // indices mod 8: the code's magnitude
+          const vNf y = __builtin_shuffle(tab, (vNi)(x >> sh));  // indices mod kLanes
 #else
-          const v8u k = (x >> sh) & 7u;
-          v8u u = 0x3F800000u + ((k - 2u) << 22);  // e2m1_value
-          u = k == 1u ? v8u{} + 0x3F000000u : u;
-          u = k == 0u ? v8u{} : u;
-          const v8f y = fp_float_v(u) * vs;
+          const vNu k = (x >> sh) & 7u;
+          vNu u = 0x3F800000u + ((k - 2u) << 22);  // e2m1_value
+          u = k == 1u ? vNu{} + 0x3F000000u : u;
+          u = k == 0u ? vNu{} : u;
+          const vNf y = fp_float_v(u) * vs;
 #endif
           finish(fp_float_v(fp_bits_v(y) ^ ((x << sh_sign) & 0x80000000u)), (gi * kBlocks + b) * 8);
         }
       }
+#if defined(REQNOISE_LANES16)
+      const v8u lo = __builtin_shufflevector(mx, mx, 0, 1, 2, 3, 4, 5, 6, 7);
+      const v8u hi = __builtin_shufflevector(mx, mx, 8, 9, 10, 11, 12, 13, 14, 15);
+      gmax[gi] = lo < hi ? hi : lo;
+#else
       gmax[gi] = mx;
+#endif
     }
     if constexpr (MODE == kMxfp8) {
       uint64_t any_slow = 0;
