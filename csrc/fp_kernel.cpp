@@ -116,31 +116,22 @@ void quantize_fp_row(bool keep_grid, const uint32_t* wq_in, const uint8_t* scale
 // E2M1 magnitudes are looked up in a table by one permute where the build has it (REQNOISE_PERMUTE_TABLE,
 // affine_codec.h); elsewhere they are computed lane by lane.
 
-inline v8u fp_bits_v(v8f x) {
-  v8u u;
+// A vector of floats as its bits (unsigned lanes), and back; any width.
+template <typename V>
+inline auto fp_bits_v(V x) {
+  typedef uint32_t U __attribute__((vector_size(sizeof(V))));
+  U u;
   std::memcpy(&u, &x, sizeof(u));
   return u;
 }
 
-inline v8f fp_float_v(v8u u) {
-  v8f x;
+template <typename U>
+inline auto fp_float_v(U u) {
+  typedef float F __attribute__((vector_size(sizeof(U))));
+  F x;
   std::memcpy(&x, &u, sizeof(x));
   return x;
 }
-
-#if defined(REQNOISE_LANES16)
-inline vNu fp_bits_v(vNf x) {
-  vNu u;
-  std::memcpy(&u, &x, sizeof(u));
-  return u;
-}
-
-inline vNf fp_float_v(vNu u) {
-  vNf x;
-  std::memcpy(&x, &u, sizeof(x));
-  return x;
-}
-#endif
 
 inline v8f fp_splat(float x) { return v8f{x, x, x, x, x, x, x, x}; }
 
