@@ -193,6 +193,20 @@ inline V fold8(const V* a) {
               __builtin_shufflevector(q[0], q[1], 4, 5, 6, 7, 12, 13, 14, 15));
 }
 
+// Eight partial extremes (MAX: maxima) of a kLanes-lane vector V: vNf (float order) or vNu (the bits' unsigned
+// order); in the 16-lane copy the halves' lane-wise extremes, elsewhere the vector itself.
+template <bool MAX, typename V>
+inline auto fold_to_8(V x) {
+#if defined(REQNOISE_LANES16)
+  const auto lo = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7);
+  const auto hi = __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+  if constexpr (MAX) return lo < hi ? hi : lo;
+  return hi < lo ? hi : lo;
+#else
+  return x;
+#endif
+}
+
 // Four blocks' halves as 32-bit lanes (lane 2i: block i's codes 0-3 packed into its low 4*BITS bits, lane
 // 2i + 1: codes 4-7), written as the blocks' 4*BITS bytes: each block's halves joined in its 64-bit lane, the
 // four blocks' bytes made contiguous by a byte shuffle per 128-bit half. WHOLE as for pack_4_blocks.

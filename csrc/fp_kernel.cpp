@@ -455,13 +455,7 @@ void fp_pass1_bf16(const uint8_t* __restrict src, const uint8_t* __restrict scal
           finish(fp_float_v(fp_bits_v(y) ^ ((x << sh_sign) & 0x80000000u)), (gi * kBlocks + b) * 8);
         }
       }
-#if defined(REQNOISE_LANES16)
-      const v8u lo = __builtin_shufflevector(mx, mx, 0, 1, 2, 3, 4, 5, 6, 7);
-      const v8u hi = __builtin_shufflevector(mx, mx, 8, 9, 10, 11, 12, 13, 14, 15);
-      gmax[gi] = lo < hi ? hi : lo;
-#else
-      gmax[gi] = mx;
-#endif
+      gmax[gi] = fold_to_8<true>(mx);
     }
     if constexpr (MODE == kMxfp8) {
       uint64_t any_slow = 0;

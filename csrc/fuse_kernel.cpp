@@ -200,19 +200,6 @@ inline vNf dequantize_lanes_bf16(const uint8_t* p, const GroupLookup& gl) {
   return dequantize_bf16_v(__builtin_convertvector((vNi)unpack_lanes<BITS, true, WHOLE>(p), vNf), gl.sc, gl.bi);
 }
 
-// Eight partial extremes of a vector of kLanes (MAX: maxima).
-template <bool MAX>
-inline v8f fold_to_8(vNf x) {
-#if defined(REQNOISE_LANES16)
-  const v8f lo = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7);
-  const v8f hi = __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
-  if constexpr (MAX) return lo < hi ? hi : lo;
-  return hi < lo ? hi : lo;
-#else
-  return x;
-#endif
-}
-
 // One input group of pass 1 (TAIL: a group at the row's end holding blocks from ``direct`` on, whose reads of
 // kLaneRead bytes would pass the row's end: they read through a zero-padded copy instead). Returns nf plus the
 // sum of the group's values, lane by lane: a sum is non-finite if any term is (an infinity stays one or meets
