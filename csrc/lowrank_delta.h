@@ -28,45 +28,60 @@ constexpr int kTile = kLanes == 16 ? 8 : 4;
 // runs. The order of operations per element is the same for any tile size and rank form, so neither changes
 // a bit. R > 0: the rank as a compile-time constant, so the k loop unrolls and the sums never leave
 // registers; R = 0: any rank, read at run time.
+// One column block of kLanes * V values of a tile's deltas (sb: the tile's scaled B rows, r of them).
+template <int TILE, int R, int V>
+inline void delta_block(const float (*sb)[R ? R : 256], int r, const float* __restrict a, int64_t n, int64_t j0,
+                        float* __restrict delta) {
+  // TILE * V partial sums in registers (AVX2 has 16, NEON and AVX-512 32).
+  vNf acc[TILE][V];
+  vNf av[V];
+#pragma GCC unroll 2
+  for (int v = 0; v < V; ++v) std::memcpy(&av[v], a + j0 + kLanes * v, sizeof(vNf));
+#pragma GCC unroll 8
+  for (int t = 0; t < TILE; ++t) {
+#pragma GCC unroll 2
+    for (int v = 0; v < V; ++v) acc[t][v] = sb[t][0] * av[v];
+  }
+#pragma GCC unroll 16
+  for (int k = 1; k < r; ++k) {
+    const float* ak = a + int64_t(k) * n + j0;
+#pragma GCC unroll 2
+    for (int v = 0; v < V; ++v) std::memcpy(&av[v], ak + kLanes * v, sizeof(vNf));
+#pragma GCC unroll 8
+    for (int t = 0; t < TILE; ++t) {
+#pragma GCC unroll 2
+      for (int v = 0; v < V; ++v) acc[t][v] = acc[t][v] + sb[t][k] * av[v];
+    }
+  }
+#pragma GCC unroll 8
+  for (int t = 0; t < TILE; ++t) {
+#pragma GCC unroll 2
+    for (int v = 0; v < V; ++v) std::memcpy(delta + t * n + j0 + kLanes * v, &acc[t][v], sizeof(vNf));
+  }
+}
+
+// delta[t][j] = sum_k (scale * b_t[k]) * A[k, j] for the tile's rows t, summed in k order in float32 (as a
+// rank-r matmul of the pre-scaled B would); each scaled b[k] is rounded to float32 first, like MLX's
+// `scale * lora_b`. Columns go in blocks whose TILE x block partial sums stay in registers while k runs.
+// The order of operations per element is the same for any tile size, block and rank form, so none changes
+// a bit. R > 0: the rank as a compile-time constant, so the k loop unrolls and the sums never leave
+// registers; R = 0: any rank, read at run time.
 template <int TILE, int R>
 inline void delta_tile_rank(const FuseSpec& spec, const float* __restrict a, const float* __restrict b, int64_t n,
                             float* __restrict delta) {
-  constexpr int kBlock = 16;  // rows are multiples of 16 values (32 in affine modes)
   constexpr int kMaxRank = R ? R : 256;
   float sb[TILE][kMaxRank];
   const int r = R ? R : (spec.rank < kMaxRank ? spec.rank : kMaxRank);
   for (int t = 0; t < TILE; ++t) {
     for (int k = 0; k < r; ++k) sb[t][k] = spec.scale * b[t * spec.rank + k];
   }
-  constexpr int kVec = kBlock / kLanes;  // vectors per tile row
-  for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
-    // TILE * kBlock partial sums in 2 * TILE 8-lane or TILE 16-lane registers (AVX2 has 16, NEON and AVX-512 32).
-    vNf acc[TILE][kVec];
-    vNf av[kVec];
-#pragma GCC unroll 2
-    for (int v = 0; v < kVec; ++v) std::memcpy(&av[v], a + j0 + kLanes * v, sizeof(vNf));
-#pragma GCC unroll 8
-    for (int t = 0; t < TILE; ++t) {
-#pragma GCC unroll 2
-      for (int v = 0; v < kVec; ++v) acc[t][v] = sb[t][0] * av[v];
-    }
-#pragma GCC unroll 16
-    for (int k = 1; k < r; ++k) {
-      const float* ak = a + int64_t(k) * n + j0;
-#pragma GCC unroll 2
-      for (int v = 0; v < kVec; ++v) std::memcpy(&av[v], ak + kLanes * v, sizeof(vNf));
-#pragma GCC unroll 8
-      for (int t = 0; t < TILE; ++t) {
-#pragma GCC unroll 2
-        for (int v = 0; v < kVec; ++v) acc[t][v] = acc[t][v] + sb[t][k] * av[v];
-      }
-    }
-#pragma GCC unroll 8
-    for (int t = 0; t < TILE; ++t) {
-#pragma GCC unroll 2
-      for (int v = 0; v < kVec; ++v) std::memcpy(delta + t * n + j0 + kLanes * v, &acc[t][v], sizeof(vNf));
-    }
-  }
+  // Rows are multiples of 16 values (32 in affine modes). With 16 lanes, blocks of 32 columns: each B
+  // broadcast then serves two vectors (blocks of 16 took 9 loads per 8 multiplies at rank 16: load-bound).
+  // With 8 lanes, blocks of 16 (AVX2's 16 registers hold 4 rows x 2 vectors of sums, not x 4).
+  constexpr int kCols = kLanes == 16 ? 32 : 16;
+  int64_t j0 = 0;
+  for (; j0 + kCols <= n; j0 += kCols) delta_block<TILE, R, kCols / kLanes>(sb, r, a, n, j0, delta);
+  if (j0 < n) delta_block<TILE, R, 16 / kLanes>(sb, r, a, n, j0, delta);
   if constexpr (R == 0) {
     for (int k = kMaxRank; k < spec.rank; ++k) {  // ranks above 256: the plain form, same order of operations
       const float* ak = a + int64_t(k) * n;

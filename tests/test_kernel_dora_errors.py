@@ -9,6 +9,7 @@ from mlx_lm.tuner.dora import DoRALinear
 from kernel_cases import as_np, quantized
 from reqnoise import fuse_quantized
 from reqnoise.kernel import reference as ref
+from reqnoise.kernel.quant_format import all_finite
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -138,3 +139,21 @@ def test_inputs_are_never_modified(q4):
     after = [np.array(x.astype(mx.float32) if x.dtype != mx.uint32 else x) for x in q4]
     for x, y in zip(before, after):
         np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("dtype,bits_dtype", [(mx.bfloat16, mx.uint16), (mx.float16, mx.uint16), (mx.float32, None)])
+def test_the_finiteness_check_agrees_with_mlx_on_every_pattern(dtype, bits_dtype):
+    """all_finite (numpy over MLX's buffer, bfloat16 by its exponent bits) against mx.isfinite: every 16-bit
+    pattern of the 16-bit dtypes, and float32's extremes; each non-finite pattern alone among finite ones."""
+    if bits_dtype is None:
+        edge = np.array([0x7F7FFFFF, 0xFF7FFFFF, 1, 0x80000001, 0x7F800000, 0xFF800000, 0x7FC00000, 0x7F800001,
+                         0xFFFFFFFF], dtype=np.uint32)  # fmt: skip
+        x = mx.array(edge).view(dtype)
+    else:
+        x = mx.array(np.arange(1 << 16, dtype=np.uint16)).view(dtype)
+    ok = np.array(mx.isfinite(x))
+    finite, bad = x[mx.array(np.flatnonzero(ok))], np.flatnonzero(~ok)
+    assert finite.size and bad.size
+    assert all_finite(finite)
+    for i in bad:
+        assert not all_finite(mx.concatenate([finite[:7], x[int(i) : int(i) + 1], finite[7:]])), hex(int(i))

@@ -16,6 +16,7 @@ from reqnoise.errors import ReqnoiseError
 from reqnoise.fuse.model_io import read_safetensors_header
 from reqnoise.jsonl import read_json
 from reqnoise.kernel.formats import logical_in_dim
+from reqnoise.kernel.quant_format import all_finite
 
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -59,7 +60,7 @@ class Adapter:
 
 
 def _finite(x: mx.array, name: str, path: Path) -> None:
-    if not mx.all(mx.isfinite(x)).item():
+    if not all_finite(x):
         raise ReqnoiseError(f"{path}: adapter tensor {name} contains NaN or Inf")
 
 

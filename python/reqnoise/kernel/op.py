@@ -8,7 +8,7 @@ import numpy as np
 
 from reqnoise import _core  # noqa: F401  (mlx.core must be imported first: shared nanobind domain)
 from reqnoise.kernel.formats import KERNEL_REQUANTS, MODES, mode_params
-from reqnoise.kernel.quant_format import FLOAT_DTYPES, validate_quantized
+from reqnoise.kernel.quant_format import FLOAT_DTYPES, all_finite, validate_quantized
 
 # Outputs of one chunk of experts are at most this many bytes before the chunk is evaluated and written
 # into the stacked result; the scratch inside the kernel is one row per thread regardless.
@@ -25,7 +25,7 @@ def _check_factor(x, name, expected, what):
 
 
 def _check_finite(x, name):
-    if not mx.all(mx.isfinite(x)).item():
+    if not all_finite(x):
         raise ValueError(f"{name} contains NaN or Inf values")
 
 

@@ -7,10 +7,23 @@ nvfp4, mxfp8): uint8 ``scales`` (e8m0 or e4m3), no biases, ``w = value(code) * v
 """
 
 import mlx.core as mx
+import numpy as np
 
 from reqnoise.kernel.formats import MODES, check_width, logical_in_dim
 
 FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+
+
+def all_finite(x: mx.array) -> bool:
+    """Whether every value of the float array ``x`` (any shape, float32/float16/bfloat16) is finite.
+
+    numpy's isfinite over MLX's buffer (no copy for a contiguous array): ``mx.all(mx.isfinite(x))`` builds a
+    bool array and reduces it on one thread, ~10 ms on a [128, 2048, 16] LoRA B factor against ~0.7 ms here,
+    a fifth of the fused kernel's own time on that stack.
+    """
+    if x.dtype == mx.bfloat16:  # numpy has no bfloat16: inf and NaN are the all-ones exponent field
+        return not bool(((np.asarray(x.view(mx.uint16)) & 0x7F80) == 0x7F80).any())
+    return bool(np.isfinite(np.asarray(x)).all())
 
 
 def validate_quantized(wq, scales, biases, *, bits: int, group_size: int, name: str = "weight", mode="affine"):
