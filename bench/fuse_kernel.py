@@ -87,15 +87,19 @@ def med_range(xs, nd=1):
 def widths_paired(case, reps, rng):
     """Seconds per weight of each width on the same weights and factors, the widths run back to back in every
     repetition (their order rotated), and the per-repetition ratios to 3 bits: a comparison that load from
-    other processes shifts alike on both sides."""
+    other processes shifts alike on both sides. Each fuse is followed by a copy of that width's packed stack
+    into new arrays, so the same repetition also says how much of a width's time is above its memory floor
+    (wider codes are more bytes to read, write and fault in, whatever the kernel computes)."""
     name, shape, widths, group, dtype, r = case
     w = mx.array((rng.standard_normal(shape) * 0.02).astype(np.float32)).astype(dtype)
     lead, out_dim, in_dim = shape[:-2], shape[-2], shape[-1]
     a, bb = factors(rng, lead, out_dim, in_dim, r)
-    packed = {}
+    packed, host = {}, {}
     for bits in widths:
         packed[bits] = mx.quantize(w, group_size=group, bits=bits)
         mx.eval(*packed[bits])
+        wq, s, b = packed[bits]
+        host[bits] = [np.array(wq), np.array(s.view(mx.uint16)), np.array(b.view(mx.uint16))]
     del w
     n_weights = int(np.prod(shape))
 
@@ -106,15 +110,22 @@ def widths_paired(case, reps, rng):
     for bits in widths:
         run_once(fuse(bits))  # warm-up
     ns = {bits: [] for bits in widths}
+    above = {bits: [] for bits in widths}
     for rep in range(reps):
         for i in range(len(widths)):
             bits = widths[(rep + i) % len(widths)]
             ns[bits].append(run_once(fuse(bits))[0] * 1e9 / n_weights)
+            above[bits].append(ns[bits][-1] - copy_once(host[bits]) * 1e9 / n_weights)
     base = widths[0]
     res = dict(case=name + "_widths", shape=list(shape), group_size=group, rank=r, reps=reps)
     res["ns_per_weight"] = {str(bits): round(statistics.median(ns[bits]), 3) for bits in widths}
     res[f"ns_per_weight_vs_{base}bit"] = {
         str(bits): med_range([x / y for x, y in zip(ns[bits], ns[base])], 2) for bits in widths[1:]
+    }
+    # Not the target (which is end to end): the part of each width's time above a copy of its own packed stack.
+    res["ns_per_weight_above_copy_floor"] = {str(bits): round(statistics.median(above[bits]), 3) for bits in widths}
+    res[f"above_copy_floor_vs_{base}bit"] = {
+        str(bits): med_range([x / y for x, y in zip(above[bits], above[base])], 2) for bits in widths[1:]
     }
     return res
 
