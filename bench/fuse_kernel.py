@@ -12,6 +12,7 @@ runs, above what was allocated before it (inputs, factors): the memory the fuse 
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -72,6 +73,17 @@ def copy_once(buffers):
     return time.perf_counter() - t0
 
 
+def first_touch_once(buffers):
+    """Seconds to allocate arrays of the packed stack's sizes and touch each 4 KiB page once, on one thread: the
+    page faults alone (the OS zeroes every page a new output brings in; huge pages where numpy gets them)."""
+    t0 = time.perf_counter()
+    for x in buffers:
+        y = np.empty(x.nbytes, np.uint8)
+        y[::4096] = 1
+        del y
+    return time.perf_counter() - t0
+
+
 def copy_warm_once(buffers, dests):
     """Seconds to copy the packed stack into arrays written before (no page faults): the traffic alone."""
     t0 = time.perf_counter()
@@ -111,10 +123,12 @@ def widths_paired(case, reps, rng):
         run_once(fuse(bits))  # warm-up
     ns = {bits: [] for bits in widths}
     above = {bits: [] for bits in widths}
+    touch = {bits: [] for bits in widths}
     for rep in range(reps):
         for i in range(len(widths)):
             bits = widths[(rep + i) % len(widths)]
             ns[bits].append(run_once(fuse(bits))[0] * 1e9 / n_weights)
+            touch[bits].append(first_touch_once(host[bits]) * 1e9 / n_weights)
             above[bits].append(ns[bits][-1] - copy_once(host[bits]) * 1e9 / n_weights)
     base = widths[0]
     res = dict(case=name + "_widths", shape=list(shape), group_size=group, rank=r, reps=reps)
@@ -122,6 +136,9 @@ def widths_paired(case, reps, rng):
     res[f"ns_per_weight_vs_{base}bit"] = {
         str(bits): med_range([x / y for x, y in zip(ns[bits], ns[base])], 2) for bits in widths[1:]
     }
+    # One thread's cost of faulting in (the OS zeroing) new arrays of each width's output bytes: a part of every
+    # fuse that grows with the width whatever the kernel computes.
+    res["first_touch_ns_per_weight"] = {str(bits): round(statistics.median(touch[bits]), 3) for bits in widths}
     # Not the target (which is end to end): the part of each width's time above a copy of its own packed stack.
     res["ns_per_weight_above_copy_floor"] = {str(bits): round(statistics.median(above[bits]), 3) for bits in widths}
     res[f"above_copy_floor_vs_{base}bit"] = {
@@ -213,9 +230,9 @@ def main():
             {
                 "summary": True,
                 "machine": platform.machine(),
-                "cpu_count": __import__("os").cpu_count(),
+                "cpu_count": os.cpu_count(),
                 "mlx": mx.__version__,
-                "load_average": __import__("os").getloadavg(),
+                "load_average": os.getloadavg(),
                 "min_median_speedup": min(r["speedup"]["median"] for r in results if "speedup" in r),
                 "max_median_vs_copy_floor": max(r["reqnoise_vs_copy_floor"]["median"] for r in results),
                 "max_median_vs_warm_copy": max(r["reqnoise_vs_warm_copy"]["median"] for r in results),
