@@ -64,6 +64,11 @@ def run_once(fn):
     return dt, peak
 
 
+def host_arrays(wq, s, b):
+    """The packed stack as numpy arrays (the memcpy floors' sources; bfloat16 scales and biases as their bits)."""
+    return [np.array(wq), np.array(s.view(mx.uint16)), np.array(b.view(mx.uint16))]
+
+
 def copy_once(buffers):
     """Seconds to copy the packed stack (codes, scales, biases) once into new arrays: the memory-traffic floor
     of a fuse, which also writes new arrays (numpy asks for huge pages for them, as the kernel does)."""
@@ -110,8 +115,7 @@ def widths_paired(case, reps, rng):
     for bits in widths:
         packed[bits] = mx.quantize(w, group_size=group, bits=bits)
         mx.eval(*packed[bits])
-        wq, s, b = packed[bits]
-        host[bits] = [np.array(wq), np.array(s.view(mx.uint16)), np.array(b.view(mx.uint16))]
+        host[bits] = host_arrays(*packed[bits])
     del w
     n_weights = int(np.prod(shape))
 
@@ -161,7 +165,7 @@ def main():
         del w
         packed = wq.nbytes + s.nbytes + b.nbytes
         lead, out_dim, in_dim = shape[:-2], shape[-2], shape[-1]
-        host = [np.array(wq), np.array(s.view(mx.uint16)), np.array(b.view(mx.uint16))]
+        host = host_arrays(wq, s, b)
         warm = [x.copy() for x in host]
         n_weights = int(np.prod(shape))
         for r in ranks:

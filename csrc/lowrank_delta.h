@@ -22,15 +22,14 @@ namespace {
 // vectors do elsewhere (at rank 16, 4 rows of 16 lanes: 0.24 -> 0.19 CPU ns/weight with 8).
 constexpr int kTile = kLanes == 16 ? 8 : 4;
 
-// delta[t][j] = sum_k (scale * b_t[k]) * A[k, j] for the tile's rows t, summed in k order in float32 (as a
-// rank-r matmul of the pre-scaled B would); each scaled b[k] is rounded to float32 first, like MLX's
-// `scale * lora_b`. Columns go in blocks of 16 whose TILE x 16 partial sums stay in registers while k
-// runs. The order of operations per element is the same for any tile size and rank form, so neither changes
-// a bit. R > 0: the rank as a compile-time constant, so the k loop unrolls and the sums never leave
-// registers; R = 0: any rank, read at run time.
+// Scaled B values a tile keeps per row: the rank when it is a compile-time constant R, else up to 256 (ranks
+// above take the plain form after the blocks).
+template <int R>
+constexpr int kMaxRank = R ? R : 256;
+
 // One column block of kLanes * V values of a tile's deltas (sb: the tile's scaled B rows, r of them).
 template <int TILE, int R, int V>
-inline void delta_block(const float (*sb)[R ? R : 256], int r, const float* __restrict a, int64_t n, int64_t j0,
+inline void delta_block(const float (*sb)[kMaxRank<R>], int r, const float* __restrict a, int64_t n, int64_t j0,
                         float* __restrict delta) {
   // TILE * V partial sums in registers (AVX2 has 16, NEON and AVX-512 32).
   vNf acc[TILE][V];
@@ -69,9 +68,9 @@ inline void delta_block(const float (*sb)[R ? R : 256], int r, const float* __re
 template <int TILE, int R>
 inline void delta_tile_rank(const FuseSpec& spec, const float* __restrict a, const float* __restrict b, int64_t n,
                             float* __restrict delta) {
-  constexpr int kMaxRank = R ? R : 256;
-  float sb[TILE][kMaxRank];
-  const int r = R ? R : (spec.rank < kMaxRank ? spec.rank : kMaxRank);
+  constexpr int max_rank = kMaxRank<R>;
+  float sb[TILE][max_rank];
+  const int r = R ? R : (spec.rank < max_rank ? spec.rank : max_rank);
   for (int t = 0; t < TILE; ++t) {
     for (int k = 0; k < r; ++k) sb[t][k] = spec.scale * b[t * spec.rank + k];
   }
@@ -83,7 +82,7 @@ inline void delta_tile_rank(const FuseSpec& spec, const float* __restrict a, con
   for (; j0 + kCols <= n; j0 += kCols) delta_block<TILE, R, kCols / kLanes>(sb, r, a, n, j0, delta);
   if (j0 < n) delta_block<TILE, R, 16 / kLanes>(sb, r, a, n, j0, delta);
   if constexpr (R == 0) {
-    for (int k = kMaxRank; k < spec.rank; ++k) {  // ranks above 256: the plain form, same order of operations
+    for (int k = max_rank; k < spec.rank; ++k) {  // ranks above 256: the plain form, same order of operations
       const float* ak = a + int64_t(k) * n;
       for (int t = 0; t < TILE; ++t) {
         const float s = spec.scale * b[t * spec.rank + k];
