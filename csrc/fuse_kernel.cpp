@@ -427,8 +427,9 @@ inline void store_bf16_8(mlx::core::bfloat16_t* p, v8f x, int m) {
 // codes any of them. A group's scale ends a long chain of dependent operations (extremes, fold, three
 // divisions); with each batch of eight followed directly by their codes, the core's window filled with that
 // work before the next batch's chain could start. The batches of a chunk are independent, so their chains
-// overlap, and pass 3 reads each scale back from L1 (passes 2 + 3: 0.155-0.167 -> 0.126-0.134 one-thread CPU ns
-// per weight at 3 bits, 0.141 -> 0.108 at 8; `kernel_phases affine 16 BITS 2 5`, alternated, 2026-12-03).
+// overlap, and pass 3 reads each scale back from L1 (passes 2 + 3 alone: 0.161 -> 0.129 one-thread CPU ns per
+// weight at 3 bits, 0.120 -> 0.088 at 8; the row loop, where the next row's pass 1 hid part of the wait: 0.329 ->
+// 0.312; docs/kernel-speed.md).
 template <int BITS, int G>
 void quantize_row_bf16(const float* __restrict w, const v8f* __restrict bmax, const v8f* __restrict bmin,
                        bool any_special, const uint8_t* __restrict special, int64_t n, uint32_t* __restrict codes,
