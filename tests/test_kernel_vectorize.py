@@ -75,6 +75,19 @@ def test_hot_loops_vectorize(target, tmp_path):
     assert not missing, f"{target}: hot loops vectorized fewer than {N_SCALE_DTYPES} times: {missing}"
 
 
+def assert_matches_chain_where_finite(got, want, what):
+    """Codes equal to MLX's chain everywhere; bfloat16 scales and biases bit for bit where MLX's scale and bias
+    are both finite (elsewhere the kernel's may differ: a NaN for MLX's -inf, its own scale arithmetic).
+    Returns how many groups were left out."""
+    import numpy as np
+
+    np.testing.assert_array_equal(np.array(got[0]), np.array(want[0]), err_msg=what)
+    finite = np.isfinite(np.array(want[1].astype(mx.float32))) & np.isfinite(np.array(want[2].astype(mx.float32)))
+    for g, w in zip(got[1:], want[1:]):
+        np.testing.assert_array_equal(np.array(g.view(mx.uint16))[finite], np.array(w.view(mx.uint16))[finite])
+    return int((~finite).sum())
+
+
 # The vectorized bfloat16 dequantize rounds without its NaN case and falls back to the exact rounding for a
 # group with any non-finite value; the packer masks every code to its width. Groups whose scales or biases are
 # infinite, NaN or near the float32 limit (so that q*s overflows) take those paths; MLX's op chain is the oracle.
@@ -100,15 +113,7 @@ def test_non_finite_groups_match_mlx_chain(bits, group):
     for kw in ({}, dict(lora_a=a, lora_b=bb, scale=0.5)):
         got = fuse_quantized(wq, s, b, group_size=group, bits=bits, **kw)
         want = mlx_chain(wq, s, b, group, bits, kw.get("lora_a"), kw.get("lora_b"), kw.get("scale", 1.0))
-        np.testing.assert_array_equal(np.array(got[0]), np.array(want[0]), err_msg=f"codes {kw.keys()}")
-        for g, w in zip(got[1:], want[1:]):
-            # Where MLX's scale or bias is not finite the kernel's may differ (a NaN for MLX's -inf: its own
-            # scale arithmetic, unchanged here); everywhere else they agree bit for bit.
-            g, w = np.array(g.view(mx.uint16)), np.array(w.view(mx.uint16))
-            finite = np.isfinite(np.array(want[1].astype(mx.float32))) & np.isfinite(
-                np.array(want[2].astype(mx.float32))
-            )
-            np.testing.assert_array_equal(g[finite], w[finite])
+        assert_matches_chain_where_finite(got, want, f"codes {kw.keys()}")
 
 
 # Pass 2 of the bfloat16 rows runs over chunks of up to 64 groups, each with its own flags for the groups that
@@ -129,12 +134,8 @@ def test_rows_of_several_chunks_with_non_finite_groups_match_mlx_chain(bits, in_
     a, bb = dyadic_factors(rng, (), 4, in_dim, rank=2)
     got = fuse_quantized(wq, s, b, group_size=32, bits=bits, lora_a=a, lora_b=bb, scale=0.5)
     want = mlx_chain(wq, s, b, 32, bits, a, bb, 0.5)
-    np.testing.assert_array_equal(np.array(got[0]), np.array(want[0]))
-    # As above: bit for bit wherever MLX's scale and bias are finite.
-    finite = np.isfinite(np.array(want[1].astype(mx.float32))) & np.isfinite(np.array(want[2].astype(mx.float32)))
-    assert (~finite).sum() >= 3  # the data make MLX's own scale or bias non-finite in most of those groups
-    for g, x in zip(got[1:], want[1:]):
-        np.testing.assert_array_equal(np.array(g.view(mx.uint16))[finite], np.array(x.view(mx.uint16))[finite])
+    # the data make MLX's own scale or bias non-finite in most of those groups
+    assert assert_matches_chain_where_finite(got, want, "codes") >= 3
 
 
 # (mode, experts, bits, rank) of bench/kernel_phases.cpp's "hash" run: every affine width (fresh with and
