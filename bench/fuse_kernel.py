@@ -14,8 +14,10 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import time
+from typing import NamedTuple
 
 import mlx.core as mx
 import numpy as np
@@ -49,19 +51,30 @@ def factors(rng, lead, out_dim, in_dim, r):
     return a, bb
 
 
+class Run(NamedTuple):
+    seconds: float
+    peak_bytes: int  # above the memory live before the call
+    user_s: float  # CPU time of all the process's threads in user mode during the call
+    system_s: float  # ... and in the kernel (page faults: the OS zeroing each new page of an output)
+
+
 def run_once(fn):
-    """(seconds, peak bytes above the memory live before the call) of one evaluated call."""
+    """One evaluated call: wall time, peak memory and CPU time. Linux splits CPU time into user and system by
+    sampling at the scheduler tick (4 ms at 250 Hz), so the split of one call is an estimate; the medians over
+    repetitions are what the widths run reports."""
     mx.synchronize()
     base = mx.get_active_memory()
     mx.reset_peak_memory()
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     out = fn()
     mx.eval(out)
     dt = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
     peak = mx.get_peak_memory() - base
     del out
     mx.clear_cache()
-    return dt, peak
+    return Run(dt, peak, r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime)
 
 
 def host_arrays(wq, s, b):
@@ -126,12 +139,17 @@ def widths_paired(case, reps, rng):
     for bits in widths:
         run_once(fuse(bits))  # warm-up
     ns = {bits: [] for bits in widths}
+    user = {bits: [] for bits in widths}
+    system = {bits: [] for bits in widths}
     above = {bits: [] for bits in widths}
     touch = {bits: [] for bits in widths}
     for rep in range(reps):
         for i in range(len(widths)):
             bits = widths[(rep + i) % len(widths)]
-            ns[bits].append(run_once(fuse(bits))[0] * 1e9 / n_weights)
+            run = run_once(fuse(bits))
+            ns[bits].append(run.seconds * 1e9 / n_weights)
+            user[bits].append(run.user_s * 1e9 / n_weights)
+            system[bits].append(run.system_s * 1e9 / n_weights)
             touch[bits].append(first_touch_once(host[bits]) * 1e9 / n_weights)
             above[bits].append(ns[bits][-1] - copy_once(host[bits]) * 1e9 / n_weights)
     base = widths[0]
@@ -143,7 +161,18 @@ def widths_paired(case, reps, rng):
     # One thread's cost of faulting in (the OS zeroing) new arrays of each width's output bytes: a part of every
     # fuse that grows with the width whatever the kernel computes.
     res["first_touch_ns_per_weight"] = {str(bits): round(statistics.median(touch[bits]), 3) for bits in widths}
-    # Not the target (which is end to end): the part of each width's time above a copy of its own packed stack.
+    # Not the target (which is end to end): the CPU time of the call, all threads, in user mode (the kernel and
+    # MLX's own work) and in the OS (above all zeroing the new pages of the outputs, which grow with the width
+    # whatever the kernel computes; MLX 0.32 on Linux returns buffers this large to the OS when they are freed,
+    # so every call gets new pages, with or without the clear_cache above).
+    res["cpu_ns_per_weight"] = {
+        str(bits): dict(user=round(statistics.median(user[bits]), 3), system=round(statistics.median(system[bits]), 3))
+        for bits in widths
+    }
+    res[f"user_cpu_vs_{base}bit"] = {
+        str(bits): med_range([x / y for x, y in zip(user[bits], user[base])], 2) for bits in widths[1:]
+    }
+    # Not the target either: the part of each width's time above a copy of its own packed stack.
     res["ns_per_weight_above_copy_floor"] = {str(bits): round(statistics.median(above[bits]), 3) for bits in widths}
     res[f"above_copy_floor_vs_{base}bit"] = {
         str(bits): med_range([x / y for x, y in zip(above[bits], above[base])], 2) for bits in widths[1:]
@@ -184,9 +213,9 @@ def main():
             for _ in range(args.reps):
                 if with_chain:
                     t_ch.append(run_once(lambda: op_chain(wq, s, b, group, bits, a, bb, 2.0))[0])
-                t, peak = run_once(ours)
-                t_rn.append(t)
-                peaks.append(peak)
+                run = run_once(ours)
+                t_rn.append(run.seconds)
+                peaks.append(run.peak_bytes)
                 t_cp.append(copy_once(host))
                 t_cw.append(copy_warm_once(host, warm))
                 if with_chain:
@@ -214,7 +243,7 @@ def main():
                 reqnoise_peak_over_packed=round(max(peaks) / packed, 3),
             )
             if with_chain:
-                _, m_ch = run_once(lambda: op_chain(wq, s, b, group, bits, a, bb, 2.0))
+                m_ch = run_once(lambda: op_chain(wq, s, b, group, bits, a, bb, 2.0)).peak_bytes
                 got, chain = ours(), op_chain(wq, s, b, group, bits, a, bb, 2.0)
                 res.update(
                     mlx_chain_s=round(statistics.median(t_ch), 4),
