@@ -5,7 +5,9 @@ chain, reqnoise (fresh) and a memcpy of the packed stack back to back (A B C A B
 new arrays, as a fuse writes, and into arrays written before, the traffic alone), and the ratios are
 taken within a repetition, so that load from other processes shifts both sides of a ratio alike; reported are
 the medians of the per-repetition ratios and their range. Peak memory is MLX's allocator peak while the call
-runs, above what was allocated before it (inputs, factors): the memory the fuse itself needs.
+runs, above what was allocated before it (inputs, factors): the memory the fuse itself needs. The widths run
+also reports each width's CPU time split into user mode (the kernel, MLX's own work) and system (the OS
+faulting in and zeroing the outputs' new pages).
 
     python bench/fuse_kernel.py [--reps 3] [--quick]
 """
