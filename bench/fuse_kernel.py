@@ -166,7 +166,7 @@ def widths_paired(case, reps, rng):
     # Not the target (which is end to end): the CPU time of the call, all threads, in user mode (the kernel and
     # MLX's own work) and in the OS (above all zeroing the new pages of the outputs, which grow with the width
     # whatever the kernel computes; MLX 0.32 on Linux returns buffers this large to the OS when they are freed,
-    # so every call gets new pages, with or without the clear_cache above).
+    # so every call gets new pages, with or without run_once's mx.clear_cache()).
     res["cpu_ns_per_weight"] = {
         str(bits): dict(user=round(statistics.median(user[bits]), 3), system=round(statistics.median(system[bits]), 3))
         for bits in widths
